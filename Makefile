@@ -1,0 +1,36 @@
+# The few commands people type. Everything installs itself into .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | cksum | cut -d' ' -f1)
+ARGS ?=
+
+.PHONY: run test lint format db stopdb clean
+
+$(STAMP): requirements/base.txt requirements/dev.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
+	@rm -f $(VENV)/.installed-*; touch $@
+
+run: $(STAMP)  ## web on 127.0.0.1:8000 + one worker, on the embedded PostgreSQL unless DATABASE_URL is set
+	$(BIN)/python scripts/dev.py run
+
+test: $(STAMP)  ## the whole suite on real PostgreSQL (ARGS="-k enrich" to narrow it)
+	$(BIN)/python scripts/dev.py test $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+db: $(STAMP)  ## start the embedded PostgreSQL and print its DATABASE_URL
+	@$(BIN)/python scripts/dev.py db
+
+stopdb: $(STAMP)
+	@$(BIN)/python scripts/dev.py stopdb
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import DatabaseError, connection
+from drf_spectacular.utils import extend_schema
+from rest_framework import status
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from jobs.selectors import job_counts_by_queue, live_workers
+from llm.selectors import llm_spend_this_month
+from llm.services import llm_budget_usd
+
+
+class HealthApi(APIView):
+    """Database, queues, workers and LLM budget at a glance. 503 with the reasons when unhealthy."""
+
+    permission_classes = [AllowAny]
+    authentication_classes: list = []
+
+    @extend_schema(responses={200: dict, 503: dict})
+    def get(self, request: Request) -> Response:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            jobs = job_counts_by_queue()
+            workers = live_workers(stalled_after_seconds=settings.WORKER_STALLED_SECONDS)
+            spent, budget = llm_spend_this_month(), llm_budget_usd()
+        except DatabaseError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return Response(
+                {"status": "unhealthy", "reasons": [f"database unreachable: {reason}"], "database": "down"},
+                status=status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": "5"},
+            )
+        reasons = []
+        if not workers:
+            reasons.append(f"no live worker (no heartbeat in the last {settings.WORKER_STALLED_SECONDS:g} s)")
+        body = {
+            "status": "unhealthy" if reasons else "healthy",
+            "reasons": reasons,
+            "database": "up",
+            "jobs": jobs,
+            "workers": {"live": len(workers), "ids": [w["id"] for w in workers]},
+            "llm": {
+                "configured": bool(settings.ANTHROPIC_API_KEY),
+                "model": settings.ANTHROPIC_MODEL,
+                "month_spend_usd": float(spent),
+                "monthly_budget_usd": float(budget),
+                "budget_exhausted": spent >= budget,
+            },
+        }
+        return Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE if reasons else status.HTTP_200_OK)

@@ -1,0 +1,10 @@
+from django.contrib import admin
+
+from llm.models import LlmUsage
+
+
+@admin.register(LlmUsage)
+class LlmUsageAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "purpose", "model", "input_tokens", "output_tokens", "cost_usd", "owner")
+    list_filter = ("purpose", "model")
+    date_hierarchy = "created_at"

@@ -1,0 +1,66 @@
+"""Claude through the official SDK, behind one `complete()` that raises one error type.
+
+The SDK's own retries are off: retrying is the job system's business (backoff, attempts and
+the failure record live in PostgreSQL), so a transient error surfaces at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anthropic
+from django.conf import settings
+
+
+class ProviderError(Exception):
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+
+
+# 408 request timeout, 409 conflict, 429 rate limited, 5xx and 529 overloaded: try again later.
+_TRANSIENT_STATUSES = {408, 409, 429}
+
+
+class ClaudeClient:
+    def __init__(self, *, api_key: str, base_url: str, model: str, timeout: float) -> None:
+        self.model = model
+        self._client = anthropic.Anthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+
+    @classmethod
+    def from_settings(cls) -> ClaudeClient:
+        return cls(
+            api_key=settings.ANTHROPIC_API_KEY,
+            base_url=settings.ANTHROPIC_BASE_URL,
+            model=settings.ANTHROPIC_MODEL,
+            timeout=settings.ANTHROPIC_TIMEOUT_SECONDS,
+        )
+
+    def complete(self, *, system: str, prompt: str, max_tokens: int = 1024) -> Completion:
+        try:
+            message = self._client.messages.create(
+                model=self.model,
+                max_tokens=max_tokens,
+                system=system,
+                messages=[{"role": "user", "content": prompt}],
+            )
+        except anthropic.APIConnectionError as exc:  # includes timeouts
+            raise ProviderError(f"Claude unreachable: {type(exc).__name__}", permanent=False) from exc
+        except anthropic.APIStatusError as exc:
+            transient = exc.status_code in _TRANSIENT_STATUSES or exc.status_code >= 500
+            raise ProviderError(f"Claude answered HTTP {exc.status_code}", permanent=not transient) from exc
+        text = "".join(block.text for block in message.content if block.type == "text")
+        return Completion(
+            text=text,
+            model=message.model or self.model,
+            input_tokens=message.usage.input_tokens,
+            output_tokens=message.usage.output_tokens,
+        )

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class LlmUsage(models.Model):
+    """The ledger: one row per Claude call that returned, with its tokens and cost."""
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    purpose = models.CharField(max_length=50)  # e.g. "note_enrichment", "weekly_digest"
+    model = models.CharField(max_length=100)
+    input_tokens = models.PositiveIntegerField()
+    output_tokens = models.PositiveIntegerField()
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6)
+
+    class Meta:
+        db_table = "llm_usage"
+        ordering = ["-created_at"]
+        verbose_name_plural = "LLM usage"
+
+    def __str__(self) -> str:
+        return f"{self.purpose} {self.model} ${self.cost_usd}"

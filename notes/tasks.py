@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from procrastinate import JobContext
+from procrastinate.contrib.django import app
+
+from jobs import queues
+from jobs.retry import backoff, will_retry
+from llm.client import ProviderError
+from notes import services
+
+
+@app.task(
+    name="notes.enrich",
+    queue=queues.ENRICHMENT,
+    retry=backoff(retries=3, base_seconds=2),  # waits about 2 s, 4 s, 8 s
+    pass_context=True,
+)
+def note_enrich(context: JobContext, *, note_id: int) -> str:
+    try:
+        return services.note_enrich(note_id=note_id)
+    except ProviderError as exc:
+        services.note_enrichment_failed(note_id=note_id, error=str(exc), final=not will_retry(context, exc))
+        raise
