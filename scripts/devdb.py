@@ -71,6 +71,7 @@ def running_port() -> int | None:
 def _free_port(start: int) -> int:
     for port in range(start, start + 100):
         with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:

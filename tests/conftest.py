@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.db import connection
+from procrastinate.contrib.django import app
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from tests.factories import make_user
+from tests.peers.claude import FakeClaude
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+PROCRASTINATE_TABLES = "procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers, procrastinate_workers"
+
+
+@pytest.fixture(autouse=True)
+def _clean_job_tables(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Procrastinate's tables are not Django-managed, so a flush leaves them: empty them."""
+    yield
+    if "transactional_db" in request.fixturenames or "live_server" in request.fixturenames:
+        with connection.cursor() as cursor:
+            cursor.execute(f"TRUNCATE {PROCRASTINATE_TABLES} RESTART IDENTITY CASCADE")
+
+
+@pytest.fixture
+def user(db):
+    return make_user("alice")
+
+
+@pytest.fixture
+def other_user(db):
+    return make_user("bob")
+
+
+def client_for(user) -> APIClient:
+    client = APIClient()
+    token, _ = Token.objects.get_or_create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+@pytest.fixture
+def api(user) -> APIClient:
+    return client_for(user)
+
+
+@pytest.fixture
+def claude(settings) -> Iterator[FakeClaude]:
+    """A Messages API peer on 127.0.0.1, with the settings pointing the SDK at it."""
+    fake = FakeClaude().start()
+    settings.ANTHROPIC_API_KEY = "sk-ant-test-key"
+    settings.ANTHROPIC_BASE_URL = fake.base_url
+    settings.ANTHROPIC_MODEL = "claude-haiku-4-5"
+    settings.ANTHROPIC_TIMEOUT_SECONDS = 5.0
+    yield fake
+    fake.stop()
+
+
+def run_worker(queues: list[str] | None = None) -> None:
+    """Run a real Procrastinate worker until no job is ready now, then return."""
+    app.run_worker(
+        queues=queues, wait=False, install_signal_handlers=False, listen_notify=False, concurrency=1
+    )
+
+
+def jobs(task_name: str | None = None) -> list[dict]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT id, task_name, queue_name, status, args, attempts, scheduled_at, lock, queueing_lock"
+            " FROM procrastinate_jobs WHERE %(t)s::text IS NULL OR task_name = %(t)s ORDER BY id",
+            {"t": task_name},
+        )
+        columns = [c.name for c in cursor.description]
+        rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+    for row in rows:  # Django's cursor leaves jsonb as text
+        row["args"] = json.loads(row["args"]) if isinstance(row["args"], str) else row["args"]
+    return rows
+
+
+def database_url() -> str:
+    """The URL of the test database this test process uses (per xdist worker)."""
+    db = connection.settings_dict
+    return f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def start_worker_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python manage.py procrastinate worker ...` against the test database, as its own process."""
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "procrastinate", "worker", *args],
+        cwd=BASE_DIR,
+        env={**os.environ, "DATABASE_URL": database_url(), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(predicate, *, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
