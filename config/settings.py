@@ -146,6 +146,8 @@ WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=4)
 # A worker whose heartbeat is older than this is considered dead; its jobs get rescued.
 WORKER_STALLED_SECONDS = env.float("WORKER_STALLED_SECONDS", default=30.0)
 WORKER_HEARTBEAT_SECONDS = env.float("WORKER_HEARTBEAT_SECONDS", default=5.0)
+# How often the maintenance queue looks for jobs of dead workers (cron; a 6th field is seconds).
+STALLED_JOBS_CRON = env.str("STALLED_JOBS_CRON", default="* * * * *")
 
 PROCRASTINATE_WORKER_DEFAULTS = {
     "concurrency": WORKER_CONCURRENCY,

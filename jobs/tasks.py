@@ -7,7 +7,7 @@ from procrastinate.contrib.django import app
 from jobs import queues, services
 
 
-@app.periodic(cron="* * * * *", periodic_id="retry-stalled-jobs")
+@app.periodic(cron=settings.STALLED_JOBS_CRON, periodic_id="retry-stalled-jobs")
 @app.task(
     name="jobs.retry_stalled",
     queue=queues.MAINTENANCE,

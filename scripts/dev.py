@@ -109,6 +109,8 @@ def test(pytest_args: list[str]) -> int:
     # The suite runs with production-like settings: DEBUG off and a throw-away secret.
     env.setdefault("DEBUG", "false")
     env.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
+    # Worker threads must not keep connections open, or the test database cannot be dropped.
+    env.setdefault("DATABASE_CONN_MAX_AGE", "0")
     try:
         return subprocess.run([PYTHON, "-m", "pytest", *pytest_args], cwd=BASE_DIR, env=env).returncode
     except KeyboardInterrupt:

@@ -65,10 +65,15 @@ def claude(settings) -> Iterator[FakeClaude]:
 
 
 def run_worker(queues: list[str] | None = None) -> None:
-    """Run a real Procrastinate worker until no job is ready now, then return."""
-    app.run_worker(
-        queues=queues, wait=False, install_signal_handlers=False, listen_notify=False, concurrency=1
-    )
+    """Run a real Procrastinate worker until no job is ready now, then return.
+
+    Like `manage.py procrastinate worker`, it runs on its own psycopg connection, so it only
+    sees committed rows: use it in transactional tests.
+    """
+    with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
+        worker_app.run_worker(
+            queues=queues, wait=False, install_signal_handlers=False, listen_notify=False, concurrency=1
+        )
 
 
 def jobs(task_name: str | None = None) -> list[dict]:
