@@ -18,7 +18,9 @@ from tests.factories import make_user
 from tests.peers.claude import FakeClaude
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-PROCRASTINATE_TABLES = "procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers, procrastinate_workers"
+PROCRASTINATE_TABLES = (
+    "procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers, procrastinate_workers"
+)
 
 
 @pytest.fixture(autouse=True)

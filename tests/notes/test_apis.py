@@ -12,7 +12,8 @@ pytestmark = pytest.mark.django_db
 
 
 def test_token_endpoint_returns_a_token_that_authenticates(user):
-    response = APIClient().post("/api/auth/token/", {"username": "alice", "password": "correct-horse-battery"})
+    credentials = {"username": "alice", "password": "correct-horse-battery"}
+    response = APIClient().post("/api/auth/token/", credentials)
     assert response.status_code == 200
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {response.json()['token']}")
