@@ -20,9 +20,7 @@ DEBUG = env.bool("DEBUG", default=False)
 _DEV_SECRET_KEY = "django-insecure-development-only-key-never-use-in-production"
 SECRET_KEY = env.str("SECRET_KEY", default=_DEV_SECRET_KEY if DEBUG else "")
 if not DEBUG and (len(SECRET_KEY) < 32 or SECRET_KEY.startswith("django-insecure")):
-    raise ImproperlyConfigured(
-        "SECRET_KEY must be set to a random string of at least 32 characters when DEBUG is off"
-    )
+    raise ImproperlyConfigured("SECRET_KEY must be set to a random string of at least 32 characters when DEBUG is off")
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"] if DEBUG else [])
 
@@ -78,9 +76,7 @@ TEMPLATES = [
 # PostgreSQL only: the job queue, its schedules and its locks live in this database.
 DATABASES = {"default": env.db("DATABASE_URL", default="")}
 if not DATABASES["default"].get("ENGINE"):
-    raise ImproperlyConfigured(
-        "DATABASE_URL is not set (e.g. postgres://postgres@127.0.0.1:5432/secondbrain)"
-    )
+    raise ImproperlyConfigured("DATABASE_URL is not set (e.g. postgres://postgres@127.0.0.1:5432/secondbrain)")
 if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ImproperlyConfigured("DATABASE_URL must point to PostgreSQL (postgres://...)")
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)

@@ -45,5 +45,6 @@ def fail_fast_if_database_unreachable(argv: list[str] | None = None) -> None:
         ).close()
     except psycopg.OperationalError as exc:
         where = f"{db.get('HOST') or 'localhost'}:{db.get('PORT') or 5432}/{db['NAME']}"
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(exc).__name__
         _exit(f"cannot reach the database at {where} ({reason}); check DATABASE_URL")

@@ -10,9 +10,7 @@ from django.db import connection
 def job_counts_by_queue() -> dict[str, dict[str, int]]:
     """{queue: {status: count}} over every job row."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT queue_name, status, count(*) FROM procrastinate_jobs GROUP BY 1, 2 ORDER BY 1, 2"
-        )
+        cursor.execute("SELECT queue_name, status, count(*) FROM procrastinate_jobs GROUP BY 1, 2 ORDER BY 1, 2")
         counts: dict[str, dict[str, int]] = defaultdict(dict)
         for queue, job_status, count in cursor.fetchall():
             counts[queue][job_status] = count

@@ -73,7 +73,7 @@ def run() -> int:
             subprocess.Popen([PYTHON, "manage.py", "procrastinate", "worker"], cwd=BASE_DIR, env=env),
         ]
         print(
-            f"\nsecondbrain is running:\n  API      http://127.0.0.1:{port}/api/\n"
+            f"\nsecondbrain is running:\n  notes    http://127.0.0.1:{port}/api/notes/\n"
             f"  admin    http://127.0.0.1:{port}/admin/\n  health   http://127.0.0.1:{port}/api/health/\n"
             f"  API docs http://127.0.0.1:{port}/api/docs/\nCtrl-C stops everything.\n",
             flush=True,

@@ -48,9 +48,7 @@ def _run_as() -> dict:
 
 
 def _pg(tool: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(POSTGRES_BIN_PATH / tool), *args], check=True, capture_output=True, text=True, **kwargs
-    )
+    return subprocess.run([str(POSTGRES_BIN_PATH / tool), *args], check=True, capture_output=True, text=True, **kwargs)
 
 
 def running_port() -> int | None:

@@ -18,16 +18,16 @@ from tests.factories import make_user
 from tests.peers.claude import FakeClaude
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-PROCRASTINATE_TABLES = (
-    "procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers, procrastinate_workers"
-)
+PROCRASTINATE_TABLES = "procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers, procrastinate_workers"
 
 
 @pytest.fixture(autouse=True)
 def _clean_job_tables(request: pytest.FixtureRequest) -> Iterator[None]:
     """Procrastinate's tables are not Django-managed, so a flush leaves them: empty them."""
     yield
-    if "transactional_db" in request.fixturenames or "live_server" in request.fixturenames:
+    marker = request.node.get_closest_marker("django_db")
+    transactional = marker is not None and marker.kwargs.get("transaction", False)
+    if transactional or "transactional_db" in request.fixturenames:
         with connection.cursor() as cursor:
             cursor.execute(f"TRUNCATE {PROCRASTINATE_TABLES} RESTART IDENTITY CASCADE")
 

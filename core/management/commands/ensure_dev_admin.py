@@ -18,6 +18,4 @@ class Command(BaseCommand):
         if not User.objects.filter(username=USERNAME).exists():
             User.objects.create_superuser(USERNAME, "admin@localhost", PASSWORD)
             self.stdout.write(f"Created the development admin user {USERNAME!r}.")
-        self.stdout.write(
-            f"Development admin: username {USERNAME!r}, password {PASSWORD!r} (development only)"
-        )
+        self.stdout.write(f"Development admin: username {USERNAME!r}, password {PASSWORD!r} (development only)")
