@@ -93,7 +93,7 @@ def run() -> int:
 def _stop(children: list[subprocess.Popen]) -> None:
     for child in children:
         if child.poll() is None:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signal.SIGTERM)  # both stop gracefully on SIGTERM
     deadline = time.monotonic() + 15
     for child in children:
         try:
@@ -121,6 +121,8 @@ def test(pytest_args: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    # Ctrl-C must stop us even when started from a shell that ignores SIGINT in the background.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     command = argv[0] if argv else "run"
     if command == "run":
         return run()
