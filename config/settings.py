@@ -137,6 +137,33 @@ LLM_MONTHLY_BUDGET_USD = env.float("LLM_MONTHLY_BUDGET_USD", default=5.0)
 # --- Notes -----------------------------------------------------------------------------------
 NOTE_MAX_CONTENT_BYTES = env.int("NOTE_MAX_CONTENT_BYTES", default=100_000)
 
+# --- E-mail and notifications ----------------------------------------------------------------
+# smtp://user:pass@host:587 (smtp+tls://, smtp+ssl://), consolemail://, filemail://, ...
+# `make run` uses filemail://: one file per message under EMAIL_FILE_PATH (.data/mail).
+_email = env.email_url("EMAIL_URL", default="consolemail://")
+EMAIL_BACKEND = _email["EMAIL_BACKEND"]
+if EMAIL_BACKEND == "django.core.mail.backends.smtp.EmailBackend":
+    # Same SMTP settings; commits "sent" just before the final dot (see notifications/mail.py).
+    EMAIL_BACKEND = "notifications.mail.ExactlyOnceSMTPBackend"
+EMAIL_HOST = _email.get("EMAIL_HOST") or "localhost"
+EMAIL_PORT = _email.get("EMAIL_PORT") or 25
+EMAIL_HOST_USER = _email.get("EMAIL_HOST_USER") or ""
+EMAIL_HOST_PASSWORD = _email.get("EMAIL_HOST_PASSWORD") or ""
+EMAIL_USE_TLS = bool(_email.get("EMAIL_USE_TLS"))
+EMAIL_USE_SSL = bool(_email.get("EMAIL_USE_SSL"))
+EMAIL_FILE_PATH = BASE_DIR / env.str("EMAIL_FILE_PATH", default=".data/mail")  # for filemail://
+EMAIL_TIMEOUT = env.float("EMAIL_TIMEOUT", default=10.0)
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="secondbrain <noreply@secondbrain.localhost>")
+
+NOTIFICATIONS_RATE_PER_SECOND = env.float("NOTIFICATIONS_RATE_PER_SECOND", default=50.0)
+NOTIFICATIONS_BREAKER_THRESHOLD = env.int("NOTIFICATIONS_BREAKER_THRESHOLD", default=5)
+NOTIFICATIONS_BREAKER_COOLDOWN_SECONDS = env.float("NOTIFICATIONS_BREAKER_COOLDOWN_SECONDS", default=30.0)
+NOTIFICATIONS_MAX_BULK_RECIPIENTS = env.int("NOTIFICATIONS_MAX_BULK_RECIPIENTS", default=5000)
+NOTIFICATIONS_MAX_BODY_BYTES = env.int("NOTIFICATIONS_MAX_BODY_BYTES", default=100_000)
+# Health warns above this failure rate (over the last 15 minutes) or backlog of due jobs.
+NOTIFICATIONS_WARN_FAILURE_RATE = env.float("NOTIFICATIONS_WARN_FAILURE_RATE", default=0.2)
+NOTIFICATIONS_WARN_BACKLOG = env.int("NOTIFICATIONS_WARN_BACKLOG", default=1000)
+
 # --- Job system (Procrastinate) --------------------------------------------------------------
 WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=4)
 # A worker whose heartbeat is older than this is considered dead; its jobs get rescued.

@@ -4,14 +4,21 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.authtoken.views import obtain_auth_token
+from rest_framework.routers import SimpleRouter
 
 from core.apis import HealthApi
+from notifications.apis import RecipientViewSet
+
+recipient_router = SimpleRouter(trailing_slash=True)
+recipient_router.register("", RecipientViewSet, basename="recipient")
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/auth/token/", obtain_auth_token, name="auth-token"),
     path("api/health/", HealthApi.as_view(), name="health"),
     path("api/notes/", include("notes.urls")),
+    path("api/notifications/", include("notifications.urls")),
+    path("api/recipients/", include(recipient_router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]

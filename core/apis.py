@@ -9,9 +9,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from jobs.breaker import breaker_state
 from jobs.selectors import job_counts_by_queue, live_workers
 from llm.selectors import llm_spend_this_month
 from llm.services import llm_budget_usd
+from notifications.selectors import notification_health
+from notifications.services import EMAIL_BREAKER
 
 
 class HealthApi(APIView):
@@ -28,6 +31,8 @@ class HealthApi(APIView):
             jobs = job_counts_by_queue()
             workers = live_workers(stalled_after_seconds=settings.WORKER_STALLED_SECONDS)
             spent, budget = llm_spend_this_month(), llm_budget_usd()
+            mail = notification_health()
+            breaker = breaker_state(name=EMAIL_BREAKER)
         except DatabaseError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return Response(
@@ -38,9 +43,17 @@ class HealthApi(APIView):
         reasons = []
         if not workers:
             reasons.append(f"no live worker (no heartbeat in the last {settings.WORKER_STALLED_SECONDS:g} s)")
+        warnings = []
+        if breaker["state"] != "closed":
+            warnings.append(f"mail server circuit breaker is {breaker['state']}")
+        if mail["failure_rate_15m"] > settings.NOTIFICATIONS_WARN_FAILURE_RATE:
+            warnings.append(f"notification failure rate is {mail['failure_rate_15m']:.0%} over 15 minutes")
+        if mail["backlog"] > settings.NOTIFICATIONS_WARN_BACKLOG:
+            warnings.append(f"{mail['backlog']} notifications are due and waiting")
         body = {
             "status": "unhealthy" if reasons else "healthy",
             "reasons": reasons,
+            "warnings": warnings,
             "database": "up",
             "jobs": jobs,
             "workers": {"live": len(workers), "ids": [w["id"] for w in workers]},
@@ -51,5 +64,6 @@ class HealthApi(APIView):
                 "monthly_budget_usd": float(budget),
                 "budget_exhausted": spent >= budget,
             },
+            "notifications": {**mail, "circuit_breaker": breaker},
         }
         return Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE if reasons else status.HTTP_200_OK)

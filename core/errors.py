@@ -28,6 +28,14 @@ class ApplicationError(Exception):
         self.extra = extra or {}
 
 
+class ProviderError(Exception):
+    """An external provider (Claude, the mail server) failed. Retry only when not permanent."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, ApplicationError):
         return Response({"detail": exc.message, **exc.extra}, status=exc.status_code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 from django.db import transaction
@@ -18,6 +19,8 @@ def job_defer(
     *,
     queueing_lock: str | None = None,
     lock: str | None = None,
+    priority: int | None = None,
+    schedule_at: datetime | None = None,
     **task_kwargs: Any,
 ) -> int | None:
     """Defer `task` on the current database connection, so inside the caller's transaction.
@@ -30,7 +33,8 @@ def job_defer(
     try:
         # A savepoint, so a refused duplicate does not abort the caller's transaction.
         with transaction.atomic():
-            return task.configure(queueing_lock=queueing_lock, lock=lock).defer(**task_kwargs)
+            options = {"queueing_lock": queueing_lock, "lock": lock, "priority": priority, "schedule_at": schedule_at}
+            return task.configure(**{k: v for k, v in options.items() if v is not None}).defer(**task_kwargs)
     except procrastinate_exceptions.AlreadyEnqueued:
         return None
 

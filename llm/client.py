@@ -11,11 +11,9 @@ from dataclasses import dataclass
 import anthropic
 from django.conf import settings
 
+from core.errors import ProviderError
 
-class ProviderError(Exception):
-    def __init__(self, message: str, *, permanent: bool) -> None:
-        super().__init__(message)
-        self.permanent = permanent
+__all__ = ["ClaudeClient", "Completion", "ProviderError"]
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ def run() -> int:
     url, started = _database()
     env = {**os.environ, "DATABASE_URL": url, "PYTHONUNBUFFERED": "1"}
     env.setdefault("DEBUG", "true")
+    env.setdefault("EMAIL_URL", "filemail://")  # mail lands as files in .data/mail
     port = env.get("PORT", "8000")
     children: list[subprocess.Popen] = []
     try:

@@ -1,0 +1,86 @@
+"""A circuit breaker whose state lives in PostgreSQL, shared by all workers.
+
+closed --(threshold consecutive transient failures)--> open --(cooldown over)--> half_open:
+one caller wins the probe; its success closes the breaker, its failure opens it again.
+While open, callers postpone their work instead of burning attempts on a dead server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import connection
+from django.utils import timezone
+
+from jobs.models import CircuitBreaker
+
+State = CircuitBreaker.State
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    retry_at: datetime | None = None
+    probe: bool = False
+
+
+def breaker_check(*, name: str, cooldown_seconds: float) -> Verdict:
+    breaker = CircuitBreaker.objects.filter(name=name).first()
+    if breaker is None or breaker.state == State.CLOSED:
+        return Verdict(allowed=True)
+    now = timezone.now()
+    if breaker.opened_until and now < breaker.opened_until:
+        return Verdict(allowed=False, retry_at=breaker.opened_until)
+    # Cooldown over (or a probe that never reported back): one caller wins the probe.
+    won = CircuitBreaker.objects.filter(name=name, updated_at=breaker.updated_at).update(
+        state=State.HALF_OPEN, opened_until=now + timedelta(seconds=cooldown_seconds), updated_at=now
+    )
+    if won:
+        return Verdict(allowed=True, probe=True)
+    return Verdict(allowed=False, retry_at=now + timedelta(seconds=min(cooldown_seconds, 5)))
+
+
+def breaker_record_success(*, name: str) -> None:
+    # Writes only when there is something to reset, so the hot path stays read-only.
+    CircuitBreaker.objects.filter(name=name).exclude(state=State.CLOSED, consecutive_failures=0).update(
+        state=State.CLOSED, consecutive_failures=0, opened_until=None, updated_at=timezone.now()
+    )
+
+
+def breaker_record_failure(*, name: str, threshold: int, cooldown_seconds: float) -> str:
+    """Count a transient failure; returns the breaker's state afterwards."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO jobs_circuit_breakers AS b (name, state, consecutive_failures, opened_until, updated_at)
+            VALUES (%(name)s, 'closed', 1, NULL, now())
+            ON CONFLICT (name) DO UPDATE SET
+                consecutive_failures = b.consecutive_failures + 1,
+                state = CASE WHEN b.state = 'half_open' OR b.consecutive_failures + 1 >= %(threshold)s
+                             THEN 'open' ELSE b.state END,
+                opened_until = CASE WHEN b.state = 'half_open' OR b.consecutive_failures + 1 >= %(threshold)s
+                                    THEN now() + make_interval(secs => %(cooldown)s) ELSE b.opened_until END,
+                updated_at = now()
+            RETURNING state
+            """,
+            {"name": name, "threshold": threshold, "cooldown": cooldown_seconds},
+        )
+        state = cursor.fetchone()[0]
+    if threshold <= 1 and state == State.CLOSED:  # a first failure with threshold 1 opens at once
+        CircuitBreaker.objects.filter(name=name).update(
+            state=State.OPEN, opened_until=timezone.now() + timedelta(seconds=cooldown_seconds)
+        )
+        state = State.OPEN
+    return state
+
+
+def breaker_state(*, name: str) -> dict:
+    breaker = CircuitBreaker.objects.filter(name=name).first()
+    if breaker is None:
+        return {"state": State.CLOSED, "consecutive_failures": 0, "opened_until": None}
+    return {
+        "state": breaker.state,
+        "consecutive_failures": breaker.consecutive_failures,
+        "opened_until": breaker.opened_until,
+    }

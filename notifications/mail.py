@@ -1,0 +1,143 @@
+"""E-mail delivery through Django's e-mail framework, with exactly-once sends over SMTP.
+
+The trick: an SMTP server keeps a message only once it has read the final "." of DATA. We
+commit "sent" in PostgreSQL just before writing that dot. A worker killed before the commit
+leaves a half-written message the server throws away (and the row still pending, so a re-run
+sends it once); killed after it, the row already says "sent", so a re-run sends nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from django.core import mail
+from django.core.mail.backends.smtp import EmailBackend
+
+from core.errors import ProviderError
+
+_state = threading.local()
+
+
+class SendAborted(Exception):
+    """The commit point refused (the job was cancelled or claimed by another run)."""
+
+
+class _CommitBeforeDotMixin:
+    def data(self, msg):
+        callback = getattr(_state, "before_final_dot", None)
+        if callback is None or not isinstance(msg, bytes):
+            reply = super().data(msg)
+            _state.reply = reply
+            return reply
+        self.putcmd("data")
+        code, repl = self.getreply()
+        if code != 354:
+            raise smtplib.SMTPDataError(code, repl)
+        body = re.sub(rb"(?m)^\.", b"..", msg)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        self.send(body)
+        try:
+            callback()
+        except BaseException:
+            self.close()  # no final dot: the server discards the message
+            raise
+        _state.committed = True
+        self.send(b".\r\n")
+        reply = self.getreply()
+        _state.reply = reply
+        return reply
+
+
+class _SMTP(_CommitBeforeDotMixin, smtplib.SMTP):
+    pass
+
+
+class _SMTP_SSL(_CommitBeforeDotMixin, smtplib.SMTP_SSL):
+    pass
+
+
+class ExactlyOnceSMTPBackend(EmailBackend):
+    """Django's SMTP backend, with a commit point before the end of DATA."""
+
+    supports_commit_point = True
+
+    @property
+    def connection_class(self):
+        return _SMTP_SSL if self.use_ssl else _SMTP
+
+
+@dataclass(frozen=True)
+class SendResult:
+    response: str
+    ambiguous: bool = False  # the connection dropped after the dot: counted as sent
+
+
+def _smtp_code(exc: BaseException) -> int | None:
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        return max(codes) if codes else None
+    return getattr(exc, "smtp_code", None)
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    code = _smtp_code(exc)
+    return code is not None and 500 <= code < 600
+
+
+class EmailSender:
+    """One `send()`; raises core.errors.ProviderError carrying `permanent`."""
+
+    def send(
+        self,
+        *,
+        to: str,
+        subject: str,
+        body: str,
+        message_id: str,
+        headers: dict[str, str],
+        commit_point: Callable[[], None],
+    ) -> SendResult:
+        connection = mail.get_connection(fail_silently=False)
+        message = mail.EmailMessage(
+            subject=subject,
+            body=body,
+            to=[to],
+            headers={"Message-ID": message_id, **headers},
+            connection=connection,
+        )
+        uses_commit_point = getattr(connection, "supports_commit_point", False)
+        _state.before_final_dot = commit_point if uses_commit_point else None
+        _state.committed = False
+        _state.reply = None
+        try:
+            message.send()
+        except SendAborted:
+            raise
+        except (TimeoutError, smtplib.SMTPException, OSError) as exc:
+            server_answered = _smtp_code(exc) is not None
+            if _state.committed and not server_answered:
+                # The dot went out and the connection died before the reply: the server
+                # probably kept it. Re-sending could duplicate, so it counts as sent.
+                return SendResult(response=f"no reply after end of data ({type(exc).__name__})", ambiguous=True)
+            code = _smtp_code(exc)
+            text = f"SMTP {code}: {_reply_text(exc)}" if code else f"{type(exc).__name__}: {exc}".strip()
+            raise ProviderError(text, permanent=_is_permanent(exc)) from exc
+        finally:
+            _state.before_final_dot = None
+        if not uses_commit_point:
+            commit_point()
+        reply = _state.reply
+        response = f"{reply[0]} {reply[1].decode(errors='replace')}" if reply else "accepted"
+        return SendResult(response=response)
+
+
+def _reply_text(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return "; ".join(f"{r}: {m.decode(errors='replace')}" for r, (_, m) in exc.recipients.items())
+    error = getattr(exc, "smtp_error", b"")
+    return error.decode(errors="replace") if isinstance(error, bytes) else str(error)

@@ -1,0 +1,266 @@
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from email.utils import make_msgid
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import connection, transaction
+from django.utils import timezone
+from procrastinate.contrib.django import app
+from rest_framework import status as http
+
+from core.errors import ApplicationError, ProviderError
+from jobs.breaker import breaker_check, breaker_record_failure, breaker_record_success
+from jobs.ratelimit import rate_limit_wait
+from jobs.services import job_defer
+from notifications.mail import EmailSender, SendAborted
+from notifications.models import (
+    JOB_PRIORITY,
+    DeliveryLog,
+    DeliveryMethod,
+    NotificationJob,
+    Recipient,
+    Status,
+)
+
+EMAIL_BREAKER = "notifications:smtp"
+EMAIL_RATE_LIMIT = "notifications:email"
+
+
+# --- Recipients ----------------------------------------------------------------------------
+@transaction.atomic
+def recipient_create(*, owner: AbstractBaseUser, **fields) -> Recipient:
+    return Recipient.objects.create(owner=owner, **fields)
+
+
+@transaction.atomic
+def recipient_update(*, recipient: Recipient, **fields) -> Recipient:
+    for name, value in fields.items():
+        setattr(recipient, name, value)
+    recipient.save()
+    return recipient
+
+
+@transaction.atomic
+def recipient_delete(*, recipient: Recipient) -> None:
+    recipient.delete()
+
+
+# --- Queueing ------------------------------------------------------------------------------
+def _task():
+    from notifications.tasks import notification_deliver  # tasks import services
+
+    return notification_deliver
+
+
+@transaction.atomic
+def notification_send_email(
+    *,
+    owner: AbstractBaseUser,
+    recipient: Recipient,
+    subject: str,
+    body: str,
+    notification_type: str,
+    priority: str,
+    scheduled_for: datetime | None = None,
+) -> NotificationJob:
+    """Write the notification and defer its job in one transaction; nothing waits on SMTP."""
+    notification = NotificationJob.objects.create(
+        owner=owner,
+        recipient=recipient,
+        notification_type=notification_type,
+        delivery_method=DeliveryMethod.EMAIL,
+        priority=priority,
+        payload={"subject": subject, "body": body},
+        scheduled_for=scheduled_for,
+    )
+    notification.procrastinate_job_id = job_defer(
+        _task(), priority=JOB_PRIORITY[priority], schedule_at=scheduled_for, notification_id=notification.id
+    )
+    notification.save(update_fields=["procrastinate_job_id"])
+    return notification
+
+
+@transaction.atomic
+def notification_send_bulk(
+    *,
+    owner: AbstractBaseUser,
+    recipients: list[Recipient],
+    subject: str,
+    body: str,
+    notification_type: str,
+    priority: str,
+    scheduled_for: datetime | None = None,
+) -> list[int]:
+    """Many recipients: one multi-row INSERT, one bulk defer, one UPDATE linking them."""
+    notifications = NotificationJob.objects.bulk_create(
+        [
+            NotificationJob(
+                owner=owner,
+                recipient=recipient,
+                notification_type=notification_type,
+                delivery_method=DeliveryMethod.EMAIL,
+                priority=priority,
+                payload={"subject": subject, "body": body},
+                scheduled_for=scheduled_for,
+            )
+            for recipient in recipients
+        ]
+    )
+    ids = [n.id for n in notifications]
+    options = {"priority": JOB_PRIORITY[priority]}
+    if scheduled_for is not None:
+        options["schedule_at"] = scheduled_for
+    job_ids = _task().configure(**options).batch_defer(*({"notification_id": i} for i in ids))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE notification_jobs n SET procrastinate_job_id = v.job_id"
+            " FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, job_id) WHERE n.id = v.id",
+            [ids, job_ids],
+        )
+    return ids
+
+
+@transaction.atomic
+def notification_cancel(*, notification: NotificationJob) -> NotificationJob:
+    """Cancel a notification that has not started; 409 once it runs or ran."""
+    notification = NotificationJob.objects.select_for_update().get(id=notification.id)
+    if notification.status != Status.PENDING:
+        raise ApplicationError(
+            f"This notification is {notification.status} and can no longer be cancelled.",
+            status_code=http.HTTP_409_CONFLICT,
+        )
+    job_id = notification.procrastinate_job_id
+    if job_id is not None and not app.job_manager.cancel_job_by_id(job_id):
+        job_status = app.job_manager.get_job_status(job_id)
+        if job_status.value == "doing":
+            raise ApplicationError(
+                "This notification is being delivered right now and can no longer be cancelled.",
+                status_code=http.HTTP_409_CONFLICT,
+            )
+    notification.status = Status.CANCELLED
+    notification.error = "cancelled by its owner"
+    notification.processed_at = timezone.now()
+    notification.save(update_fields=["status", "error", "processed_at"])
+    return notification
+
+
+@transaction.atomic
+def notification_retry(*, notification: NotificationJob) -> NotificationJob:
+    """Re-queue a failed notification with a fresh job (and a fresh set of attempts)."""
+    notification = NotificationJob.objects.select_for_update().get(id=notification.id)
+    if notification.status != Status.FAILED:
+        raise ApplicationError(
+            f"Only failed notifications can be retried; this one is {notification.status}.",
+            status_code=http.HTTP_409_CONFLICT,
+        )
+    notification.status = Status.PENDING
+    notification.error = ""
+    notification.procrastinate_job_id = job_defer(
+        _task(), priority=JOB_PRIORITY[notification.priority], notification_id=notification.id
+    )
+    notification.save(update_fields=["status", "error", "procrastinate_job_id"])
+    return notification
+
+
+# --- Delivery (called by the task) ----------------------------------------------------------
+def _log(notification_id: int, attempt: int, outcome: str, *, error: str = "", response: str = "", started=None):
+    duration = (time.perf_counter() - started) * 1000 if started else 0
+    DeliveryLog.objects.create(
+        notification_id=notification_id,
+        attempt=attempt,
+        outcome=outcome,
+        error=error[:2000],
+        provider_response=response[:2000],
+        duration_ms=duration,
+    )
+
+
+def _postpone(notification: NotificationJob, *, until: datetime, attempt: int) -> None:
+    with transaction.atomic():
+        job_id = job_defer(
+            _task(), priority=JOB_PRIORITY[notification.priority], schedule_at=until, notification_id=notification.id
+        )
+        NotificationJob.objects.filter(id=notification.id).update(procrastinate_job_id=job_id)
+        _log(notification.id, attempt, DeliveryLog.Outcome.POSTPONED, error="mail server circuit breaker is open")
+
+
+def notification_deliver(*, notification_id: int, attempt: int) -> str:
+    """Send one notification e-mail, at most once. Returns what happened.
+
+    Raises core.errors.ProviderError when the mail server fails (the task decides on retries).
+    """
+    notification = NotificationJob.objects.select_related("recipient").filter(id=notification_id).first()
+    if notification is None:
+        return "deleted"
+    if notification.status in (Status.SENT, Status.CANCELLED):
+        return notification.status  # a re-run of a finished job does nothing
+    recipient = notification.recipient
+    if recipient.is_muted():
+        reason = "recipient is muted" + ("" if recipient.muted_indefinitely else f" until {recipient.muted_until}")
+        with transaction.atomic():
+            NotificationJob.objects.filter(id=notification_id, status__in=[Status.PENDING, Status.FAILED]).update(
+                status=Status.CANCELLED, error=reason, processed_at=timezone.now()
+            )
+            _log(notification_id, attempt, DeliveryLog.Outcome.CANCELLED, error=reason)
+        return Status.CANCELLED
+
+    verdict = breaker_check(name=EMAIL_BREAKER, cooldown_seconds=settings.NOTIFICATIONS_BREAKER_COOLDOWN_SECONDS)
+    if not verdict.allowed:
+        _postpone(notification, until=verdict.retry_at, attempt=attempt)
+        return "postponed"
+    rate_limit_wait(key=EMAIL_RATE_LIMIT, rate=settings.NOTIFICATIONS_RATE_PER_SECOND)
+
+    # The claim: a fresh Message-ID is this run's token; only the run holding it may mark it sent.
+    message_id = make_msgid(domain="secondbrain.localhost")
+    claimed = NotificationJob.objects.filter(
+        id=notification_id, status__in=[Status.PENDING, Status.PROCESSING, Status.FAILED]
+    ).update(status=Status.PROCESSING, provider_message_id=message_id, started_at=timezone.now(), retry_count=attempt)
+    if not claimed:
+        return "already-finished"
+    mine = NotificationJob.objects.filter(id=notification_id, provider_message_id=message_id)
+
+    def commit_point() -> None:
+        if not mine.filter(status=Status.PROCESSING).update(status=Status.SENT, processed_at=timezone.now(), error=""):
+            raise SendAborted
+
+    started = time.perf_counter()
+    try:
+        result = EmailSender().send(
+            to=recipient.email,
+            subject=notification.payload.get("subject", ""),
+            body=notification.payload.get("body", ""),
+            message_id=message_id,
+            headers={"X-Secondbrain-Notification": str(notification_id)},
+            commit_point=commit_point,
+        )
+    except SendAborted:
+        return "superseded"
+    except ProviderError as exc:
+        # Back from "sent" too when the server refused after the end of data.
+        mine.filter(status__in=[Status.PROCESSING, Status.SENT]).update(
+            status=Status.PENDING, processed_at=None, error=str(exc)[:2000]
+        )
+        outcome = DeliveryLog.Outcome.PERMANENT_FAILURE if exc.permanent else DeliveryLog.Outcome.TRANSIENT_FAILURE
+        _log(notification_id, attempt, outcome, error=str(exc), started=started)
+        if not exc.permanent:
+            breaker_record_failure(
+                name=EMAIL_BREAKER,
+                threshold=settings.NOTIFICATIONS_BREAKER_THRESHOLD,
+                cooldown_seconds=settings.NOTIFICATIONS_BREAKER_COOLDOWN_SECONDS,
+            )
+        raise
+    _log(notification_id, attempt, DeliveryLog.Outcome.SENT, response=result.response, started=started)
+    breaker_record_success(name=EMAIL_BREAKER)
+    return Status.SENT
+
+
+def notification_attempt_failed(*, notification_id: int, error: str, final: bool) -> None:
+    """After a failed attempt: `failed` when no retry follows, else back to `pending`."""
+    NotificationJob.objects.filter(id=notification_id, status__in=[Status.PENDING, Status.PROCESSING]).update(
+        status=Status.FAILED if final else Status.PENDING,
+        error=error[:2000],
+        processed_at=timezone.now() if final else None,
+    )
