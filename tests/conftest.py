@@ -16,6 +16,7 @@ from rest_framework.test import APIClient
 
 from tests.factories import make_user
 from tests.peers.claude import FakeClaude
+from tests.peers.smtp import SmtpSink
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 PROCRASTINATE_TABLES = "procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers, procrastinate_workers"
@@ -66,7 +67,25 @@ def claude(settings) -> Iterator[FakeClaude]:
     fake.stop()
 
 
-def run_worker(queues: list[str] | None = None) -> None:
+@pytest.fixture
+def smtp(settings) -> Iterator[SmtpSink]:
+    """An SMTP server on 127.0.0.1, with Django's e-mail settings pointing at it."""
+    sink = SmtpSink().start()
+    settings.EMAIL_BACKEND = "notifications.mail.ExactlyOnceSMTPBackend"
+    settings.EMAIL_HOST = "127.0.0.1"
+    settings.EMAIL_PORT = sink.port
+    settings.EMAIL_TIMEOUT = 5
+    settings.NOTIFICATIONS_RATE_PER_SECOND = 1000
+    yield sink
+    sink.stop()
+
+
+def smtp_env(sink: SmtpSink, **extra: str) -> dict[str, str]:
+    """Environment for a worker process that delivers to `sink`."""
+    return {"EMAIL_URL": f"smtp://127.0.0.1:{sink.port}", "NOTIFICATIONS_RATE_PER_SECOND": "1000", **extra}
+
+
+def run_worker(queues: list[str] | None = None, concurrency: int = 1) -> None:
     """Run a real Procrastinate worker until no job is ready now, then return.
 
     Like `manage.py procrastinate worker`, it runs on its own psycopg connection, so it only
@@ -74,7 +93,7 @@ def run_worker(queues: list[str] | None = None) -> None:
     """
     with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
         worker_app.run_worker(
-            queues=queues, wait=False, install_signal_handlers=False, listen_notify=False, concurrency=1
+            queues=queues, wait=False, install_signal_handlers=False, listen_notify=False, concurrency=concurrency
         )
 
 
