@@ -83,6 +83,9 @@ DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DATABASES["default"].setdefault("OPTIONS", {})
 DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5))
+# A killed process's backend notices the closed socket even while it waits on a lock, and
+# aborts instead of committing a statement nobody is waiting for any more.
+DATABASES["default"]["OPTIONS"].setdefault("options", "-c client_connection_check_interval=500")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -6,6 +6,7 @@ can stop it, so that connections are refused, and start it again on the same por
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -30,6 +31,13 @@ class SmtpSink:
         self._replies: deque[str] = deque()
         self._lock = threading.Lock()
         self._controller: Controller | None = None
+        self.rcpt_delay = 0.0  # seconds to stall after RCPT TO, to catch a sender mid-transaction
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+        if self.rcpt_delay:
+            await asyncio.sleep(self.rcpt_delay)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope) -> str:
         with self._lock:
