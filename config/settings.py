@@ -192,5 +192,6 @@ LOGGING = {
         "procrastinate": {"level": env.str("PROCRASTINATE_LOG_LEVEL", default="WARNING")},
         "httpx": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},
+        "mail.log": {"level": "WARNING"},  # aiosmtpd, in the tests
     },
 }
