@@ -167,6 +167,11 @@ NOTIFICATIONS_MAX_BODY_BYTES = env.int("NOTIFICATIONS_MAX_BODY_BYTES", default=1
 NOTIFICATIONS_WARN_FAILURE_RATE = env.float("NOTIFICATIONS_WARN_FAILURE_RATE", default=0.2)
 NOTIFICATIONS_WARN_BACKLOG = env.int("NOTIFICATIONS_WARN_BACKLOG", default=1000)
 
+# --- Digests --------------------------------------------------------------------------------
+DIGEST_SWEEP_CRON = env.str("DIGEST_SWEEP_CRON", default="* * * * *")
+DIGEST_WEEKLY_CRON = env.str("DIGEST_WEEKLY_CRON", default="0 2 * * 5")  # Fridays 02:00 UTC
+DIGEST_TIME_LIMIT_SECONDS = env.float("DIGEST_TIME_LIMIT_SECONDS", default=1800.0)
+
 # --- Job system (Procrastinate) --------------------------------------------------------------
 WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=4)
 # A worker whose heartbeat is older than this is considered dead; its jobs get rescued.

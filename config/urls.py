@@ -7,10 +7,13 @@ from rest_framework.authtoken.views import obtain_auth_token
 from rest_framework.routers import SimpleRouter
 
 from core.apis import HealthApi
+from digests.apis import DigestScheduleViewSet, DigestViewSet
 from notifications.apis import RecipientViewSet
 
-recipient_router = SimpleRouter(trailing_slash=True)
-recipient_router.register("", RecipientViewSet, basename="recipient")
+router = SimpleRouter(trailing_slash=True)
+router.register("recipients", RecipientViewSet, basename="recipient")
+router.register("digest-schedules", DigestScheduleViewSet, basename="digest-schedule")
+router.register("digests", DigestViewSet, basename="digest")
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -18,7 +21,7 @@ urlpatterns = [
     path("api/health/", HealthApi.as_view(), name="health"),
     path("api/notes/", include("notes.urls")),
     path("api/notifications/", include("notifications.urls")),
-    path("api/recipients/", include(recipient_router.urls)),
+    path("api/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]

@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from digests import schedule as rules
+from digests.models import Digest, DigestSchedule
+from digests.selectors import digest_schedule_unsent_notes, notes_in_period
+from jobs.services import job_defer
+from llm import pricing
+from llm.services import LlmUnavailable, llm_complete
+from notes.models import Note
+from notifications.services import notification_send_email
+
+SWEEP_BATCH = 200
+WEEK = timedelta(days=7)
+
+
+# --- Schedules -----------------------------------------------------------------------------
+def _compute_next(schedule: DigestSchedule, *, now: datetime) -> datetime:
+    return rules.next_run(
+        frequency=schedule.frequency,
+        delivery_time=schedule.delivery_time,
+        delivery_day=schedule.delivery_day,
+        timezone=schedule.timezone,
+        after=now,
+    )
+
+
+@transaction.atomic
+def digest_schedule_create(*, owner: AbstractBaseUser, now: datetime | None = None, **fields: Any) -> DigestSchedule:
+    schedule = DigestSchedule(owner=owner, **fields)
+    schedule.next_digest_scheduled = _compute_next(schedule, now=now or timezone.now())
+    schedule.save()
+    return schedule
+
+
+@transaction.atomic
+def digest_schedule_update(*, schedule: DigestSchedule, now: datetime | None = None, **fields: Any) -> DigestSchedule:
+    for name, value in fields.items():
+        setattr(schedule, name, value)
+    if schedule.frequency == rules.DAILY:
+        schedule.delivery_day = None
+    schedule.next_digest_scheduled = _compute_next(schedule, now=now or timezone.now())
+    schedule.save()
+    return schedule
+
+
+@transaction.atomic
+def digest_schedule_delete(*, schedule: DigestSchedule) -> None:
+    schedule.delete()
+
+
+# --- The sweep -----------------------------------------------------------------------------
+def _digest_body(notes: list[Note]) -> str:
+    lines = [f"Your secondbrain digest: {len(notes)} new note{'s' if len(notes) != 1 else ''}.", ""]
+    for note in notes:
+        title = note.title or " ".join(note.content.split())[:80]
+        detail = note.summary or " ".join(note.content.split())[:200]
+        tags = f"  [{', '.join('#' + t for t in note.tags)}]" if note.tags else ""
+        lines.append(f"- {title}{tags}")
+        if detail and detail != title:
+            lines.append(f"  {detail}")
+    return "\n".join(lines)
+
+
+def _digest_schedule_run(schedule: DigestSchedule, *, now: datetime) -> bool:
+    """Call holding the schedule's row lock. Returns whether a digest was queued."""
+    queued = False
+    if not schedule.recipient.is_muted(now=now):
+        notes = digest_schedule_unsent_notes(schedule=schedule)
+        if notes:
+            notification_send_email(
+                owner=schedule.owner,
+                recipient=schedule.recipient,
+                subject=f"Your {schedule.frequency} secondbrain digest",
+                body=_digest_body(notes),
+                notification_type="digest",
+                priority="normal",
+            )
+            schedule.last_digest_sent = now
+            schedule.last_note_id = notes[-1].id
+            queued = True
+    # After a downtime this jumps over every missed period: one digest, not one per period.
+    schedule.next_digest_scheduled = _compute_next(schedule, now=now)
+    schedule.save(update_fields=["last_digest_sent", "last_note_id", "next_digest_scheduled", "updated_at"])
+    return queued
+
+
+def digest_sweep(*, now: datetime | None = None, batch_size: int = SWEEP_BATCH) -> int:
+    """Queue the digests of every due schedule; returns how many were queued.
+
+    Each batch is one transaction holding its schedules with SKIP LOCKED, so concurrent sweeps
+    share the work without doing any of it twice, and a crash leaves every schedule either
+    untouched or fully advanced with its notification.
+    """
+    now = now or timezone.now()
+    queued = 0
+    while True:
+        with transaction.atomic():
+            due = list(
+                DigestSchedule.objects.select_for_update(skip_locked=True, of=("self",))
+                .select_related("recipient", "owner")
+                .filter(active=True, next_digest_scheduled__lte=now)
+                .order_by("next_digest_scheduled", "id")[:batch_size]
+            )
+            queued += sum(_digest_schedule_run(schedule, now=now) for schedule in due)
+        if len(due) < batch_size:
+            return queued
+
+
+# --- The weekly AI digest ------------------------------------------------------------------
+WEEKLY_SYSTEM_PROMPT = (
+    "You write a short weekly digest of a person's notes: the main themes, decisions, open "
+    "questions and tasks, in plain text with short paragraphs or bullet points. Be concise."
+)
+MAX_NOTE_CHARS_IN_PROMPT = 1_500
+MAX_PROMPT_CHARS = 60_000
+
+
+def weekly_digest_fanout(*, period_end: datetime) -> int:
+    """One digest job per active user; a user never has two waiting (queueing lock)."""
+    from digests.tasks import weekly_digest  # tasks import services
+
+    deferred = 0
+    for user_id in get_user_model().objects.filter(is_active=True).values_list("id", flat=True).iterator():
+        job_id = job_defer(
+            weekly_digest,
+            queueing_lock=f"weekly-digest:{user_id}",
+            user_id=user_id,
+            period_end=int(period_end.timestamp()),
+        )
+        deferred += job_id is not None
+    return deferred
+
+
+def _plain_digest(notes: list[Note]) -> str:
+    if not notes:
+        return "No new notes this week."
+    tags: dict[str, int] = {}
+    types: dict[str, int] = {}
+    for note in notes:
+        types[note.note_type] = types.get(note.note_type, 0) + 1
+        for tag in {*note.tags, *note.ai_tags}:
+            tags[tag] = tags.get(tag, 0) + 1
+    lines = [f"{len(notes)} notes this week."]
+    lines.append("By type: " + ", ".join(f"{t} {n}" for t, n in sorted(types.items(), key=lambda x: -x[1])))
+    if tags:
+        top = sorted(tags.items(), key=lambda x: (-x[1], x[0]))[:15]
+        lines.append("Tags: " + ", ".join(f"#{t} ({n})" for t, n in top))
+    lines.append("")
+    lines += [f"- {note.title or ' '.join(note.content.split())[:80]}" for note in notes]
+    return "\n".join(lines)
+
+
+def _weekly_prompt(notes: list[Note]) -> str:
+    parts, size = [], 0
+    for note in notes:
+        text = f"[{note.created_at:%a %d %b}] {note.title}\n{note.content[:MAX_NOTE_CHARS_IN_PROMPT]}"
+        if size + len(text) > MAX_PROMPT_CHARS:
+            parts.append(f"... and {len(notes) - len(parts)} more notes.")
+            break
+        parts.append(text)
+        size += len(text)
+    return "Here are this week's notes:\n\n" + "\n\n".join(parts)
+
+
+def weekly_digest_generate(*, user_id: int, period_end: datetime, ai_unavailable: str = "") -> Digest:
+    """Write the user's digest for the week ending at `period_end` (idempotent: one per period).
+
+    With no API key, no budget left, or `ai_unavailable` given (the AI attempts failed), the
+    digest is written without AI: titles, tags and counts. Never nothing.
+    Raises core.errors.ProviderError when Claude fails and a retry may help.
+    """
+    start = period_end - WEEK
+    notes = notes_in_period(owner_id=user_id, start=start, end=period_end)
+    fields: dict[str, Any] = {"period_end": period_end, "note_count": len(notes), "ai_generated": False}
+    reason = ai_unavailable or ("" if notes else "no notes in the period")
+    if not reason:
+        try:
+            completion = llm_complete(
+                purpose="weekly_digest",
+                system=WEEKLY_SYSTEM_PROMPT,
+                prompt=_weekly_prompt(notes),
+                owner_id=user_id,
+                max_tokens=1500,
+            )
+        except LlmUnavailable as exc:
+            reason = str(exc)
+        else:
+            fields.update(
+                content=completion.text.strip(),
+                ai_generated=True,
+                fallback_reason="",
+                input_tokens=completion.input_tokens,
+                output_tokens=completion.output_tokens,
+                cost_usd=pricing.cost_usd(
+                    model=completion.model,
+                    input_tokens=completion.input_tokens,
+                    output_tokens=completion.output_tokens,
+                ),
+            )
+    if not fields["ai_generated"]:
+        fields.update(content=_plain_digest(notes), fallback_reason=reason[:300])
+    digest, _ = Digest.objects.update_or_create(owner_id=user_id, period_start=start, defaults=fields)
+    return digest

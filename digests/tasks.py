@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from django.conf import settings
+from procrastinate import JobContext
+from procrastinate.contrib.django import app
+
+from core.errors import ProviderError
+from digests import services
+from jobs import queues
+from jobs.limits import TimeLimitExceeded, call_with_time_limit
+from jobs.retry import backoff, will_retry
+
+
+@app.periodic(cron=settings.DIGEST_SWEEP_CRON, periodic_id="digest-sweep")
+@app.task(name="digests.sweep", queue=queues.DIGESTS)
+def digest_sweep(timestamp: int | None = None) -> int:
+    return services.digest_sweep()
+
+
+@app.periodic(cron=settings.DIGEST_WEEKLY_CRON, periodic_id="weekly-digest")
+@app.task(name="digests.weekly_fanout", queue=queues.DIGESTS)
+def weekly_digest_fanout(timestamp: int) -> int:
+    return services.weekly_digest_fanout(period_end=datetime.fromtimestamp(timestamp, UTC))
+
+
+@app.task(
+    name="digests.weekly_digest",
+    queue=queues.DIGESTS,
+    retry=backoff(retries=3, base_seconds=5),  # waits about 5 s, 25 s, 125 s
+    pass_context=True,
+)
+def weekly_digest(context: JobContext, *, user_id: int, period_end: int) -> int:
+    end = datetime.fromtimestamp(period_end, UTC)
+    try:
+        digest = call_with_time_limit(
+            services.weekly_digest_generate, seconds=settings.DIGEST_TIME_LIMIT_SECONDS, user_id=user_id, period_end=end
+        )
+    except (ProviderError, TimeLimitExceeded) as exc:
+        if will_retry(context, exc):
+            raise
+        # The last attempt: never nothing, write the plain digest.
+        digest = services.weekly_digest_generate(user_id=user_id, period_end=end, ai_unavailable=f"AI failed: {exc}")
+    return digest.id
