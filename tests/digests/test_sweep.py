@@ -1,0 +1,160 @@
+"""The digest sweep: due schedules become one digest notification each, exactly once."""
+
+from __future__ import annotations
+
+import signal
+from datetime import UTC, datetime, time, timedelta
+
+import pytest
+from django.db import connection
+
+from digests import services
+from digests.models import DigestSchedule
+from digests.tasks import digest_sweep as digest_sweep_task
+from notes import services as note_services
+from notifications.models import NotificationJob
+from tests.conftest import start_worker_process, wait_for
+from tests.factories import make_recipient, make_user
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+
+
+def _schedule(owner, recipient, **extra) -> DigestSchedule:
+    fields = {"recipient": recipient, "frequency": "daily", "delivery_time": time(8, 0), "timezone": "UTC"}
+    return services.digest_schedule_create(owner=owner, now=NOW - timedelta(days=1), **{**fields, **extra})
+
+
+def _note(owner, content, **extra):
+    return note_services.note_create(owner=owner, content=content, **extra)
+
+
+def test_a_due_schedule_sends_its_unsent_notes_once_and_moves_forward():
+    owner = make_user("vic")
+    recipient = make_recipient(owner)
+    schedule = _schedule(owner, recipient)
+    assert schedule.next_digest_scheduled == datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+    first = _note(owner, "First #work note", title="One")
+    _note(owner, "Second note")
+
+    assert services.digest_sweep(now=NOW) == 1
+    [digest] = NotificationJob.objects.filter(notification_type="digest")
+    assert digest.recipient == recipient and "One" in digest.payload["body"] and "#work" in digest.payload["body"]
+    schedule.refresh_from_db()
+    assert schedule.last_digest_sent == NOW
+    assert schedule.next_digest_scheduled == datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
+
+    assert services.digest_sweep(now=NOW) == 0  # not due any more
+    _note(owner, "Third note")
+    assert services.digest_sweep(now=NOW + timedelta(days=1)) == 1
+    latest = NotificationJob.objects.filter(notification_type="digest").order_by("-id").first()
+    assert "Third note" in latest.payload["body"] and "One" not in latest.payload["body"]
+    assert first.id < schedule.last_note_id
+
+
+def test_filters_and_max_notes():
+    owner = make_user("wes")
+    schedule = _schedule(owner, make_recipient(owner), max_notes=2, tags=["work"])
+    _note(owner, "a #work")
+    _note(owner, "b #home")
+    _note(owner, "c #work")
+    _note(owner, "d #work")
+    services.digest_sweep(now=NOW)
+    body = NotificationJob.objects.get(notification_type="digest").payload["body"]
+    assert "- a" in body and "- c" in body and "- b" not in body and "- d" not in body
+    schedule.refresh_from_db()
+    services.digest_sweep(now=NOW + timedelta(days=1))
+    assert "- d" in NotificationJob.objects.order_by("-id").first().payload["body"]
+
+
+def test_nothing_unsent_means_no_notification_but_the_schedule_moves():
+    owner = make_user("xia")
+    schedule = _schedule(owner, make_recipient(owner))
+    assert services.digest_sweep(now=NOW) == 0
+    schedule.refresh_from_db()
+    assert schedule.last_digest_sent is None and schedule.next_digest_scheduled > NOW
+    assert NotificationJob.objects.count() == 0
+
+
+def test_muted_recipients_and_inactive_schedules_are_skipped():
+    owner = make_user("yan")
+    muted = make_recipient(owner, email="m@example.com", muted_indefinitely=True)
+    _schedule(owner, muted)
+    inactive = _schedule(owner, make_recipient(owner, email="i@example.com"), active=False)
+    _note(owner, "something")
+    assert services.digest_sweep(now=NOW) == 0
+    assert NotificationJob.objects.count() == 0
+    inactive.refresh_from_db()
+    assert inactive.next_digest_scheduled == datetime(2026, 11, 23, 8, 0, tzinfo=UTC)  # untouched
+
+
+def test_catch_up_sends_once_not_once_per_missed_period():
+    owner = make_user("zed")
+    schedule = _schedule(owner, make_recipient(owner))
+    _note(owner, "while the workers were down")
+    later = NOW + timedelta(days=5)  # five daily runs were missed
+    assert services.digest_sweep(now=later) == 1
+    assert services.digest_sweep(now=later) == 0
+    schedule.refresh_from_db()
+    assert schedule.next_digest_scheduled == datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
+
+
+def test_a_sweep_that_crashes_half_way_leaves_no_schedule_half_advanced(monkeypatch):
+    owner = make_user("ada")
+    recipient = make_recipient(owner)
+    schedules = [_schedule(owner, recipient) for _ in range(3)]
+    _note(owner, "note")
+    calls = {"n": 0}
+    real = services.notification_send_email
+
+    def crash_on_second(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("worker died")
+        return real(**kwargs)
+
+    monkeypatch.setattr(services, "notification_send_email", crash_on_second)
+    with pytest.raises(RuntimeError):
+        services.digest_sweep(now=NOW)
+    assert NotificationJob.objects.count() == 0  # the first schedule's digest rolled back too
+    for schedule in schedules:
+        schedule.refresh_from_db()
+        assert schedule.last_digest_sent is None and schedule.next_digest_scheduled <= NOW
+
+    monkeypatch.setattr(services, "notification_send_email", real)
+    assert services.digest_sweep(now=NOW) == 3
+
+
+def test_two_workers_sweeping_at_the_same_moment_send_each_digest_once():
+    owner = make_user("bea")
+    recipients = [make_recipient(owner, email=f"r{i}@example.com") for i in range(300)]
+    for recipient in recipients:
+        services.digest_schedule_create(
+            owner=owner,
+            recipient=recipient,
+            frequency="daily",
+            delivery_time=time(0, 0),
+            timezone="UTC",
+            now=datetime(2026, 1, 1, tzinfo=UTC),
+        )
+    _note(owner, "news for everyone")
+    digest_sweep_task.defer()
+    digest_sweep_task.defer()  # two sweeps waiting: each worker takes one at the same moment
+    workers = [start_worker_process("--queues", "digests", "--concurrency", "1") for _ in range(2)]
+    try:
+        wait_for(lambda: _succeeded_sweeps() >= 2, timeout=60, what="both sweeps")
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+            worker.communicate(timeout=20)
+    per_recipient = NotificationJob.objects.filter(notification_type="digest").values_list("recipient_id", flat=True)
+    assert sorted(per_recipient) == sorted(r.id for r in recipients)  # each exactly once
+
+
+def _succeeded_sweeps() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'digests.sweep' AND status = 'succeeded'"
+        )
+        return cursor.fetchone()[0]
