@@ -102,3 +102,15 @@ def test_digests_are_readable_by_their_owner_only(api, user, other_user):
     assert api.get(f"/api/digests/{digest.id}/").json()["content"] == "No new notes this week."
     assert client_for(other_user).get(f"/api/digests/{digest.id}/").status_code == 404
     assert Digest.objects.count() == 1
+
+
+def test_digests_and_schedules_in_the_admin(client, user, rita):
+    from tests.factories import make_user
+
+    services.digest_schedule_create(
+        owner=user, recipient=rita, frequency="daily", delivery_time=time(8), timezone="UTC"
+    )
+    services.weekly_digest_generate(user_id=user.id, period_end=datetime(2026, 11, 20, 2, tzinfo=UTC))
+    client.force_login(make_user("boss", is_staff=True, is_superuser=True))
+    assert client.get("/admin/digests/digestschedule/?frequency__exact=daily").status_code == 200
+    assert client.get("/admin/digests/digest/").status_code == 200
