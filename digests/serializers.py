@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-import zoneinfo
-
 from rest_framework import serializers
 
+from core.fields import TimeZoneField
 from digests.models import Digest, DigestSchedule, Frequency
 from notes.models import NoteType
 from notifications.models import Recipient
@@ -16,6 +15,7 @@ class DigestScheduleSerializer(serializers.ModelSerializer):
     max_notes = serializers.IntegerField(min_value=1, max_value=200, required=False)
     note_types = serializers.ListField(child=serializers.ChoiceField(choices=NoteType.choices), required=False)
     tags = serializers.ListField(child=serializers.CharField(max_length=64), required=False, max_length=50)
+    timezone = TimeZoneField(required=False)
 
     class Meta:
         model = DigestSchedule
@@ -42,13 +42,6 @@ class DigestScheduleSerializer(serializers.ModelSerializer):
         if recipient is None:
             raise serializers.ValidationError("Unknown recipient.")
         return recipient
-
-    def validate_timezone(self, value: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-            raise serializers.ValidationError(f"Unknown time zone {value!r}; use an IANA name.") from exc
-        return value
 
     def validate_tags(self, value: list[str]) -> list[str]:
         return list(dict.fromkeys(tag.lstrip("#").lower() for tag in value if tag.strip("# ")))

@@ -12,7 +12,6 @@ from digests import schedule as rules
 from digests.models import Digest, DigestSchedule
 from digests.selectors import digest_schedule_unsent_notes, notes_in_period
 from jobs.services import job_defer
-from llm import pricing
 from llm.services import LlmUnavailable, llm_complete
 from notes.models import Note
 from notifications.services import notification_send_email
@@ -199,11 +198,7 @@ def weekly_digest_generate(*, user_id: int, period_end: datetime, ai_unavailable
                 fallback_reason="",
                 input_tokens=completion.input_tokens,
                 output_tokens=completion.output_tokens,
-                cost_usd=pricing.cost_usd(
-                    model=completion.model,
-                    input_tokens=completion.input_tokens,
-                    output_tokens=completion.output_tokens,
-                ),
+                cost_usd=completion.cost_usd,
             )
     if not fields["ai_generated"]:
         fields.update(content=_plain_digest(notes), fallback_reason=reason[:300])

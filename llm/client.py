@@ -7,11 +7,13 @@ the failure record live in PostgreSQL), so a transient error surfaces at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 import anthropic
 from django.conf import settings
 
 from core.errors import ProviderError
+from llm import pricing
 
 __all__ = ["ClaudeClient", "Completion", "ProviderError"]
 
@@ -22,6 +24,10 @@ class Completion:
     model: str
     input_tokens: int
     output_tokens: int
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return pricing.cost_usd(model=self.model, input_tokens=self.input_tokens, output_tokens=self.output_tokens)
 
 
 # 408 request timeout, 409 conflict, 429 rate limited, 5xx and 529 overloaded: try again later.

@@ -4,7 +4,6 @@ from decimal import Decimal
 
 from django.conf import settings
 
-from llm import pricing
 from llm.client import ClaudeClient, Completion
 from llm.models import LlmUsage
 from llm.selectors import llm_spend_this_month
@@ -38,10 +37,6 @@ def llm_complete(
         model=completion.model,
         input_tokens=completion.input_tokens,
         output_tokens=completion.output_tokens,
-        cost_usd=pricing.cost_usd(
-            model=completion.model,
-            input_tokens=completion.input_tokens,
-            output_tokens=completion.output_tokens,
-        ),
+        cost_usd=completion.cost_usd,
     )
     return completion

@@ -1,19 +1,17 @@
 from __future__ import annotations
 
-import zoneinfo
-
 from django.conf import settings
 from django.utils import timezone
 from rest_framework import serializers
 
-from core.fields import StrictCharField
+from core.fields import StrictCharField, TimeZoneField
 from notifications.models import DeliveryLog, DeliveryMethod, NotificationJob, NotificationType, Priority, Recipient
 
 
 class RecipientSerializer(serializers.ModelSerializer):
     name = StrictCharField(max_length=200)
     relationship = StrictCharField(max_length=50, required=False, allow_blank=True)
-    timezone = StrictCharField(max_length=64, required=False)
+    timezone = TimeZoneField(required=False)
 
     class Meta:
         model = Recipient
@@ -29,13 +27,6 @@ class RecipientSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = ["id", "created_at", "updated_at"]
-
-    def validate_timezone(self, value: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-            raise serializers.ValidationError(f"Unknown time zone {value!r}; use an IANA name.") from exc
-        return value
 
 
 def _validate_size(value: str, limit: int) -> str:
