@@ -22,13 +22,13 @@ State = CircuitBreaker.State
 class Verdict:
     allowed: bool
     retry_at: datetime | None = None
-    probe: bool = False
+    clean: bool = False  # closed with no failures counted: a success has nothing to reset
 
 
 def breaker_check(*, name: str, cooldown_seconds: float) -> Verdict:
     breaker = CircuitBreaker.objects.filter(name=name).first()
     if breaker is None or breaker.state == State.CLOSED:
-        return Verdict(allowed=True)
+        return Verdict(allowed=True, clean=breaker is None or breaker.consecutive_failures == 0)
     now = timezone.now()
     if breaker.opened_until and now < breaker.opened_until:
         return Verdict(allowed=False, retry_at=breaker.opened_until)
@@ -37,12 +37,12 @@ def breaker_check(*, name: str, cooldown_seconds: float) -> Verdict:
         state=State.HALF_OPEN, opened_until=now + timedelta(seconds=cooldown_seconds), updated_at=now
     )
     if won:
-        return Verdict(allowed=True, probe=True)
+        return Verdict(allowed=True)
     return Verdict(allowed=False, retry_at=now + timedelta(seconds=min(cooldown_seconds, 5)))
 
 
 def breaker_record_success(*, name: str) -> None:
-    # Writes only when there is something to reset, so the hot path stays read-only.
+    # Callers skip this when their check saw a clean breaker, so the hot path stays read-only.
     CircuitBreaker.objects.filter(name=name).exclude(state=State.CLOSED, consecutive_failures=0).update(
         state=State.CLOSED, consecutive_failures=0, opened_until=None, updated_at=timezone.now()
     )
@@ -54,7 +54,13 @@ def breaker_record_failure(*, name: str, threshold: int, cooldown_seconds: float
         cursor.execute(
             """
             INSERT INTO jobs_circuit_breakers AS b (name, state, consecutive_failures, opened_until, updated_at)
-            VALUES (%(name)s, 'closed', 1, NULL, now())
+            VALUES (
+                %(name)s,
+                CASE WHEN %(threshold)s <= 1 THEN 'open' ELSE 'closed' END,
+                1,
+                CASE WHEN %(threshold)s <= 1 THEN now() + make_interval(secs => %(cooldown)s) END,
+                now()
+            )
             ON CONFLICT (name) DO UPDATE SET
                 consecutive_failures = b.consecutive_failures + 1,
                 state = CASE WHEN b.state = 'half_open' OR b.consecutive_failures + 1 >= %(threshold)s
@@ -66,13 +72,7 @@ def breaker_record_failure(*, name: str, threshold: int, cooldown_seconds: float
             """,
             {"name": name, "threshold": threshold, "cooldown": cooldown_seconds},
         )
-        state = cursor.fetchone()[0]
-    if threshold <= 1 and state == State.CLOSED:  # a first failure with threshold 1 opens at once
-        CircuitBreaker.objects.filter(name=name).update(
-            state=State.OPEN, opened_until=timezone.now() + timedelta(seconds=cooldown_seconds)
-        )
-        state = State.OPEN
-    return state
+        return cursor.fetchone()[0]
 
 
 def breaker_state(*, name: str) -> dict:

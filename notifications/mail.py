@@ -73,8 +73,7 @@ class ExactlyOnceSMTPBackend(EmailBackend):
 
 @dataclass(frozen=True)
 class SendResult:
-    response: str
-    ambiguous: bool = False  # the connection dropped after the dot: counted as sent
+    response: str  # the server's final reply, or what happened after the end of data
 
 
 def _smtp_code(exc: BaseException) -> int | None:
@@ -123,7 +122,7 @@ class EmailSender:
             if _state.committed and not server_answered:
                 # The dot went out and the connection died before the reply: the server
                 # probably kept it. Re-sending could duplicate, so it counts as sent.
-                return SendResult(response=f"no reply after end of data ({type(exc).__name__})", ambiguous=True)
+                return SendResult(response=f"no reply after end of data ({type(exc).__name__}); counted as sent")
             code = _smtp_code(exc)
             text = f"SMTP {code}: {_reply_text(exc)}" if code else f"{type(exc).__name__}: {exc}".strip()
             raise ProviderError(text, permanent=_is_permanent(exc)) from exc

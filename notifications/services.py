@@ -253,7 +253,8 @@ def notification_deliver(*, notification_id: int, attempt: int) -> str:
             )
         raise
     _log(notification_id, attempt, DeliveryLog.Outcome.SENT, response=result.response, started=started)
-    breaker_record_success(name=EMAIL_BREAKER)
+    if not verdict.clean:
+        breaker_record_success(name=EMAIL_BREAKER)
     return Status.SENT
 
 
