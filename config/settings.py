@@ -6,6 +6,7 @@ with DEBUG off, SECRET_KEY must be set to a real secret.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import environ
@@ -180,12 +181,47 @@ WORKER_HEARTBEAT_SECONDS = env.float("WORKER_HEARTBEAT_SECONDS", default=5.0)
 # How often the maintenance queue looks for jobs of dead workers (cron; a 6th field is seconds).
 STALLED_JOBS_CRON = env.str("STALLED_JOBS_CRON", default="* * * * *")
 
+# On SIGTERM a worker stops fetching, lets running jobs finish for this long, then aborts the
+# rest, which are retried.
+WORKER_SHUTDOWN_GRACE_SECONDS = env.float("WORKER_SHUTDOWN_GRACE_SECONDS", default=30.0)
+
 PROCRASTINATE_WORKER_DEFAULTS = {
     "concurrency": WORKER_CONCURRENCY,
     "update_heartbeat_interval": WORKER_HEARTBEAT_SECONDS,
     "stalled_worker_timeout": WORKER_STALLED_SECONDS,
+    "shutdown_graceful_timeout": WORKER_SHUTDOWN_GRACE_SECONDS,
 }
 PROCRASTINATE_READONLY_MODELS = True
+# Installs the job layer into the worker: paused queues, rate limits, time limits, results.
+PROCRASTINATE_ON_APP_READY = "jobs.app.on_app_ready"
+
+# --- Job operations (jobs/) ------------------------------------------------------------------
+# Finished jobs and their events are deleted after these periods; per queue overrides as
+# "queue=seconds,queue=seconds". Failed jobs are the dead-letter record.
+JOBS_SUCCEEDED_RETENTION_SECONDS = env.int("JOBS_SUCCEEDED_RETENTION_SECONDS", default=3600)
+JOBS_FAILED_RETENTION_SECONDS = env.int("JOBS_FAILED_RETENTION_SECONDS", default=7 * 24 * 3600)
+JOBS_SUCCEEDED_RETENTION_BY_QUEUE = env.dict("JOBS_SUCCEEDED_RETENTION_BY_QUEUE", cast={"value": int}, default={})
+JOBS_FAILED_RETENTION_BY_QUEUE = env.dict("JOBS_FAILED_RETENTION_BY_QUEUE", cast={"value": int}, default={})
+JOBS_RETENTION_CRON = env.str("JOBS_RETENTION_CRON", default="*/5 * * * *")
+JOBS_RETENTION_BATCH_SIZE = env.int("JOBS_RETENTION_BATCH_SIZE", default=1000)
+# How long a task's returned result is kept (and shown by the API).
+JOBS_RESULT_TTL_SECONDS = env.int("JOBS_RESULT_TTL_SECONDS", default=24 * 3600)
+# Rate-limited jobs wait in place when the next token is this close, else they are postponed.
+JOBS_RATE_LIMIT_INLINE_WAIT_SECONDS = env.float("JOBS_RATE_LIMIT_INLINE_WAIT_SECONDS", default=1.0)
+# Completion webhooks: only these hosts may be called, signed with HMAC-SHA256 of this secret.
+JOBS_WEBHOOK_ALLOWED_HOSTS = env.list("JOBS_WEBHOOK_ALLOWED_HOSTS", default=[])
+# Without JOBS_WEBHOOK_SECRET, a secret derived from SECRET_KEY is used.
+JOBS_WEBHOOK_SECRET = (
+    env.str("JOBS_WEBHOOK_SECRET", default="")
+    or hashlib.sha256(f"secondbrain-webhooks:{SECRET_KEY}".encode()).hexdigest()
+)
+JOBS_WEBHOOK_TIMEOUT_SECONDS = env.float("JOBS_WEBHOOK_TIMEOUT_SECONDS", default=5.0)
+# GET /metrics (Prometheus): when set, scrapers must send "Authorization: Bearer <token>".
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+
+# --- Bulk note import ------------------------------------------------------------------------
+IMPORTS_MAX_UPLOAD_BYTES = env.int("IMPORTS_MAX_UPLOAD_BYTES", default=50 * 1024 * 1024)
+IMPORTS_BATCH_SIZE = env.int("IMPORTS_BATCH_SIZE", default=1000)
 
 LOGGING = {
     "version": 1,

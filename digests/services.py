@@ -131,6 +131,7 @@ def weekly_digest_fanout(*, period_end: datetime) -> int:
         job_id = job_defer(
             weekly_digest,
             queueing_lock=f"weekly-digest:{user_id}",
+            owner_id=user_id,
             user_id=user_id,
             period_end=int(period_end.timestamp()),
         )

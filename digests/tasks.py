@@ -10,7 +10,8 @@ from core.errors import ProviderError
 from digests import services
 from jobs import queues
 from jobs.limits import TimeLimitExceeded, call_with_time_limit
-from jobs.retry import backoff, will_retry
+from jobs.registry import job_task
+from jobs.retry import will_retry
 
 
 @app.periodic(cron=settings.DIGEST_SWEEP_CRON, periodic_id="digest-sweep")
@@ -25,10 +26,11 @@ def weekly_digest_fanout(timestamp: int) -> int:
     return services.weekly_digest_fanout(period_end=datetime.fromtimestamp(timestamp, UTC))
 
 
-@app.task(
+@job_task(
     name="digests.weekly_digest",
     queue=queues.DIGESTS,
-    retry=backoff(retries=3, base_seconds=5),  # waits about 5 s, 25 s, 125 s
+    retries=3,  # waits about 5 s, 25 s, 125 s
+    retry_base_seconds=5,
     pass_context=True,
 )
 def weekly_digest(context: JobContext, *, user_id: int, period_end: int) -> int:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 
 
@@ -36,3 +37,68 @@ class CircuitBreaker(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}: {self.state}"
+
+
+class JobInfo(models.Model):
+    """What secondbrain knows about a Procrastinate job beyond its row: who it belongs to, its
+    progress and result, its deduplication key and its completion webhook.
+
+    One row per job deferred through `jobs.services.job_defer` (periodic jobs have none). The
+    row goes when its job goes: a database foreign key with ON DELETE CASCADE (migration 0002).
+    """
+
+    job = models.OneToOneField(
+        "procrastinate.ProcrastinateJob",
+        primary_key=True,
+        on_delete=models.DO_NOTHING,  # the database cascades (see the migration)
+        db_constraint=False,
+        related_name="info",
+    )
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    dedup_key = models.CharField(max_length=200, blank=True, default="", db_default="")
+    dedup_until = models.DateTimeField(null=True, blank=True)
+    callback_url = models.URLField(max_length=2000, blank=True, default="", db_default="")
+    processed = models.BigIntegerField(null=True, blank=True)
+    total = models.BigIntegerField(null=True, blank=True)
+    progress = models.JSONField(default=dict, db_default=models.Value({}, models.JSONField()), blank=True)
+    progress_at = models.DateTimeField(null=True, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    result_expires_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True, default="", db_default="")
+    # Set while a client streams this job: only watched jobs NOTIFY on status changes.
+    watched = models.BooleanField(default=False, db_default=False)
+
+    class Meta:
+        db_table = "jobs_job_info"
+        indexes = [
+            models.Index(fields=["owner", "job"], name="jobs_info_owner_job"),
+            models.Index(
+                fields=["dedup_key", "dedup_until"], name="jobs_info_dedup", condition=~models.Q(dedup_key="")
+            ),
+        ]
+        permissions = [
+            ("retry_job", "Can retry jobs of any user"),
+            ("cancel_job", "Can cancel jobs of any user"),
+            ("pause_queue", "Can pause and resume queues"),
+        ]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id}"
+
+
+class PausedQueue(models.Model):
+    """A queue listed here is skipped by every worker's fetch until the row is deleted."""
+
+    queue_name = models.CharField(max_length=128, primary_key=True)
+    paused_at = models.DateTimeField(auto_now_add=True)
+    paused_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        db_table = "jobs_paused_queues"
+
+    def __str__(self) -> str:
+        return self.queue_name

@@ -57,3 +57,9 @@ def rate_limit_wait(*, key: str, rate: float, burst: float | None = None, max_wa
         time.sleep(wait)
         waited += wait
     return waited
+
+
+def rate_limit_refund(*, key: str) -> None:
+    """Give back a token taken for work that did not go ahead (another limit refused it)."""
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE jobs_rate_limit_buckets SET tokens = tokens + 1 WHERE key = %s", [key])

@@ -1,14 +1,29 @@
 """Retry only what is transient.
 
 Providers raise errors carrying `permanent: bool`. A permanent error ends the job at once;
-a transient one is retried with exponential backoff until the attempts run out.
+a transient one is retried with exponential backoff until the attempts run out. Two cases
+never spend an attempt: a job postponed by a rate limit (`Postponed`) runs again when its
+token is due, and a job aborted because its worker shut down runs again at once.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from procrastinate import JobContext, RetryStrategy
+from procrastinate.exceptions import JobAborted
 from procrastinate.jobs import Job
 from procrastinate.retry import RetryDecision
+
+
+class Postponed(Exception):
+    """Raised by the job layer when a job must wait (a rate limit): it runs again at `retry_at`."""
+
+    permanent = False
+
+    def __init__(self, message: str, *, retry_at: datetime) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
 
 
 class TransientErrorRetry(RetryStrategy):
@@ -18,9 +33,18 @@ class TransientErrorRetry(RetryStrategy):
         return super().get_retry_decision(exception=exception, job=job)
 
 
-def backoff(*, retries: int, base_seconds: int = 2) -> TransientErrorRetry:
-    """`retries` further attempts after the first, waiting base, base**2, base**3... seconds."""
-    return TransientErrorRetry(max_attempts=retries, exponential_wait=base_seconds)
+class JobRetryStrategy(TransientErrorRetry):
+    """The strategy of every `job_task`: transient errors with backoff, plus postpone and shutdown."""
+
+    def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
+        if isinstance(exception, Postponed):
+            return RetryDecision(retry_at=exception.retry_at)
+        if isinstance(exception, JobAborted):
+            # The worker only asks about an abort when it was its own shutdown: run it again.
+            return RetryDecision(retry_in={"seconds": 0})
+        if self.max_attempts == 0:
+            return None
+        return super().get_retry_decision(exception=exception, job=job)
 
 
 def will_retry(context: JobContext, exception: BaseException) -> bool:

@@ -1,15 +1,26 @@
-"""Writes to the job system: deferring inside the caller's transaction, rescuing stalled jobs."""
+"""Writes to the job system: deferring inside the caller's transaction (with owner, deduplication
+and callback), cancelling and retrying, pausing queues, retention, webhooks, stalled jobs."""
 
 from __future__ import annotations
 
+import json
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import connection, transaction
+from django.utils import timezone
 from procrastinate import exceptions as procrastinate_exceptions
+from procrastinate.contrib.django import app
 from procrastinate.manager import JobManager
 from procrastinate.tasks import Task
+
+from core.errors import ApplicationError
+from jobs import queues
+from jobs.models import JobInfo, PausedQueue
+from jobs.webhooks import webhook_post, webhook_url_check
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +28,10 @@ logger = logging.getLogger(__name__)
 def job_defer(
     task: Task,
     *,
+    owner_id: int | None = None,
+    dedup_key: str | None = None,
+    dedup_seconds: float | None = None,
+    callback_url: str | None = None,
     queueing_lock: str | None = None,
     lock: str | None = None,
     priority: int | None = None,
@@ -25,18 +40,65 @@ def job_defer(
 ) -> int | None:
     """Defer `task` on the current database connection, so inside the caller's transaction.
 
-    A rolled-back transaction leaves no job; a committed one always has it. With a
-    `queueing_lock`, a job that is already waiting with the same lock makes this a no-op
-    (returns None): that waiting job reads the latest rows when it runs. Jobs sharing a
-    `lock` never run at the same time.
+    A rolled-back transaction leaves no job; a committed one always has it.
+
+    - `owner_id`: the user the job works for (the jobs API shows it to them).
+    - `dedup_key` with `dedup_seconds`: a second defer with the same key inside the window
+      returns the first job's id instead of creating a job (whatever that job's state).
+    - `callback_url`: POSTed the job's final status and result when it ends (see webhooks.py).
+    - `queueing_lock`: a job already waiting with the same lock makes this a no-op (returns
+      None); that waiting job reads the latest rows when it runs.
+    - `lock`: jobs sharing it never run at the same time.
     """
-    try:
-        # A savepoint, so a refused duplicate does not abort the caller's transaction.
-        with transaction.atomic():
-            options = {"queueing_lock": queueing_lock, "lock": lock, "priority": priority, "schedule_at": schedule_at}
-            return task.configure(**{k: v for k, v in options.items() if v is not None}).defer(**task_kwargs)
-    except procrastinate_exceptions.AlreadyEnqueued:
-        return None
+    if callback_url:
+        webhook_url_check(callback_url)
+    # A savepoint, so a refused duplicate does not abort the caller's transaction.
+    with transaction.atomic():
+        if dedup_key:
+            with connection.cursor() as cursor:
+                # Serialises defers of one key until this transaction ends: no two jobs slip in.
+                cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"jobs-dedup:{dedup_key}"])
+            existing = (
+                JobInfo.objects.filter(dedup_key=dedup_key, dedup_until__gt=timezone.now())
+                .order_by("-job_id")
+                .values_list("job_id", flat=True)
+                .first()
+            )
+            if existing is not None:
+                return existing
+        options = {"queueing_lock": queueing_lock, "lock": lock, "priority": priority, "schedule_at": schedule_at}
+        try:
+            with transaction.atomic():
+                job_id = task.configure(**{k: v for k, v in options.items() if v is not None}).defer(**task_kwargs)
+        except procrastinate_exceptions.AlreadyEnqueued:
+            return None
+        if owner_id is not None or dedup_key or callback_url:
+            JobInfo.objects.create(
+                job_id=job_id,
+                owner_id=owner_id,
+                dedup_key=dedup_key or "",
+                dedup_until=timezone.now() + timedelta(seconds=dedup_seconds or 0) if dedup_key else None,
+                callback_url=callback_url or "",
+            )
+        return job_id
+
+
+def job_defer_bulk(
+    task: Task,
+    kwargs_list: list[dict[str, Any]],
+    *,
+    owner_id: int | None = None,
+    priority: int | None = None,
+    schedule_at: datetime | None = None,
+) -> list[int]:
+    """Defer many jobs of one task in one statement (plus one for their owner rows)."""
+    if not kwargs_list:
+        return []
+    options = {"priority": priority, "schedule_at": schedule_at}
+    job_ids = task.configure(**{k: v for k, v in options.items() if v is not None}).batch_defer(*kwargs_list)
+    if owner_id is not None:
+        JobInfo.objects.bulk_create([JobInfo(job_id=job_id, owner_id=owner_id) for job_id in job_ids])
+    return job_ids
 
 
 async def jobs_retry_stalled(*, job_manager: JobManager, seconds_since_heartbeat: float) -> list[int]:
@@ -50,3 +112,132 @@ async def jobs_retry_stalled(*, job_manager: JobManager, seconds_since_heartbeat
     if retried:
         logger.warning("Retried %d stalled job(s): %s", len(retried), retried)
     return retried
+
+
+# --- Operating jobs and queues --------------------------------------------------------------
+
+
+_REQUEUE = "UPDATE procrastinate_jobs SET status = 'todo', attempts = 0, scheduled_at = NULL, abort_requested = false"
+
+
+def job_cancel(*, job_id: int) -> None:
+    """Cancel a job that has not started. Raises ApplicationError 409 otherwise."""
+    if not app.job_manager.cancel_job_by_id(job_id, abort=False):
+        raise ApplicationError("Only a job that has not started can be cancelled.", status_code=409)
+
+
+def job_retry(*, job_id: int) -> None:
+    """Put a failed (or aborted) job back in its queue with fresh attempts, to run at once."""
+    with connection.cursor() as cursor:
+        cursor.execute(_REQUEUE + " WHERE id = %s AND status IN ('failed', 'aborted')", [job_id])
+        if cursor.rowcount != 1:
+            raise ApplicationError("Only a failed or aborted job can be retried.", status_code=409)
+
+
+def job_retry_failed(*, task_name: str) -> int:
+    """Re-queue every failed job of a task (the dashboard's action). Returns how many."""
+    with connection.cursor() as cursor:
+        cursor.execute(_REQUEUE + " WHERE task_name = %s AND status = 'failed'", [task_name])
+        return cursor.rowcount
+
+
+def queue_pause(*, queue: str, by: AbstractBaseUser | None = None) -> PausedQueue:
+    """Workers stop taking this queue's jobs at their next fetch; running jobs finish."""
+    _queue_check(queue)
+    paused, _ = PausedQueue.objects.get_or_create(queue_name=queue, defaults={"paused_by": by})
+    return paused
+
+
+def queue_resume(*, queue: str) -> None:
+    """Workers take the queue's jobs again; idle ones are woken at once."""
+    _queue_check(queue)
+    with transaction.atomic():
+        PausedQueue.objects.filter(queue_name=queue).delete()
+        with connection.cursor() as cursor:
+            wake = json.dumps({"type": "job_inserted"})
+            cursor.execute(
+                "SELECT pg_notify('procrastinate_any_queue_v1', %s), pg_notify(%s, %s)",
+                [wake, f"procrastinate_queue_v1#{queue}", wake],
+            )
+
+
+def _queue_check(queue: str) -> None:
+    if queue not in queues.ALL:
+        raise ApplicationError("Unknown queue.", extra={"queue": [f"Must be one of: {', '.join(queues.ALL)}."]})
+
+
+# Finished jobs whose last event is older than their queue's retention, oldest first, skipping
+# rows another purge holds. Deleting a job deletes its events and info row (ON DELETE CASCADE).
+_PURGE = """
+WITH policy (queue_name, keep_seconds) AS (
+    SELECT * FROM unnest(%(queues)s::varchar[], %(seconds)s::int[])
+), doomed AS (
+    SELECT job.id
+      FROM procrastinate_jobs AS job
+      LEFT JOIN policy ON policy.queue_name = job.queue_name
+     WHERE job.status = ANY(%(statuses)s::procrastinate_job_status[])
+       AND (SELECT max(event.at) FROM procrastinate_events AS event WHERE event.job_id = job.id)
+           < now() - make_interval(secs => COALESCE(policy.keep_seconds, %(default_seconds)s))
+     ORDER BY job.id
+     LIMIT %(batch)s
+       FOR UPDATE OF job SKIP LOCKED
+)
+DELETE FROM procrastinate_jobs WHERE id IN (SELECT id FROM doomed)
+"""
+
+RETENTION_CLASSES = {
+    # statuses -> (default seconds setting, per-queue setting)
+    ("succeeded", "cancelled"): ("JOBS_SUCCEEDED_RETENTION_SECONDS", "JOBS_SUCCEEDED_RETENTION_BY_QUEUE"),
+    ("failed", "aborted"): ("JOBS_FAILED_RETENTION_SECONDS", "JOBS_FAILED_RETENTION_BY_QUEUE"),
+}
+
+
+def jobs_purge(*, batch_size: int | None = None, max_batches: int = 1000) -> dict[str, int]:
+    """Delete finished jobs past their retention, in small autocommitted batches, so the purge
+    never holds many row locks or a long transaction on the queue. Also drops expired results."""
+    batch = batch_size or settings.JOBS_RETENTION_BATCH_SIZE
+    deleted: dict[str, int] = {}
+    with connection.cursor() as cursor:
+        for statuses, (default_setting, by_queue_setting) in RETENTION_CLASSES.items():
+            by_queue = getattr(settings, by_queue_setting)
+            params = {
+                "statuses": list(statuses),
+                "queues": list(by_queue),
+                "seconds": list(by_queue.values()),
+                "default_seconds": getattr(settings, default_setting),
+                "batch": batch,
+            }
+            total = 0
+            for _ in range(max_batches):
+                with transaction.atomic():
+                    cursor.execute(_PURGE, params)
+                    total += cursor.rowcount
+                if cursor.rowcount < batch:
+                    break
+            deleted["/".join(statuses)] = total
+        cursor.execute(
+            "UPDATE jobs_job_info SET result = NULL, result_expires_at = NULL WHERE result_expires_at < now()"
+        )
+        deleted["expired_results"] = cursor.rowcount
+    if any(deleted.values()):
+        logger.info("Purged finished jobs: %s", deleted)
+    return deleted
+
+
+def webhook_deliver(*, job_id: int, status: str) -> int:
+    """POST a finished job's status and result to its callback URL. Returns the HTTP status."""
+    info = JobInfo.objects.select_related("job").filter(job_id=job_id).first()
+    if info is None or not info.callback_url:
+        return 0  # the job is gone (retention) or has no callback
+    job = info.job
+    expired = info.result_expires_at is not None and info.result_expires_at < timezone.now()
+    payload = {
+        "job_id": job_id,
+        "task": job.task_name,
+        "queue": job.queue_name,
+        "status": status,
+        "attempts": job.attempts,
+        "result": None if expired else info.result,
+        "error": info.error or None,
+    }
+    return webhook_post(url=info.callback_url, payload=payload)

@@ -5,6 +5,7 @@ from procrastinate import JobContext
 from procrastinate.contrib.django import app
 
 from jobs import queues, services
+from jobs.registry import job_task
 
 
 @app.periodic(cron=settings.STALLED_JOBS_CRON, periodic_id="retry-stalled-jobs")
@@ -19,3 +20,15 @@ async def retry_stalled_jobs(context: JobContext, timestamp: int) -> list[int]:
         job_manager=context.app.job_manager,
         seconds_since_heartbeat=settings.WORKER_STALLED_SECONDS,
     )
+
+
+@app.periodic(cron=settings.JOBS_RETENTION_CRON, periodic_id="purge-finished-jobs")
+@job_task(name="jobs.purge", queue=queues.MAINTENANCE, queueing_lock="jobs.purge")
+def purge_finished_jobs(timestamp: int | None = None) -> dict[str, int]:
+    return services.jobs_purge()
+
+
+# Deferred by the database when a job with a callback URL ends (see jobs/webhooks.py).
+@job_task(name="jobs.webhook_deliver", queue=queues.MAINTENANCE, retries=5, retry_base_seconds=2)
+def webhook_deliver(*, job_id: int, status: str) -> int:
+    return services.webhook_deliver(job_id=job_id, status=status)

@@ -22,6 +22,7 @@ def _enrichment_defer(note: Note) -> None:
         note_enrich,
         queueing_lock=f"note-enrich:{note.id}",
         lock=f"note:{note.id}",
+        owner_id=note.owner_id,
         note_id=note.id,
     )
 

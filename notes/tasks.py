@@ -1,18 +1,19 @@
 from __future__ import annotations
 
 from procrastinate import JobContext
-from procrastinate.contrib.django import app
 
 from jobs import queues
-from jobs.retry import backoff, will_retry
+from jobs.registry import job_task
+from jobs.retry import will_retry
 from llm.client import ProviderError
 from notes import services
 
 
-@app.task(
+@job_task(
     name="notes.enrich",
     queue=queues.ENRICHMENT,
-    retry=backoff(retries=3, base_seconds=2),  # waits about 2 s, 4 s, 8 s
+    retries=3,  # waits about 2 s, 4 s, 8 s
+    retry_base_seconds=2,
     pass_context=True,
 )
 def note_enrich(context: JobContext, *, note_id: int) -> str:

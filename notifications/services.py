@@ -14,7 +14,7 @@ from rest_framework import status as http
 from core.errors import ApplicationError, ProviderError
 from jobs.breaker import breaker_check, breaker_record_failure, breaker_record_success
 from jobs.ratelimit import rate_limit_wait
-from jobs.services import job_defer
+from jobs.services import job_defer, job_defer_bulk
 from notifications.mail import EmailSender, SendAborted
 from notifications.models import (
     JOB_PRIORITY,
@@ -65,6 +65,7 @@ def notification_send_email(
     notification_type: str,
     priority: str,
     scheduled_for: datetime | None = None,
+    callback_url: str | None = None,
 ) -> NotificationJob:
     """Write the notification and defer its job in one transaction; nothing waits on SMTP."""
     notification = NotificationJob.objects.create(
@@ -77,7 +78,12 @@ def notification_send_email(
         scheduled_for=scheduled_for,
     )
     notification.procrastinate_job_id = job_defer(
-        _task(), priority=JOB_PRIORITY[priority], schedule_at=scheduled_for, notification_id=notification.id
+        _task(),
+        priority=JOB_PRIORITY[priority],
+        schedule_at=scheduled_for,
+        owner_id=owner.pk,
+        callback_url=callback_url,
+        notification_id=notification.id,
     )
     notification.save(update_fields=["procrastinate_job_id"])
     return notification
@@ -110,10 +116,13 @@ def notification_send_bulk(
         ]
     )
     ids = [n.id for n in notifications]
-    options = {"priority": JOB_PRIORITY[priority]}
-    if scheduled_for is not None:
-        options["schedule_at"] = scheduled_for
-    job_ids = _task().configure(**options).batch_defer(*({"notification_id": i} for i in ids))
+    job_ids = job_defer_bulk(
+        _task(),
+        [{"notification_id": i} for i in ids],
+        owner_id=owner.pk,
+        priority=JOB_PRIORITY[priority],
+        schedule_at=scheduled_for,
+    )
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE notification_jobs n SET procrastinate_job_id = v.job_id"
@@ -159,7 +168,10 @@ def notification_retry(*, notification: NotificationJob) -> NotificationJob:
     notification.status = Status.PENDING
     notification.error = ""
     notification.procrastinate_job_id = job_defer(
-        _task(), priority=JOB_PRIORITY[notification.priority], notification_id=notification.id
+        _task(),
+        priority=JOB_PRIORITY[notification.priority],
+        owner_id=notification.owner_id,
+        notification_id=notification.id,
     )
     notification.save(update_fields=["status", "error", "procrastinate_job_id"])
     return notification
@@ -181,7 +193,11 @@ def _log(notification_id: int, attempt: int, outcome: str, *, error: str = "", r
 def _postpone(notification: NotificationJob, *, until: datetime, attempt: int) -> None:
     with transaction.atomic():
         job_id = job_defer(
-            _task(), priority=JOB_PRIORITY[notification.priority], schedule_at=until, notification_id=notification.id
+            _task(),
+            priority=JOB_PRIORITY[notification.priority],
+            schedule_at=until,
+            owner_id=notification.owner_id,
+            notification_id=notification.id,
         )
         NotificationJob.objects.filter(id=notification.id).update(procrastinate_job_id=job_id)
         _log(notification.id, attempt, DeliveryLog.Outcome.POSTPONED, error="mail server circuit breaker is open")

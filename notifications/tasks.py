@@ -1,18 +1,19 @@
 from __future__ import annotations
 
 from procrastinate import JobContext
-from procrastinate.contrib.django import app
 
 from core.errors import ProviderError
 from jobs import queues
-from jobs.retry import backoff, will_retry
+from jobs.registry import job_task
+from jobs.retry import will_retry
 from notifications import services
 
 
-@app.task(
+@job_task(
     name="notifications.deliver",
     queue=queues.NOTIFICATIONS,
-    retry=backoff(retries=2, base_seconds=2),  # 3 attempts, waiting about 2 s then 4 s
+    retries=2,  # 3 attempts, waiting about 2 s then 4 s
+    retry_base_seconds=2,
     pass_context=True,
 )
 def notification_deliver(context: JobContext, *, notification_id: int) -> str:
