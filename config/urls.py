@@ -8,6 +8,7 @@ from rest_framework.routers import SimpleRouter
 
 from core.apis import HealthApi
 from digests.apis import DigestScheduleViewSet, DigestViewSet
+from jobs.prometheus import metrics_view
 from notifications.apis import RecipientViewSet
 
 router = SimpleRouter(trailing_slash=True)
@@ -16,11 +17,14 @@ router.register("digest-schedules", DigestScheduleViewSet, basename="digest-sche
 router.register("digests", DigestViewSet, basename="digest")
 
 urlpatterns = [
+    path("admin/jobs/dashboard/", include("jobs.dashboard")),
     path("admin/", admin.site.urls),
+    path("metrics", metrics_view, name="metrics"),
     path("api/auth/token/", obtain_auth_token, name="auth-token"),
     path("api/health/", HealthApi.as_view(), name="health"),
     path("api/notes/", include("notes.urls")),
     path("api/notifications/", include("notifications.urls")),
+    path("api/jobs/", include("jobs.urls")),
     path("api/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
