@@ -192,6 +192,8 @@ PROCRASTINATE_WORKER_DEFAULTS = {
     "shutdown_graceful_timeout": WORKER_SHUTDOWN_GRACE_SECONDS,
 }
 PROCRASTINATE_READONLY_MODELS = True
+# Extra task modules beyond each app's tasks.py (the benchmark's no-op task: bench.tasks).
+PROCRASTINATE_IMPORT_PATHS = env.list("PROCRASTINATE_IMPORT_PATHS", default=[])
 # Installs the job layer into the worker: paused queues, rate limits, time limits, results.
 PROCRASTINATE_ON_APP_READY = "jobs.app.on_app_ready"
 
