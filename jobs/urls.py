@@ -1,3 +1,18 @@
 from __future__ import annotations
 
-urlpatterns: list = []
+from django.urls import path
+from rest_framework.routers import SimpleRouter
+
+from jobs.apis import JobMetricsApi, JobStreamApi, JobViewSet, QueueListApi, QueuePauseApi, QueueResumeApi
+
+router = SimpleRouter(trailing_slash=True)
+router.register("", JobViewSet, basename="job")
+
+urlpatterns = [
+    path("queues/", QueueListApi.as_view(), name="job-queues"),
+    path("queues/<str:name>/pause/", QueuePauseApi.as_view(), name="job-queue-pause"),
+    path("queues/<str:name>/resume/", QueueResumeApi.as_view(), name="job-queue-resume"),
+    path("metrics/", JobMetricsApi.as_view(), name="job-metrics"),
+    path("<int:pk>/stream/", JobStreamApi.as_view(), name="job-stream"),
+    *router.urls,
+]

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import django_filters
+from procrastinate.contrib.django.models import ProcrastinateJob
+
+from jobs.selectors import job_filter_state
+
+STATUS_CHOICES = [(s, s) for s in (*ProcrastinateJob.STATUSES, "scheduled", "waiting")]
+
+
+class JobFilter(django_filters.FilterSet):
+    status = django_filters.ChoiceFilter(
+        choices=STATUS_CHOICES,
+        method="filter_status",
+        help_text="A Procrastinate status; `scheduled` is todo and not yet due, `waiting` is todo and due.",
+    )
+    queue = django_filters.CharFilter(field_name="queue_name")
+    task = django_filters.CharFilter(field_name="task_name")
+
+    class Meta:
+        model = ProcrastinateJob
+        fields = ["status", "queue", "task"]
+
+    def filter_status(self, queryset, name: str, value: str):
+        return job_filter_state(queryset, value)

@@ -1,0 +1,80 @@
+"""Shapes of the jobs API: what a job, its timeline, a queue and the metrics look like."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from jobs.selectors import job_progress_summary
+
+
+class ProgressSummarySerializer(serializers.Serializer):
+    processed = serializers.IntegerField()
+    total = serializers.IntegerField(allow_null=True)
+    percent = serializers.FloatField(allow_null=True)
+
+
+class ProgressSerializer(ProgressSummarySerializer):
+    data = serializers.JSONField()
+    updated_at = serializers.DateTimeField(allow_null=True)
+
+
+class JobSerializer(serializers.Serializer):
+    """One job in the list (an annotated row of `selectors.job_queryset`)."""
+
+    id = serializers.IntegerField()
+    task = serializers.CharField(source="task_name")
+    queue = serializers.CharField(source="queue_name")
+    status = serializers.CharField(source="state", help_text="A Procrastinate status, or `scheduled` (todo, not due).")
+    priority = serializers.IntegerField()
+    attempts = serializers.IntegerField()
+    scheduled_at = serializers.DateTimeField(allow_null=True)
+    created_at = serializers.DateTimeField(allow_null=True, help_text="When the job was deferred.")
+    progress = serializers.SerializerMethodField()
+
+    @extend_schema_field(ProgressSummarySerializer(allow_null=True))
+    def get_progress(self, job: Any) -> dict[str, Any] | None:
+        return job_progress_summary(processed=job.processed, total=job.total)
+
+
+class TimelineEventSerializer(serializers.Serializer):
+    type = serializers.CharField()
+    at = serializers.DateTimeField(allow_null=True)
+    duration_ms = serializers.FloatField(allow_null=True, help_text="Milliseconds since the previous event.")
+
+
+class JobDetailSerializer(serializers.Serializer):
+    """One job in full (the dict of `selectors.job_detail`)."""
+
+    id = serializers.IntegerField()
+    task = serializers.CharField()
+    queue = serializers.CharField()
+    status = serializers.CharField()
+    priority = serializers.IntegerField()
+    attempts = serializers.IntegerField()
+    scheduled_at = serializers.DateTimeField(allow_null=True)
+    created_at = serializers.DateTimeField(allow_null=True)
+    lock = serializers.CharField(allow_null=True)
+    queueing_lock = serializers.CharField(allow_null=True)
+    args = serializers.JSONField()
+    owner_id = serializers.IntegerField(allow_null=True)
+    timeline = TimelineEventSerializer(many=True)
+    run_time_ms = serializers.FloatField(allow_null=True)
+    wait_time_ms = serializers.FloatField(allow_null=True)
+    progress = ProgressSerializer(allow_null=True)
+    result = serializers.JSONField(allow_null=True, help_text="Null once its retention has passed.")
+    result_expires_at = serializers.DateTimeField(allow_null=True)
+    error = serializers.CharField(allow_null=True, help_text="The last error, if any.")
+
+
+class QueueSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    counts = serializers.DictField(child=serializers.IntegerField())
+    paused = serializers.BooleanField()
+    paused_at = serializers.DateTimeField(allow_null=True)
+
+
+class MetricsQuerySerializer(serializers.Serializer):
+    hours = serializers.IntegerField(min_value=1, max_value=720, default=24)
