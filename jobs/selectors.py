@@ -10,7 +10,7 @@ from typing import Any
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import connection
 from django.db.models import Case, CharField, F, OuterRef, Q, QuerySet, Subquery, Value, When
-from django.db.models.functions import Now
+from django.db.models.functions import Cast, Now
 from django.utils import timezone
 from procrastinate.contrib.django.models import ProcrastinateEvent, ProcrastinateJob
 
@@ -59,7 +59,7 @@ def job_queryset(*, user: AbstractBaseUser) -> QuerySet[ProcrastinateJob]:
         # "scheduled" is a todo job that is not due yet: shown as its own state.
         state=Case(
             When(status="todo", scheduled_at__gt=Now(), then=Value("scheduled")),
-            default=F("status"),
+            default=Cast("status", CharField()),  # the column is an enum: compare as text
             output_field=CharField(),
         ),
         created_at=Subquery(deferred_at.values("at")[:1]),
