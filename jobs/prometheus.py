@@ -1,9 +1,188 @@
-"""GET /metrics in Prometheus text format."""
+"""GET /metrics in Prometheus text format.
+
+A custom collector on its own registry reads every value from PostgreSQL at scrape time, so
+all web processes report the same numbers and nothing is kept in process memory. Counters
+(e-mails, LLM tokens and spend) are totals over the rows still present; the job-duration
+histogram covers the runs that ended in the last JOB_DURATION_WINDOW_SECONDS, so it can go down
+as runs leave the window (use it for quantiles, not rate()).
+
+With settings.METRICS_TOKEN set, a scrape needs `Authorization: Bearer <token>`.
+"""
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Iterator
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import Count, Sum
 from django.http import HttpRequest, HttpResponse
+from django.views.decorators.http import require_safe
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from jobs import queues, selectors
+from jobs.models import CircuitBreaker, PausedQueue
+from llm.models import LlmUsage
+from notifications.models import DeliveryLog, NotificationJob
+from notifications.services import EMAIL_BREAKER
+
+JOB_STATUSES = ("todo", "doing", "succeeded", "failed", "cancelled", "aborted")
+JOB_DURATION_WINDOW_SECONDS = 24 * 3600
+JOB_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+BREAKER_STATE_VALUES = {
+    CircuitBreaker.State.CLOSED: 0,
+    CircuitBreaker.State.HALF_OPEN: 1,
+    CircuitBreaker.State.OPEN: 2,
+}
+# Breakers reported as closed before their first failure writes a row.
+KNOWN_BREAKERS = (EMAIL_BREAKER,)
+
+_ATTEMPTS_BY_TASK = (
+    "SELECT task_name, count(*), coalesce(sum(attempts), 0) FROM procrastinate_jobs GROUP BY 1 ORDER BY 1"
+)
 
 
+class SecondbrainCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        yield from self._jobs()
+        yield from self._job_durations()
+        yield from self._attempts()
+        yield from self._queues_and_workers()
+        yield from self._emails()
+        yield from self._llm()
+        yield from self._breakers()
+
+    def _jobs(self) -> Iterator[Metric]:
+        counts = selectors.job_counts_by_queue()
+        family = GaugeMetricFamily(
+            "secondbrain_jobs", "Jobs in the queue table by queue and status.", labels=["queue", "status"]
+        )
+        for queue in list(queues.ALL) + sorted(set(counts) - set(queues.ALL)):
+            by_status = counts.get(queue, {})
+            for status in JOB_STATUSES:
+                family.add_metric([queue, status], by_status.get(status, 0))
+        yield family
+
+    def _job_durations(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "secondbrain_job_duration_seconds",
+            "Run time (started to succeeded, failed or aborted) of the job runs that ended in the last 24 hours.",
+            labels=["task"],
+        )
+        for row in selectors.dashboard_run_histogram(seconds=JOB_DURATION_WINDOW_SECONDS, buckets=JOB_DURATION_BUCKETS):
+            buckets = [(_bound(le), count) for le, count in zip(JOB_DURATION_BUCKETS, row["buckets"], strict=True)]
+            buckets.append(("+Inf", row["count"]))
+            family.add_metric([row["task"]], buckets, sum_value=row["sum"])
+        yield family
+
+    def _attempts(self) -> Iterator[Metric]:
+        family = SummaryMetricFamily(
+            "secondbrain_job_attempts",
+            "Attempts spent by the jobs in the queue table, per task (count: jobs, sum: attempts).",
+            labels=["task"],
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(_ATTEMPTS_BY_TASK)
+            for task, jobs, attempts in cursor.fetchall():
+                family.add_metric([task], count_value=jobs, sum_value=attempts)
+        yield family
+
+    def _queues_and_workers(self) -> Iterator[Metric]:
+        paused = set(PausedQueue.objects.values_list("queue_name", flat=True))
+        family = GaugeMetricFamily("secondbrain_queue_paused", "1 while the queue is paused.", labels=["queue"])
+        for queue in sorted(set(queues.ALL) | paused):
+            family.add_metric([queue], 1 if queue in paused else 0)
+        yield family
+        workers = selectors.live_workers(stalled_after_seconds=settings.WORKER_STALLED_SECONDS)
+        yield GaugeMetricFamily(
+            "secondbrain_workers_live", "Workers with a heartbeat within WORKER_STALLED_SECONDS.", value=len(workers)
+        )
+
+    def _emails(self) -> Iterator[Metric]:
+        by_outcome = dict(DeliveryLog.objects.values_list("outcome").annotate(n=Count("id")).order_by())
+        family = CounterMetricFamily(
+            "secondbrain_email_deliveries",
+            "E-mail delivery attempts by outcome (sent, transient_failure, permanent_failure, ...).",
+            labels=["outcome"],
+        )
+        for outcome in DeliveryLog.Outcome.values:
+            family.add_metric([outcome], by_outcome.get(outcome, 0))
+        yield family
+        by_status = dict(NotificationJob.objects.values_list("status").annotate(n=Count("id")).order_by())
+        family = GaugeMetricFamily("secondbrain_notifications", "Notification jobs by status.", labels=["status"])
+        for status in NotificationJob._meta.get_field("status").choices:
+            family.add_metric([status[0]], by_status.get(status[0], 0))
+        yield family
+
+    def _llm(self) -> Iterator[Metric]:
+        rows = (
+            LlmUsage.objects.values("purpose", "model")
+            .annotate(calls=Count("id"), input=Sum("input_tokens"), output=Sum("output_tokens"), spend=Sum("cost_usd"))
+            .order_by("purpose", "model")
+        )
+        calls = CounterMetricFamily(
+            "secondbrain_llm_calls", "Claude calls recorded in the ledger.", labels=["purpose", "model"]
+        )
+        tokens = CounterMetricFamily(
+            "secondbrain_llm_tokens", "Claude tokens recorded in the ledger.", labels=["purpose", "model", "direction"]
+        )
+        spend = CounterMetricFamily(
+            "secondbrain_llm_spend_usd",
+            "Claude spend in US dollars recorded in the ledger.",
+            labels=["purpose", "model"],
+        )
+        for row in rows:
+            labels = [row["purpose"], row["model"]]
+            calls.add_metric(labels, row["calls"])
+            tokens.add_metric([*labels, "input"], row["input"] or 0)
+            tokens.add_metric([*labels, "output"], row["output"] or 0)
+            spend.add_metric(labels, float(row["spend"] or 0))
+        yield from (calls, tokens, spend)
+
+    def _breakers(self) -> Iterator[Metric]:
+        states = dict.fromkeys(KNOWN_BREAKERS, CircuitBreaker.State.CLOSED)
+        states.update(CircuitBreaker.objects.values_list("name", "state"))
+        family = GaugeMetricFamily(
+            "secondbrain_circuit_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            labels=["name"],
+        )
+        for name, state in sorted(states.items()):
+            family.add_metric([name], BREAKER_STATE_VALUES.get(state, 2))
+        yield family
+
+
+def _bound(le: float) -> str:
+    return repr(float(le))
+
+
+# Its own registry: the default one would add this process's own metrics, which differ between
+# web processes. auto_describe=False keeps registration from querying the database at import.
+REGISTRY = CollectorRegistry(auto_describe=False)
+REGISTRY.register(SecondbrainCollector())
+
+
+def _authorized(request: HttpRequest) -> bool:
+    token = settings.METRICS_TOKEN
+    if not token:
+        return True
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+@require_safe
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    return HttpResponse(status=501)
+    if not _authorized(request):
+        response = HttpResponse("A valid bearer token is required.\n", status=401, content_type="text/plain")
+        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
+    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)

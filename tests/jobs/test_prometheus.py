@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+from prometheus_client.parser import text_string_to_metric_families
+
+from jobs.breaker import breaker_record_failure
+from jobs.models import CircuitBreaker, PausedQueue
+from llm.models import LlmUsage
+from notifications.models import DeliveryLog, NotificationJob
+from notifications.services import EMAIL_BREAKER
+from tests.factories import make_recipient, make_user
+from tests.jobs.test_dashboard import make_job
+
+pytestmark = pytest.mark.django_db
+
+
+def scrape(client, **headers) -> dict[tuple[str, frozenset], float]:
+    response = client.get("/metrics", **headers)
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples, metric: str, **labels) -> float:
+    return samples[(metric, frozenset(labels.items()))]
+
+
+def test_job_counts_paused_queues_and_live_workers(client):
+    make_job("imports.run", "imports")
+    make_job("imports.run", "imports")
+    make_job("notifications.deliver", "notifications", "failed")
+    PausedQueue.objects.create(queue_name="imports")
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now()), (now() - interval '1 day')")
+
+    samples = scrape(client)
+
+    assert value(samples, "secondbrain_jobs", queue="imports", status="todo") == 2
+    assert value(samples, "secondbrain_jobs", queue="notifications", status="failed") == 1
+    assert value(samples, "secondbrain_jobs", queue="maintenance", status="todo") == 0
+    assert value(samples, "secondbrain_queue_paused", queue="imports") == 1
+    assert value(samples, "secondbrain_queue_paused", queue="digests") == 0
+    assert value(samples, "secondbrain_workers_live") == 1
+
+
+def test_job_duration_histogram_and_attempts_per_task(client):
+    for ran in (0.3, 2.0, 20.0):
+        make_job("digests.weekly", "digests", "succeeded", waited=1, ran=ran)
+    failed = make_job("digests.weekly", "digests", "failed", waited=1, ran=0.05)
+    make_job("digests.weekly", "digests")  # never ran: not in the histogram
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE procrastinate_jobs SET attempts = 3 WHERE id = %s", [failed])
+
+    samples = scrape(client)
+
+    bucket = "secondbrain_job_duration_seconds_bucket"
+    assert value(samples, bucket, task="digests.weekly", le="0.05") == 1
+    assert value(samples, bucket, task="digests.weekly", le="0.5") == 2
+    assert value(samples, bucket, task="digests.weekly", le="2.5") == 3
+    assert value(samples, bucket, task="digests.weekly", le="10.0") == 3
+    assert value(samples, bucket, task="digests.weekly", le="30.0") == 4
+    assert value(samples, bucket, task="digests.weekly", le="+Inf") == 4
+    assert value(samples, "secondbrain_job_duration_seconds_count", task="digests.weekly") == 4
+    assert value(samples, "secondbrain_job_duration_seconds_sum", task="digests.weekly") == pytest.approx(22.35)
+    assert value(samples, "secondbrain_job_attempts_count", task="digests.weekly") == 5
+    assert value(samples, "secondbrain_job_attempts_sum", task="digests.weekly") == 3
+
+
+def test_runs_that_ended_over_a_day_ago_leave_the_histogram(client):
+    make_job("digests.weekly", "digests", "succeeded", ran=1, ended_ago=2 * 24 * 3600)
+    make_job("digests.weekly", "digests", "succeeded", ran=1)
+    samples = scrape(client)
+    assert value(samples, "secondbrain_job_duration_seconds_count", task="digests.weekly") == 1
+
+
+def test_emails_by_outcome_and_notifications_by_status(client):
+    owner = make_user("mailer")
+    recipient = make_recipient(owner)
+    sent = NotificationJob.objects.create(owner=owner, recipient=recipient, status="sent")
+    failed = NotificationJob.objects.create(owner=owner, recipient=recipient, status="failed")
+    Outcome = DeliveryLog.Outcome
+    for notification, attempt, outcome in (
+        (sent, 1, Outcome.TRANSIENT_FAILURE),
+        (sent, 2, Outcome.SENT),
+        (failed, 1, Outcome.TRANSIENT_FAILURE),
+        (failed, 2, Outcome.PERMANENT_FAILURE),
+    ):
+        DeliveryLog.objects.create(notification=notification, attempt=attempt, outcome=outcome)
+
+    samples = scrape(client)
+
+    assert value(samples, "secondbrain_email_deliveries_total", outcome="sent") == 1
+    assert value(samples, "secondbrain_email_deliveries_total", outcome="transient_failure") == 2
+    assert value(samples, "secondbrain_email_deliveries_total", outcome="permanent_failure") == 1
+    assert value(samples, "secondbrain_email_deliveries_total", outcome="postponed") == 0
+    assert value(samples, "secondbrain_notifications", status="sent") == 1
+    assert value(samples, "secondbrain_notifications", status="failed") == 1
+    assert value(samples, "secondbrain_notifications", status="pending") == 0
+
+
+def test_llm_tokens_and_spend(client):
+    for tokens_in, tokens_out, cost in ((100, 20, "0.010000"), (50, 10, "0.020500")):
+        LlmUsage.objects.create(
+            purpose="note_enrichment",
+            model="claude-haiku-4-5",
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            cost_usd=Decimal(cost),
+        )
+    LlmUsage.objects.create(
+        purpose="weekly_digest", model="claude-haiku-4-5", input_tokens=7, output_tokens=3, cost_usd=0
+    )
+
+    samples = scrape(client)
+
+    labels = {"purpose": "note_enrichment", "model": "claude-haiku-4-5"}
+    assert value(samples, "secondbrain_llm_calls_total", **labels) == 2
+    assert value(samples, "secondbrain_llm_tokens_total", direction="input", **labels) == 150
+    assert value(samples, "secondbrain_llm_tokens_total", direction="output", **labels) == 30
+    assert value(samples, "secondbrain_llm_spend_usd_total", **labels) == pytest.approx(0.0305)
+    assert value(samples, "secondbrain_llm_calls_total", purpose="weekly_digest", model="claude-haiku-4-5") == 1
+
+
+def test_circuit_breaker_states(client):
+    assert value(scrape(client), "secondbrain_circuit_breaker_state", name=EMAIL_BREAKER) == 0  # no row yet
+    breaker_record_failure(name=EMAIL_BREAKER, threshold=1, cooldown_seconds=30)
+    CircuitBreaker.objects.create(name="claude", state=CircuitBreaker.State.HALF_OPEN)
+    samples = scrape(client)
+    assert value(samples, "secondbrain_circuit_breaker_state", name=EMAIL_BREAKER) == 2
+    assert value(samples, "secondbrain_circuit_breaker_state", name="claude") == 1
+
+
+def test_the_token_is_required_when_set(client, settings):
+    settings.METRICS_TOKEN = "s3cret-scrape-token"
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Token s3cret-scrape-token").status_code == 401
+    response = client.get("/metrics")
+    assert response["WWW-Authenticate"].startswith("Bearer")
+    samples = scrape(client, HTTP_AUTHORIZATION="Bearer s3cret-scrape-token")
+    assert value(samples, "secondbrain_workers_live") == 0
+
+
+def test_only_get_and_head(client):
+    assert client.head("/metrics").status_code == 200
+    assert client.post("/metrics").status_code == 405
