@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: run test lint format db stopdb clean
+.PHONY: run test bench lint format db stopdb clean
 
 $(STAMP): requirements/base.txt requirements/dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ run: $(STAMP)  ## web on 127.0.0.1:8000 + one worker, on the embedded PostgreSQL
 
 test: $(STAMP)  ## the whole suite on real PostgreSQL (ARGS="-k enrich" to narrow it)
 	$(BIN)/python scripts/dev.py test $(ARGS)
+
+bench: $(STAMP)  ## the benchmark suite (bench/): one table, also in bench/results/latest.json
+	$(BIN)/python -m bench.run $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

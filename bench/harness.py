@@ -1,0 +1,152 @@
+"""What every benchmark figure needs: the bench database, worker processes, waiting, a result row."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psycopg
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+LOG_DIR = BASE_DIR / ".data" / "bench"
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float | None
+    unit: str
+    reference: str = ""  # what the ratio compares against
+    reference_value: float | None = None
+    target: str = ""  # the issue's target, as text
+    met: bool | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.value is None or not self.reference_value:
+            return None
+        return self.value / self.reference_value
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+class Bench:
+    """The bench database (created afresh for each run) and the environment of its processes."""
+
+    def __init__(self, database_url: str) -> None:
+        self.url = database_url
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "BENCH_DSN": database_url,
+            "DEBUG": "false",
+            "LOG_LEVEL": "WARNING",
+            "PROCRASTINATE_IMPORT_PATHS": "bench.tasks",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.env.setdefault("SECRET_KEY", "bench-" + "x" * 40)
+        self.children: list[subprocess.Popen] = []
+
+    def sql(self, query: str, params: tuple | list | dict | None = None) -> list[tuple]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def scalar(self, query: str, params: tuple | list | dict | None = None):
+        rows = self.sql(query, params)
+        return rows[0][0] if rows else None
+
+    def reset_jobs(self) -> None:
+        self.sql(
+            "TRUNCATE procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers,"
+            " procrastinate_workers, jobs_paused_queues, jobs_rate_limit_buckets RESTART IDENTITY CASCADE"
+        )
+
+    def spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        with open(LOG_DIR / "processes.log", "a") as log:  # never a pipe: a full one stalls the child
+            child = subprocess.Popen(
+                [PYTHON, *args], cwd=BASE_DIR, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.children.append(child)
+        return child
+
+    def project_worker(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """The worker exactly as `make run` and the Dockerfile start it (settings from the environment)."""
+        return self.spawn("manage.py", "procrastinate", "worker", *args, env=env)
+
+    def stock_worker(self, *args: str) -> subprocess.Popen:
+        return self.spawn("-m", "procrastinate", "--app=bench.stock_app.app", "worker", *args)
+
+    def stop_children(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.terminate()
+        for child in self.children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        self.children = []
+
+    def wait_workers(self, count: int, timeout: float = 30.0) -> None:
+        wait_until(lambda: (self.scalar("SELECT count(*) FROM procrastinate_workers") or 0) >= count, timeout)
+
+    def remaining(self, task_name: str) -> int:
+        return self.scalar(
+            "SELECT count(*) FROM procrastinate_jobs WHERE task_name = %s AND status IN ('todo', 'doing')",
+            [task_name],
+        )
+
+    def processing_span(self, task_name: str) -> tuple[int, float]:
+        """(jobs finished, seconds from the first start to the last finish), from the database's clock."""
+        finished, span = self.sql(
+            """
+            SELECT count(*) FILTER (WHERE e.type IN ('succeeded', 'failed')),
+                   EXTRACT(EPOCH FROM max(e.at) FILTER (WHERE e.type IN ('succeeded', 'failed'))
+                                    - min(e.at) FILTER (WHERE e.type = 'started'))
+              FROM procrastinate_events e JOIN procrastinate_jobs j ON j.id = e.job_id
+             WHERE j.task_name = %s
+            """,
+            [task_name],
+        )[0]
+        return finished, float(span or 0)
+
+    def start_latencies_ms(self, task_name: str) -> list[float]:
+        rows = self.sql(
+            """
+            SELECT EXTRACT(EPOCH FROM s.at - d.at) * 1000
+              FROM procrastinate_jobs j
+              JOIN procrastinate_events d ON d.job_id = j.id AND d.type = 'deferred'
+              JOIN procrastinate_events s ON s.job_id = j.id AND s.type = 'started'
+             WHERE j.task_name = %s
+            """,
+            [task_name],
+        )
+        return sorted(float(r[0]) for r in rows)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
+    return sorted_values[index]

@@ -1,0 +1,127 @@
+"""`make bench`: the benchmark suite. One table (and bench/results/latest.json), each figure next
+to a reference measured in the same run where one applies.
+
+    python -m bench.run                  # everything, about 5-8 minutes
+    python -m bench.run --only enqueue,processing
+    python -m bench.run --quick          # smaller runs, for a smoke test
+
+It creates a fresh `secondbrain_bench` database on the server of DATABASE_URL (or on the
+embedded PostgreSQL when DATABASE_URL is unset), so it never touches your data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import devdb
+
+from bench import figures
+from bench.harness import BASE_DIR, Bench, Figure
+
+RESULTS = BASE_DIR / "bench" / "results" / "latest.json"
+TIME_BUDGET_SECONDS = 9 * 60
+
+
+def _bench_database(server_url: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(server_url)
+    with psycopg.connect(**{**info, "dbname": "postgres"}, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS secondbrain_bench WITH (FORCE)")
+        conn.execute("CREATE DATABASE secondbrain_bench")
+    return urlunsplit(urlsplit(server_url)._replace(path="/secondbrain_bench"))
+
+
+def _table(rows: list[Figure]) -> str:
+    header = ("figure", "value", "unit", "reference", "ratio", "target", "met")
+    body = []
+    for f in rows:
+        value = "error" if f.value is None else f"{f.value:,.1f}"
+        ref = f"{f.reference} {f.reference_value:,.1f}" if f.reference_value is not None else f.reference
+        ratio = f"{f.ratio:.2f}x" if f.ratio is not None else ""
+        met = "" if f.met is None else ("yes" if f.met else "NO")
+        body.append((f.name, value, f.unit, ref, ratio, f.target, met))
+    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *body]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated figure groups: " + ", ".join(figures.GROUPS))
+    parser.add_argument("--quick", action="store_true", help="smaller runs")
+    args = parser.parse_args(argv)
+    groups = [g for g in args.only.split(",") if g] or list(figures.GROUPS)
+
+    server_url, started = (os.environ["DATABASE_URL"], False) if os.environ.get("DATABASE_URL") else devdb.start()
+    bench = Bench(_bench_database(server_url))
+    os.environ.update(bench.env)
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+    def _budget_exceeded(signum, frame):
+        raise TimeoutError(f"the benchmark ran past its {TIME_BUDGET_SECONDS} s budget")
+
+    signal.signal(signal.SIGALRM, _budget_exceeded)
+    signal.alarm(TIME_BUDGET_SECONDS)
+    results: list[Figure] = []
+    begun = time.monotonic()
+    try:
+        for group in groups:
+            print(f"bench: {group} ...", flush=True)
+            try:
+                results.extend(figures.GROUPS[group](bench, quick=args.quick))
+            except Exception as exc:  # one broken figure must not hide the others
+                results.append(Figure(group, None, "", notes=f"{type(exc).__name__}: {exc}"))
+                print(f"bench: {group} failed: {exc}", flush=True)
+                if isinstance(exc, TimeoutError):
+                    break
+            finally:
+                bench.stop_children()
+    finally:
+        signal.alarm(0)
+        bench.stop_children()
+        if started:
+            devdb.stop()
+
+    print()
+    print(_table(results))
+    for f in results:
+        if f.notes:
+            print(f"  {f.name}: {f.notes}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "seconds": round(time.monotonic() - begun, 1),
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
+                "postgres": bench.scalar("SHOW server_version"),
+                "figures": [f.as_dict() for f in results],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"\nwritten to {RESULTS.relative_to(BASE_DIR)} in {time.monotonic() - begun:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
