@@ -1,6 +1,6 @@
 """Stock Procrastinate, the reference: its own App, connector and defaults, a no-op task.
 
-    python -m procrastinate --app=bench.stock_app.app worker --concurrency 10 --queues bench_stock
+python -m procrastinate --app=bench.stock_app.app worker --concurrency 10 --queues bench_stock
 """
 
 from __future__ import annotations
