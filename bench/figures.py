@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+import socket
 import time
 
-from bench.harness import Bench, Figure, percentile, wait_until
+from bench.harness import BASE_DIR, Bench, Figure, percentile, wait_until
+from bench.loadgen import run_load
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -172,6 +176,173 @@ def latency(bench: Bench, *, quick: bool = False) -> list[Figure]:
     ]
 
 
+# --- 4. HTTP under load --------------------------------------------------------------------
+
+
+def _gunicorn_args() -> list[str]:
+    """The Dockerfile's GUNICORN_CMD_ARGS, so the benchmark serves exactly like the image does."""
+    for line in (BASE_DIR / "Dockerfile").read_text().splitlines():
+        if line.startswith("ENV GUNICORN_CMD_ARGS="):
+            return shlex.split(line.split("=", 1)[1].strip().strip('"'))
+    raise RuntimeError("no GUNICORN_CMD_ARGS in the Dockerfile")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_load(bench: Bench, *, quick: bool = False) -> list[Figure]:
+    from rest_framework.authtoken.models import Token
+
+    from notifications.models import Recipient
+    from tests.factories import make_user
+
+    rate, seconds = 200, (5 if quick else 20)
+    owner = make_user(f"bench-http-{time.time_ns()}")
+    token = Token.objects.create(user=owner).key
+    recipient = Recipient.objects.create(owner=owner, name="Load", email="load@example.com")
+    port = _free_port()
+    bench.spawn("-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}", *_gunicorn_args())
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    if not wait_until(up, 30):
+        raise TimeoutError("gunicorn did not start")
+    headers = {"Authorization": f"Token {token}", "Content-Type": "application/json"}
+    endpoints = {
+        "POST /api/notes/": json.dumps({"content": "Load test note about #postgres queues https://example.com"}),
+        "POST /api/notifications/send-email/": json.dumps(
+            {"recipient_id": recipient.id, "subject": "Load", "body": "Hello from the load test"}
+        ),
+    }
+    figures_out = []
+    for name, body in endpoints.items():
+        path = name.split(" ", 1)[1]
+        run_load(port=port, path=path, body=body.encode(), headers=headers, rate=50, seconds=1)  # warm up
+        result = run_load(port=port, path=path, body=body.encode(), headers=headers, rate=rate, seconds=seconds)
+        p50, p95, p99 = (percentile(result.latencies_ms, q) for q in (50, 95, 99))
+        figures_out += [
+            Figure(f"{name} p50", p50, "ms", notes=f"{result.sent} requests at {rate}/s for {seconds} s"),
+            Figure(f"{name} p95", p95, "ms"),
+            Figure(f"{name} p99", p99, "ms", target="<= 25 ms", met=p99 is not None and p99 <= 25),
+            Figure(
+                f"{name} errors",
+                float(result.errors),
+                "requests",
+                target="0",
+                met=result.errors == 0,
+                notes=f"statuses {result.statuses}",
+            ),
+        ]
+    return figures_out
+
+
+# --- 5. E-mail delivery --------------------------------------------------------------------
+
+
+def email(bench: Bench, *, quick: bool = False) -> list[Figure]:
+    from notifications.models import DeliveryLog, Recipient
+    from notifications.services import notification_send_bulk
+    from tests.factories import make_user
+    from tests.peers.smtp import SmtpSink
+
+    count = 300 if quick else 3000
+    bench.reset_jobs()
+    owner = make_user(f"bench-mail-{time.time_ns()}")
+    recipients = Recipient.objects.bulk_create(
+        [Recipient(owner=owner, name=f"R{i}", email=f"r{i}@example.com") for i in range(count)]
+    )
+    sink = SmtpSink().start()
+    try:
+        for start in range(0, count, 1000):
+            notification_send_bulk(
+                owner=owner,
+                recipients=recipients[start : start + 1000],
+                subject="Bench",
+                body="Hello",
+                notification_type="system",
+                priority="normal",
+            )
+        bench.project_worker(
+            "-q",
+            "notifications",
+            env={"EMAIL_URL": f"smtp://127.0.0.1:{sink.port}", "NOTIFICATIONS_RATE_PER_SECOND": "100000"},
+        )
+        if not wait_until(lambda: len(sink.messages) >= count, 180, interval=0.25):
+            raise TimeoutError(f"{len(sink.messages)} of {count} e-mails arrived")
+        span = sink.received_at[-1] - sink.received_at[0]
+        logs = DeliveryLog.objects.filter(notification__owner=owner, outcome="sent").count()
+    finally:
+        sink.stop()
+    rate = _rate(count - 1, span)
+    return [
+        Figure(
+            "e-mails delivered",
+            rate,
+            "e-mails/s",
+            target=">= 500",
+            met=rate >= 500 and logs == count,
+            notes=f"{count} e-mails to a local SMTP sink, {logs} delivery logs, rate limit raised",
+        )
+    ]
+
+
+# --- 7. Digest sweep -----------------------------------------------------------------------
+
+
+def digest_sweep(bench: Bench, *, quick: bool = False) -> list[Figure]:
+    from datetime import time as clock_time
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from digests.models import DigestSchedule
+    from digests.services import digest_sweep as sweep
+    from notes.services import note_create
+    from notifications.models import NotificationJob, Recipient
+    from tests.factories import make_user
+
+    count = 1000 if quick else 10000
+    bench.reset_jobs()
+    owner = make_user(f"bench-digest-{time.time_ns()}")
+    for i in range(5):
+        note_create(owner=owner, content=f"Digest material {i} #bench")
+    recipients = Recipient.objects.bulk_create(
+        [Recipient(owner=owner, name=f"D{i}", email=f"d{i}@example.com") for i in range(count)]
+    )
+    due = timezone.now() - timedelta(minutes=1)
+    DigestSchedule.objects.bulk_create(
+        [
+            DigestSchedule(
+                owner=owner, recipient=r, frequency="daily", delivery_time=clock_time(8), next_digest_scheduled=due
+            )
+            for r in recipients
+        ],
+        batch_size=2000,
+    )
+    begun = time.perf_counter()
+    queued = sweep()
+    seconds = time.perf_counter() - begun
+    made = NotificationJob.objects.filter(owner=owner, notification_type="digest").count()
+    return [
+        Figure(
+            "digest sweep",
+            seconds,
+            "s",
+            target=f"<= 10 s for {count:,}",
+            met=seconds <= 10 * count / 10000 and made == count,
+            notes=f"{count} due schedules -> {queued} digest notifications queued ({made} rows)",
+        )
+    ]
+
+
 # --- 8. Table health -----------------------------------------------------------------------
 
 
@@ -200,5 +371,8 @@ GROUPS = {
     "enqueue": enqueue,
     "processing": processing,
     "latency": latency,
+    "http": http_load,
+    "email": email,
+    "digests": digest_sweep,
     "health": table_health,
 }

@@ -49,6 +49,7 @@ class Bench:
             "DATABASE_URL": database_url,
             "BENCH_DSN": database_url,
             "DEBUG": "false",
+            "ALLOWED_HOSTS": "127.0.0.1,localhost",
             "LOG_LEVEL": "WARNING",
             "PROCRASTINATE_IMPORT_PATHS": "bench.tasks",
             "PYTHONUNBUFFERED": "1",
