@@ -8,6 +8,9 @@
    (an operator's, or the worker's own shutdown after its grace period) and gives up waiting.
 4. The returned value is stored as the job's result (JSON, with a retention time); a failure
    stores its error message. Both in `jobs_job_info`, next to progress.
+5. Neither a postponed job nor one aborted by its worker's shutdown spends an attempt, and a
+   worker that re-queues a job for later wakes itself when it is due (Procrastinate sends no
+   NOTIFY for a retried job, so it would otherwise wait for its next poll).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 import json
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -24,6 +27,7 @@ from django.conf import settings
 from django.utils import timezone
 from procrastinate import JobContext
 from procrastinate.exceptions import JobAborted
+from procrastinate.job_context import AbortReason
 from psycopg.types.json import Jsonb
 
 from jobs.limits import TimeLimitExceeded
@@ -45,7 +49,9 @@ _STORE_ERROR = """
 INSERT INTO jobs_job_info (job_id, error) VALUES (%(job_id)s, %(error)s)
 ON CONFLICT (job_id) DO UPDATE SET error = EXCLUDED.error
 """
-# The retry that follows a postponement adds one attempt back: the two cancel out.
+# A retried job that now succeeds without a result: its last error is no longer true.
+_CLEAR_ERROR = "UPDATE jobs_job_info SET error = '' WHERE job_id = %(job_id)s AND error <> ''"
+# The retry that follows a postponement or a shutdown adds one attempt back: the two cancel out.
 _UNCOUNT_ATTEMPT = "UPDATE procrastinate_jobs SET attempts = attempts - 1 WHERE id = %(job_id)s"
 _OWNER = "SELECT owner_id FROM jobs_job_info WHERE job_id = %(job_id)s"
 
@@ -58,16 +64,51 @@ async def job_middleware(call_next, context: JobContext, worker) -> Any:
         if options.rate_limits:
             await _take_rate_limit_tokens(context, options)
         result = await _run(call_next, context, options)
-    except Postponed:
+    except Postponed as exc:
         await connector.execute_query_async(_UNCOUNT_ATTEMPT, job_id=job.id)
+        _wake_at(worker, exc.retry_at)
+        raise
+    except JobAborted as exc:
+        if context.abort_reason() == AbortReason.SHUTDOWN:
+            # Not the job's fault: it goes back to the queue (JobRetryStrategy) as it was.
+            if _retry_at(context, exc) is not None:
+                await connector.execute_query_async(_UNCOUNT_ATTEMPT, job_id=job.id)
+        else:
+            await connector.execute_query_async(_STORE_ERROR, job_id=job.id, error="aborted on request")
         raise
     except Exception as exc:
         await connector.execute_query_async(_STORE_ERROR, job_id=job.id, error=f"{type(exc).__name__}: {exc}"[:2000])
+        _wake_at(worker, _retry_at(context, exc))
         raise
     if result is not None:
         ttl = options.result_ttl if options.result_ttl is not None else settings.JOBS_RESULT_TTL_SECONDS
         await connector.execute_query_async(_STORE_RESULT, job_id=job.id, result=Jsonb(_jsonable(result)), ttl=ttl)
+    elif job.attempts:
+        await connector.execute_query_async(_CLEAR_ERROR, job_id=job.id)
     return result
+
+
+def _retry_at(context: JobContext, exc: BaseException) -> datetime | None:
+    """When the job's retry strategy will run it again (the worker asks it the same question
+    right after this), or None when it will not be retried."""
+    task = context.app.tasks.get(context.job.task_name)
+    strategy = task.retry_strategy if task else None
+    if strategy is None:
+        return None
+    decision = strategy.get_retry_decision(exception=exc, job=context.job)
+    if decision is None:
+        return None
+    return decision.retry_at or timezone.now()
+
+
+def _wake_at(worker, when: datetime | None) -> None:
+    """Make this worker look for jobs again at `when`. It relies on Procrastinate's private
+    `_new_job_event` (set by NOTIFY); without it the worker still finds the job at its next poll."""
+    event = getattr(worker, "_new_job_event", None)
+    if when is None or event is None:
+        return
+    delay = max(0.0, (when - timezone.now()).total_seconds()) + 0.05
+    asyncio.get_running_loop().call_later(delay, event.set)
 
 
 def _jsonable(value: Any) -> Any:
@@ -86,9 +127,17 @@ async def _run(call_next, context: JobContext, options: TaskOptions) -> Any:
         timeout = ABORT_POLL_SECONDS if deadline is None else min(ABORT_POLL_SECONDS, deadline - time.monotonic())
         try:
             done, _ = await asyncio.wait({run}, timeout=max(timeout, 0))
-        except asyncio.CancelledError:  # the worker cancels an aborted async job: pass it on
+        except asyncio.CancelledError:
+            # The worker cancels an aborted async job. When that is its own shutdown, say so
+            # with JobAborted: Procrastinate then re-queues the job instead of ending it
+            # `aborted` (it only retries a shutdown abort raised as JobAborted).
             run.cancel()
-            raise
+            if context.abort_reason() != AbortReason.SHUTDOWN:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            raise JobAborted(f"job {context.job.id} aborted ({context.abort_reason()})") from None
         if done:
             return run.result()
         if context.should_abort():

@@ -49,3 +49,14 @@ def job_progress(context: JobContext, *, processed: int, total: int | None = Non
             _PROGRESS,
             {"job_id": context.job.id, "processed": processed, "total": total, "data": payload, "event": event},
         )
+
+
+async def job_progress_async(context: JobContext, *, processed: int, total: int | None = None, **data: Any) -> None:
+    """`job_progress` for an async task (`async def`): the same row and NOTIFY, written through
+    the worker's own connection pool instead of Django's (which async code may not use)."""
+    if context.should_abort():
+        raise JobAborted(f"job {context.job.id} aborted ({context.abort_reason()})")
+    event = json.dumps({"type": "progress", "processed": processed, "total": total, "data": data})
+    await context.app.connector.execute_query_async(
+        _PROGRESS, job_id=context.job.id, processed=processed, total=total, data=json.dumps(data), event=event
+    )

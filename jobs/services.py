@@ -11,6 +11,8 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import connection, transaction
+from django.db.models import DateTimeField, ExpressionWrapper
+from django.db.models.functions import Now
 from django.utils import timezone
 from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate.contrib.django import app
@@ -50,6 +52,8 @@ def job_defer(
       None); that waiting job reads the latest rows when it runs.
     - `lock`: jobs sharing it never run at the same time.
     """
+    if dedup_key and not (dedup_seconds and dedup_seconds > 0):
+        raise ValueError("dedup_key needs a positive dedup_seconds (the deduplication window)")
     if callback_url:
         webhook_url_check(callback_url)
     # A savepoint, so a refused duplicate does not abort the caller's transaction.
@@ -58,8 +62,9 @@ def job_defer(
             with connection.cursor() as cursor:
                 # Serialises defers of one key until this transaction ends: no two jobs slip in.
                 cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"jobs-dedup:{dedup_key}"])
+            # The database's clock on both sides, so web processes on other hosts agree.
             existing = (
-                JobInfo.objects.filter(dedup_key=dedup_key, dedup_until__gt=timezone.now())
+                JobInfo.objects.filter(dedup_key=dedup_key, dedup_until__gt=Now())
                 .order_by("-job_id")
                 .values_list("job_id", flat=True)
                 .first()
@@ -77,10 +82,14 @@ def job_defer(
                 job_id=job_id,
                 owner_id=owner_id,
                 dedup_key=dedup_key or "",
-                dedup_until=timezone.now() + timedelta(seconds=dedup_seconds or 0) if dedup_key else None,
+                dedup_until=_db_now_plus(dedup_seconds) if dedup_key else None,
                 callback_url=callback_url or "",
             )
         return job_id
+
+
+def _db_now_plus(seconds: float | None) -> ExpressionWrapper:
+    return ExpressionWrapper(Now() + timedelta(seconds=seconds or 0), output_field=DateTimeField())
 
 
 def job_defer_bulk(

@@ -1,0 +1,134 @@
+"""Tasks that exist only for the job-layer tests.
+
+The tests import this module, which registers the tasks with the Procrastinate app. Worker
+processes they start import it through `PROCRASTINATE_IMPORT_PATHS` (see `WORKER_ENV`), a
+setting read from the environment that production never sets, so these tasks never exist in
+a real deployment. Tests and tasks talk across processes through files (`path` arguments) and
+the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from procrastinate import JobContext
+
+from core.errors import ProviderError
+from jobs import queues
+from jobs.progress import job_progress, job_progress_async
+from jobs.registry import RateLimit, job_task
+
+WORKER_ENV = {"PROCRASTINATE_IMPORT_PATHS": __name__}
+
+# Two queues the tests pause and run independently (real queue names: queue_pause checks them).
+QUEUE_A = queues.IMPORTS
+QUEUE_B = queues.NOTIFICATIONS
+
+
+def wait_for_file(path: str, *, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.02)
+
+
+@job_task(name="tests.progress_then_wait", queue=QUEUE_A, pass_context=True)
+def progress_then_wait(context: JobContext, *, release_path: str, total: int) -> dict:
+    job_progress(context, processed=3, total=total, stage="halfway")
+    wait_for_file(release_path)
+    job_progress(context, processed=total, total=total, stage="done")
+    return {"imported": total}
+
+
+@job_task(name="tests.echo", queue=QUEUE_A, result_ttl=60)
+def echo(*, value: object) -> dict:
+    return {"echo": value}
+
+
+@job_task(name="tests.fail_permanently", queue=QUEUE_A, retries=3)
+def fail_permanently(*, reason: str) -> None:
+    raise ProviderError(reason, permanent=True)
+
+
+@job_task(name="tests.stamp_a", queue=QUEUE_A, pass_context=True)
+def stamp_a(context: JobContext, *, n: int = 0) -> None:
+    """Records when it ran (progress_at, the database's clock)."""
+    job_progress(context, processed=n)
+
+
+@job_task(name="tests.stamp_b", queue=QUEUE_B, pass_context=True)
+def stamp_b(context: JobContext, *, n: int = 0) -> None:
+    job_progress(context, processed=n)
+
+
+@job_task(
+    name="tests.limited_global",
+    queue=QUEUE_A,
+    pass_context=True,
+    rate_limits=[RateLimit(rate=10, per=1, burst=1)],
+)
+def limited_global(context: JobContext, *, n: int) -> None:
+    job_progress(context, processed=n)
+
+
+@job_task(
+    name="tests.limited_per_user",
+    queue=QUEUE_A,
+    pass_context=True,
+    rate_limits=[RateLimit(rate=4, per=1, burst=1, key="user_id")],
+)
+def limited_per_user(context: JobContext, *, user_id: int, n: int) -> None:
+    job_progress(context, processed=n)
+
+
+@job_task(
+    name="tests.over_time",
+    queue=QUEUE_A,
+    pass_context=True,
+    time_limit=0.5,
+    retries=1,
+    retry_base_seconds=1,
+)
+def over_time(context: JobContext, *, seconds: float, late_path: str) -> None:
+    time.sleep(seconds)
+    # Runs only if nobody stops the thread: the time limit gives up on it, it cannot kill it.
+    Path(late_path).write_text(str(context.job.id))
+
+
+@job_task(name="tests.wait_then_finish", queue=QUEUE_A, pass_context=True)
+def wait_then_finish(context: JobContext, *, go_path: str) -> str:
+    job_progress(context, processed=0, stage="waiting")
+    wait_for_file(go_path)
+    time.sleep(0.2)
+    return "finished"
+
+
+@job_task(name="tests.long_cooperative", queue=QUEUE_A, pass_context=True)
+def long_cooperative(context: JobContext, *, seconds: float) -> str:
+    """Reports progress every 0.1 s; job_progress raises JobAborted when the worker asks it to stop."""
+    started = time.monotonic()
+    step = 0
+    while time.monotonic() - started < seconds:
+        job_progress(context, processed=step)
+        step += 1
+        time.sleep(0.1)
+    return "ran to the end"
+
+
+@job_task(name="tests.long_stubborn", queue=QUEUE_A, pass_context=True)
+def long_stubborn(context: JobContext, *, seconds: float, done_path: str) -> str:
+    """Never looks at its context after its first report: nothing can stop it early."""
+    job_progress(context, processed=0)
+    time.sleep(seconds)
+    Path(done_path).write_text("done")
+    return "ran to the end"
+
+
+@job_task(name="tests.long_async", queue=QUEUE_A, pass_context=True)
+async def long_async(context: JobContext, *, seconds: float) -> str:
+    await job_progress_async(context, processed=0, stage="async")
+    await asyncio.sleep(seconds)
+    return "ran to the end"

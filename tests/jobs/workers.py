@@ -1,0 +1,61 @@
+"""Helpers for the job-layer tests: worker processes that know the test-only tasks, and reads
+of Procrastinate's tables."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from datetime import datetime
+
+from django.db import connection
+
+from tests.conftest import start_worker_process, wait_for
+from tests.jobs.tasks_for_tests import WORKER_ENV
+
+
+def start_test_worker(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`manage.py procrastinate worker ARGS` that also imports tests/jobs/tasks_for_tests.py."""
+    return start_worker_process(*args, env={**WORKER_ENV, **(env or {})})
+
+
+def stop_worker(process: subprocess.Popen, *, timeout: float = 20.0) -> str:
+    """SIGTERM, wait for the exit, return the output (for assertion messages)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()[0]
+
+
+def wait_for_workers(count: int, *, timeout: float = 30.0) -> None:
+    """Until `count` worker processes have registered (they then listen and fetch)."""
+    wait_for(
+        lambda: query("SELECT count(*) FROM procrastinate_workers")[0][0] >= count, timeout=timeout, what="workers"
+    )
+
+
+def query(sql: str, params: list | dict | None = None) -> list[tuple]:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def job_status(job_id: int) -> str:
+    return query("SELECT status FROM procrastinate_jobs WHERE id = %s", [job_id])[0][0]
+
+
+def job_attempts(job_id: int) -> int:
+    return query("SELECT attempts FROM procrastinate_jobs WHERE id = %s", [job_id])[0][0]
+
+
+def job_events(job_id: int) -> list[str]:
+    return [row[0] for row in query("SELECT type FROM procrastinate_events WHERE job_id = %s ORDER BY id", [job_id])]
+
+
+def event_times(job_id: int, event_type: str) -> list[datetime]:
+    rows = query(
+        "SELECT at FROM procrastinate_events WHERE job_id = %s AND type = %s ORDER BY id", [job_id, event_type]
+    )
+    return [row[0] for row in rows]
