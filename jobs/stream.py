@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+from django.conf import settings
 from django.db import connection
 from psycopg import sql
 
@@ -40,9 +41,10 @@ from jobs.selectors import FINAL_STATUSES, job_progress_summary
 
 logger = logging.getLogger(__name__)
 
+# Overridable in settings: JOBS_STREAM_KEEPALIVE_SECONDS, JOBS_STREAM_MAX_SECONDS. A stream
+# closes after the maximum (the browser's EventSource reconnects and gets the state again), so a
+# forgotten tab does not hold a database connection for days.
 KEEPALIVE_SECONDS = 15.0
-# A stream closes after this long (the browser's EventSource reconnects and gets the state
-# again), so a forgotten tab does not hold a database connection for days.
 MAX_STREAM_SECONDS = 3600.0
 RECONNECT_MILLISECONDS = 3000
 
@@ -84,13 +86,17 @@ def _connect() -> psycopg.Connection:
 def job_event_stream(
     *,
     job_id: int,
-    keepalive_seconds: float = KEEPALIVE_SECONDS,
-    max_seconds: float = MAX_STREAM_SECONDS,
+    keepalive_seconds: float | None = None,
+    max_seconds: float | None = None,
 ) -> Iterator[str]:
     """The SSE text of one job until it ends (or `max_seconds`). Check access before calling.
 
     A generator: nothing happens until the first chunk is asked for, and closing it (the client
     went away) releases the connection and the watch."""
+    if keepalive_seconds is None:
+        keepalive_seconds = getattr(settings, "JOBS_STREAM_KEEPALIVE_SECONDS", KEEPALIVE_SECONDS)
+    if max_seconds is None:
+        max_seconds = getattr(settings, "JOBS_STREAM_MAX_SECONDS", MAX_STREAM_SECONDS)
     conn = _connect()
     lock_key = None
     try:

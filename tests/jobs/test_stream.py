@@ -1,0 +1,243 @@
+"""GET /api/jobs/{id}/stream/: Server-Sent Events fed by LISTEN/NOTIFY, read by a real HTTP
+client from the live server while a real worker runs the job."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import socket
+import threading
+from urllib.parse import urlsplit
+
+import pytest
+from django.db import connection
+
+from jobs import queues
+from jobs.models import JobInfo
+from jobs.progress import job_progress
+from jobs.registry import job_task
+from jobs.services import job_cancel, job_defer
+from jobs.stream import job_event_stream
+from tests.conftest import client_for, run_worker, wait_for
+from tests.factories import make_user
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@job_task(name="tests.stream.count", queue=queues.IMPORTS, pass_context=True)
+def count(context, *, to: int) -> dict:
+    for i in range(1, to + 1):
+        job_progress(context, processed=i, total=to, last=i)
+    return {"counted": to}
+
+
+class SseClient:
+    """Reads an event stream line by line in a thread; events land in a queue as (event, data).
+
+    Plain HTTP/1.0 on its own socket, so the test can drop the connection like a closed tab."""
+
+    def __init__(self, base_url: str, path: str, token: str) -> None:
+        parts = urlsplit(base_url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+        self.sock.sendall(
+            f"GET {path} HTTP/1.0\r\nHost: {parts.netloc}\r\nAuthorization: Token {token}\r\n"
+            "Accept: text/event-stream\r\n\r\n".encode()
+        )
+        self.events: queue.Queue = queue.Queue()
+        self.received: list[tuple[str, dict]] = []
+        self.comments = 0
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            stream = self.sock.makefile("rb")
+            self.status = int(stream.readline().split()[1])
+            while (header := stream.readline().decode().rstrip("\r\n")) != "":
+                name, _, value = header.partition(":")
+                self.headers[name.lower()] = value.strip()
+            kind, data = None, []
+            while line := stream.readline():
+                line = line.decode().rstrip("\r\n")
+                if line.startswith(":"):
+                    self.comments += 1
+                elif line == "":
+                    if data:
+                        self.events.put((kind or "message", json.loads("\n".join(data))))
+                    kind, data = None, []
+                else:
+                    field, _, value = line.partition(":")
+                    value = value.removeprefix(" ")
+                    if field == "event":
+                        kind = value
+                    elif field == "data":
+                        data.append(value)
+        except (OSError, ValueError):
+            pass  # closed by the test
+        finally:
+            self.events.put(None)
+
+    def next(self, timeout: float = 30) -> tuple[str, dict] | None:
+        event = self.events.get(timeout=timeout)
+        if event is not None:
+            self.received.append(event)
+        return event
+
+    def until_closed(self, timeout: float = 30) -> list[tuple[str, dict]]:
+        while self.next(timeout) is not None:
+            pass
+        return self.received
+
+    def close(self) -> None:
+        """Go away like a browser tab being closed."""
+        with contextlib.suppress(OSError):  # already closed
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(10)
+
+
+def _token(user) -> str:
+    from rest_framework.authtoken.models import Token
+
+    return Token.objects.get_or_create(user=user)[0].key
+
+
+def _watched(job_id: int) -> bool:
+    return JobInfo.objects.get(job_id=job_id).watched
+
+
+def _open_streams() -> int:
+    """Streams holding their connection: each holds a shared advisory lock."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock'"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        return cursor.fetchone()[0]
+
+
+def test_stream_relays_progress_and_status_until_the_job_ends(live_server):
+    owner = make_user("alice")
+    job_id = job_defer(count, owner_id=owner.id, to=3)
+    client = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
+    try:
+        assert client.next() == ("status", {"status": "todo"})  # the current state first
+        assert client.status == 200 and client.headers["content-type"].startswith("text/event-stream")
+        assert client.headers["cache-control"] == "no-cache"
+        assert _watched(job_id)
+
+        run_worker(queues=["imports"])  # a real worker, while the client listens
+
+        events = client.until_closed()
+    finally:
+        client.close()
+    assert events == [
+        ("status", {"status": "todo"}),
+        ("status", {"status": "doing"}),
+        ("progress", {"processed": 1, "total": 3, "percent": 33.3, "data": {"last": 1}}),
+        ("progress", {"processed": 2, "total": 3, "percent": 66.7, "data": {"last": 2}}),
+        ("progress", {"processed": 3, "total": 3, "percent": 100.0, "data": {"last": 3}}),
+        ("status", {"status": "succeeded"}),
+        ("end", {"status": "succeeded"}),
+    ]
+    wait_for(lambda: not _watched(job_id), timeout=10, what="watched to be reset")
+
+
+def test_stream_of_a_finished_job_sends_its_state_and_ends(live_server):
+    owner = make_user("bob")
+    job_id = job_defer(count, owner_id=owner.id, to=2)
+    run_worker(queues=["imports"])
+    client = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
+    events = client.until_closed()
+    client.close()
+    assert events == [
+        ("status", {"status": "succeeded"}),
+        ("progress", {"processed": 2, "total": 2, "percent": 100.0, "data": {"last": 2}}),
+        ("end", {"status": "succeeded"}),
+    ]
+    wait_for(lambda: not _watched(job_id), timeout=10, what="watched to be reset")
+
+
+def test_stream_ends_when_the_job_is_cancelled(live_server):
+    owner = make_user("carol")
+    job_id = job_defer(count, owner_id=owner.id, to=2)
+    client = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
+    try:
+        assert client.next() == ("status", {"status": "todo"})
+        job_cancel(job_id=job_id)
+        assert client.until_closed()[1:] == [("status", {"status": "cancelled"}), ("end", {"status": "cancelled"})]
+    finally:
+        client.close()
+
+
+def test_a_client_going_away_resets_watched_when_it_was_the_last_one(live_server, settings):
+    settings.JOBS_STREAM_KEEPALIVE_SECONDS = 0.2  # the server notices a gone client at its next write
+    owner = make_user("dan")
+    job_id = job_defer(count, owner_id=owner.id, to=2)
+    token = _token(owner)
+    first = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", token)
+    second = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", token)
+    try:
+        assert first.next() == ("status", {"status": "todo"})
+        assert second.next() == ("status", {"status": "todo"})
+        wait_for(lambda: first.comments >= 2, timeout=10, what="keep-alive comments")
+
+        assert _open_streams() == 2
+        first.close()
+        wait_for(lambda: _open_streams() == 1, timeout=10, what="the server to drop the first stream")
+        # The second client still watches: the job stays watched and keeps notifying.
+        assert _watched(job_id)
+        run_worker(queues=["imports"])
+        assert ("end", {"status": "succeeded"}) in second.until_closed()
+    finally:
+        first.close()
+        second.close()
+    wait_for(lambda: not _watched(job_id), timeout=10, what="watched to be reset")
+
+
+def test_the_last_stream_going_away_mid_job_resets_watched(live_server, settings):
+    settings.JOBS_STREAM_KEEPALIVE_SECONDS = 0.2
+    owner = make_user("eve")
+    job_id = job_defer(count, owner_id=owner.id, to=2)
+    client = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
+    assert client.next() == ("status", {"status": "todo"})
+    assert _watched(job_id)
+    client.close()
+    wait_for(lambda: not _watched(job_id), timeout=10, what="the server to notice and reset watched")
+    assert _open_streams() == 0
+
+
+def test_stream_of_another_users_job_is_404(live_server):
+    owner, intruder = make_user("fay"), make_user("gil")
+    job_id = job_defer(count, owner_id=owner.id, to=1)
+    client = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", _token(intruder))
+    assert client.until_closed() == [("error", {"detail": "Not found."})]
+    assert client.status == 404
+    client.close()
+    assert client_for(intruder).get(f"/api/jobs/{job_id}/stream/").status_code == 404
+    assert not JobInfo.objects.get(job_id=job_id).watched
+
+
+def test_the_generator_closes_cleanly_when_dropped_before_the_end():
+    """What the server does when a client disconnects: close the generator mid-stream."""
+    owner = make_user("hal")
+    job_id = job_defer(count, owner_id=owner.id, to=1)
+    stream = job_event_stream(job_id=job_id, keepalive_seconds=0.1, max_seconds=5)
+    assert next(stream).startswith("retry:")
+    assert next(stream) == 'event: status\ndata: {"status": "todo"}\n\n'
+    assert next(stream) == ": keep-alive\n\n"
+    assert _watched(job_id)
+    stream.close()
+    assert not _watched(job_id)
+
+
+def test_the_stream_stops_after_its_maximum_duration_without_an_end_event():
+    owner = make_user("ida")
+    job_id = job_defer(count, owner_id=owner.id, to=1)
+    chunks = list(job_event_stream(job_id=job_id, keepalive_seconds=0.1, max_seconds=0.35))
+    assert chunks[1] == 'event: status\ndata: {"status": "todo"}\n\n'
+    assert chunks[2:] and set(chunks[2:]) == {": keep-alive\n\n"}
+    assert not _watched(job_id)
