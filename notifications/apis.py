@@ -54,7 +54,10 @@ class SendEmailApi(APIView):
         fields = dict(data.validated_data)
         fields.pop("delivery_method")
         notification = services.notification_send_email(
-            owner=request.user, recipient=fields.pop("recipient_id"), **fields
+            owner=request.user,
+            recipient=fields.pop("recipient_id"),
+            callback_url=fields.pop("callback_url", None),
+            **fields,
         )
         return Response(
             {"job_id": notification.id, "status": "queued", "message": "The e-mail is queued for delivery."},

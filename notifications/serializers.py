@@ -5,6 +5,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from core.fields import StrictCharField, TimeZoneField
+from jobs.webhooks import webhook_host_allowed
 from notifications.models import DeliveryLog, DeliveryMethod, NotificationJob, NotificationType, Priority, Recipient
 
 
@@ -68,6 +69,16 @@ class _SendBase(serializers.Serializer):
 
 class SendEmailSerializer(_SendBase):
     recipient_id = serializers.IntegerField(min_value=1)
+    callback_url = serializers.URLField(
+        max_length=2000,
+        required=False,
+        help_text="POSTed the job's final status when it ends; its host must be in JOBS_WEBHOOK_ALLOWED_HOSTS.",
+    )
+
+    def validate_callback_url(self, value: str) -> str:
+        if not webhook_host_allowed(value):
+            raise serializers.ValidationError("Must be an http(s) URL on a host listed in JOBS_WEBHOOK_ALLOWED_HOSTS.")
+        return value
 
     def validate_recipient_id(self, value: int) -> Recipient:
         recipient = self._owned_recipients([value]).get(value)
