@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import Permission
-from django.db import connection
+from django.db import connection, connections
 from django.test import Client
 from django.utils import timezone
 from procrastinate.contrib.django import app
@@ -245,3 +247,89 @@ def test_dashboard_js_and_css_are_served_by_staticfiles():
     from django.contrib.staticfiles import finders
 
     assert finders.find("jobs/dashboard.js") and finders.find("jobs/dashboard.css")
+
+
+# --- In a real browser --------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (apt-get install chromium); Playwright downloads nothing
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser_page(monkeypatch):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    # Playwright's sync API keeps its event loop running in this thread; the ORM calls the test
+    # makes between browser steps are plain blocking calls, which Django would refuse there.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.set_default_timeout(15_000)
+            yield page
+        finally:
+            browser.close()
+            # Inside sync_playwright the code runs in another contextvars context, so Django
+            # opened a second connection here: close it, or dropping the test database fails.
+            connections.close_all()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dashboard_in_a_browser_updates_live_pauses_and_retries(live_server, browser_page):
+    make_user("boss", password="a-long-admin-password", is_staff=True, is_superuser=True)
+    for _ in range(3):
+        make_job("imports.run", "imports")
+    failed = [
+        make_job("notifications.deliver", "notifications", "failed", error="SMTPServerDisconnected: gone")
+        for _ in range(2)
+    ]
+    page = browser_page
+
+    page.goto(f"{live_server.url}/admin/login/?next={DASHBOARD}")
+    page.fill("#id_username", "boss")
+    page.fill("#id_password", "a-long-admin-password")
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{live_server.url}{DASHBOARD}")
+
+    imports_todo = page.locator('#dash-queues tr[data-queue="imports"] td[data-status="todo"]')
+    assert imports_todo.inner_text() == "3"
+    failing = page.locator('#dash-failing tr[data-task="notifications.deliver"]')
+    assert "SMTPServerDisconnected: gone" in failing.inner_text()
+    # Anything that reloads the page wipes this marker.
+    page.evaluate("window.notReloaded = true")
+
+    # A job deferred now shows up at the next poll.
+    make_job("imports.run", "imports")
+    page.wait_for_function(
+        "document.querySelector('#dash-queues tr[data-queue=\"imports\"] td[data-status=\"todo\"]').textContent === '4'"
+    )
+
+    page.click('#dash-queues tr[data-queue="imports"] button[data-action="pause"]')
+    page.wait_for_selector('#dash-queues tr[data-queue="imports"][data-paused="true"]')
+    assert page.locator("#dash-message").inner_text() == "Queue imports paused."
+    assert page.locator('#dash-paused li[data-queue="imports"]').count() == 1
+    assert PausedQueue.objects.filter(queue_name="imports", paused_by__username="boss").exists()
+
+    failing.locator('button[data-action="retry"]').click()
+    page.wait_for_function("document.querySelector('#dash-message').textContent.startsWith('Retried 2')")
+    statuses = {job["id"]: job["status"] for job in jobs("notifications.deliver")}
+    assert [statuses[i] for i in failed] == ["todo", "todo"]
+    # Nothing failed any more: the row keeps its recent failures but loses its button.
+    page.wait_for_function(
+        "!document.querySelector('#dash-failing tr[data-task=\"notifications.deliver\"] button[data-action]')"
+    )
+    page.wait_for_selector('#dash-queues tr[data-queue="notifications"] td[data-status="todo"]:text-is("2")')
+
+    assert page.evaluate("window.notReloaded") is True
+    page.screenshot(path=os.path.join(tempfile.gettempdir(), "secondbrain-dashboard.png"), full_page=True)
