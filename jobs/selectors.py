@@ -351,7 +351,8 @@ def job_metrics(*, hours: int, owner_id: int | None = None) -> dict[str, Any]:
 # --- The staff dashboard and /metrics (dashboard_*) ------------------------------------------
 # Every number is read from PostgreSQL when asked, so every web process shows the same.
 
-# Completions per time bucket, zero-filled: one row per bucket from `since` to now.
+# Completions per time bucket, zero-filled: one row per bucket from `span` ago to now. The
+# events are counted in one pass, then laid on the buckets.
 _DASHBOARD_THROUGHPUT = """
 WITH buckets AS (
     SELECT generate_series(
@@ -359,15 +360,17 @@ WITH buckets AS (
                date_bin(%(step)s::interval, now(), 'epoch'::timestamptz),
                %(step)s::interval
            ) AS start
+), counted AS (
+    SELECT date_bin(%(step)s::interval, at, 'epoch'::timestamptz) AS start,
+           count(*) FILTER (WHERE type = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE type = 'failed') AS failed
+      FROM procrastinate_events
+     WHERE type IN ('succeeded', 'failed') AND at >= (SELECT min(start) FROM buckets)
+     GROUP BY 1
 )
-SELECT buckets.start,
-       count(event.id) FILTER (WHERE event.type = 'succeeded') AS succeeded,
-       count(event.id) FILTER (WHERE event.type = 'failed') AS failed
+SELECT buckets.start, coalesce(counted.succeeded, 0), coalesce(counted.failed, 0)
   FROM buckets
-  LEFT JOIN procrastinate_events AS event
-         ON event.type IN ('succeeded', 'failed')
-        AND event.at >= buckets.start AND event.at < buckets.start + %(step)s::interval
- GROUP BY buckets.start
+  LEFT JOIN counted USING (start)
  ORDER BY buckets.start
 """
 
