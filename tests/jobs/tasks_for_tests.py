@@ -54,14 +54,16 @@ def fail_permanently(*, reason: str) -> None:
 
 
 @job_task(name="tests.stamp_a", queue=QUEUE_A, pass_context=True)
-def stamp_a(context: JobContext, *, n: int = 0) -> None:
-    """Records when it ran (progress_at, the database's clock)."""
+def stamp_a(context: JobContext, *, n: int = 0, sleep: float = 0) -> None:
+    """Records when it ran (progress_at, the database's clock), then takes `sleep` seconds."""
     job_progress(context, processed=n)
+    time.sleep(sleep)
 
 
 @job_task(name="tests.stamp_b", queue=QUEUE_B, pass_context=True)
-def stamp_b(context: JobContext, *, n: int = 0) -> None:
+def stamp_b(context: JobContext, *, n: int = 0, sleep: float = 0) -> None:
     job_progress(context, processed=n)
+    time.sleep(sleep)
 
 
 @job_task(
