@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 
-from notes.models import Note
+from notes.models import Note, NoteImport
 
 ENRICHMENT_CANDIDATES = 20
 
@@ -20,3 +20,8 @@ def note_enrichment_candidates(*, note: Note, limit: int = ENRICHMENT_CANDIDATES
         .only("id", "title", "content")
         .order_by("-created_at", "-id")[:limit]
     )
+
+
+def note_import_list(*, owner: AbstractBaseUser) -> QuerySet[NoteImport]:
+    """The owner's imports, newest first (without the stored files)."""
+    return NoteImport.objects.filter(owner=owner)

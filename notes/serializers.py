@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
+from django.core.files.uploadedfile import UploadedFile
 from rest_framework import serializers
 
+from core.errors import ApplicationError
 from core.fields import StrictCharField
-from notes.models import Note
+from jobs.webhooks import webhook_url_check
+from notes import imports
+from notes.models import ImportFormat, Note, NoteImport
 
 
 class NoteInputSerializer(serializers.Serializer):
@@ -43,3 +49,76 @@ class NoteOutputSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = fields
+
+
+class NoteImportInputSerializer(serializers.Serializer):
+    file = serializers.FileField(allow_empty_file=False)
+    format = serializers.ChoiceField(choices=ImportFormat.choices, required=False)
+    callback_url = serializers.URLField(required=False, max_length=2000)
+
+    def validate_file(self, value: UploadedFile) -> UploadedFile:
+        limit = settings.IMPORTS_MAX_UPLOAD_BYTES
+        if value.size > limit:
+            raise upload_too_large(value.size)
+        return value
+
+    def validate_callback_url(self, value: str) -> str:
+        try:
+            webhook_url_check(value)
+        except ApplicationError as exc:
+            raise serializers.ValidationError(exc.extra.get("callback_url", [exc.message])) from exc
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        upload: UploadedFile = attrs["file"]
+        fmt = attrs.get("format") or imports.format_infer(filename=upload.name or "", content_type=upload.content_type)
+        if fmt is None:
+            raise serializers.ValidationError(
+                {"format": ["Cannot tell the format from the file name or type: send format=csv or format=jsonl."]}
+            )
+        try:
+            imports.file_check(upload, fmt)
+        except imports.ImportFileError as exc:
+            raise serializers.ValidationError({"file": [str(exc)]}) from exc
+        return {**attrs, "format": fmt}
+
+
+def upload_too_large(size: int | None) -> ApplicationError:
+    limit = settings.IMPORTS_MAX_UPLOAD_BYTES
+    message = f"The file is larger than the limit of {limit} bytes."
+    if size is not None:
+        message = f"The file is {size} bytes; the limit is {limit} bytes."
+    return ApplicationError("File too large.", status_code=413, extra={"file": [message]})
+
+
+class NoteImportOutputSerializer(serializers.ModelSerializer):
+    processed = serializers.IntegerField(source="rows_done")
+    errors = serializers.SerializerMethodField()
+
+    class Meta:
+        model = NoteImport
+        fields = [
+            "id",
+            "filename",
+            "format",
+            "size",
+            "status",
+            "total",
+            "processed",
+            "imported",
+            "duplicates",
+            "skipped",
+            "errors",
+            "failure_reason",
+            "job_id",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+    ERRORS_SHOWN = 100
+
+    def get_errors(self, note_import: NoteImport) -> list[dict[str, Any]]:
+        """The first skipped rows, {"line": n, "reason": "..."}; `skipped` counts them all."""
+        return note_import.errors[: self.ERRORS_SHOWN]

@@ -1,15 +1,25 @@
 from __future__ import annotations
 
+import itertools
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, BinaryIO, TextIO
+
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from jobs.services import job_defer
+from jobs.services import job_defer, job_defer_bulk
+from jobs.webhooks import webhook_url_check
 from llm.client import ProviderError
 from llm.services import LlmUnavailable, llm_complete
-from notes import enrichment, tier1
-from notes.models import EnrichmentStatus, Note
+from notes import enrichment, imports, tier1
+from notes.models import EnrichmentStatus, ImportStatus, Note, NoteImport
 from notes.selectors import note_enrichment_candidates
 
 
@@ -122,3 +132,242 @@ def note_enrichment_failed(*, note_id: int, error: str, final: bool) -> None:
     status = EnrichmentStatus.FAILED if final else EnrichmentStatus.PENDING
     prefix = "" if final else "retrying after: "
     _note_set_status(note_id=note_id, status=status, error=prefix + error)
+
+
+# --- Bulk import ----------------------------------------------------------------------------
+
+IMPORT_ERRORS_KEPT = 1000  # skipped rows listed with their line and reason; `skipped` counts all
+IMPORT_READ_CHUNK_BYTES = 1 << 20  # one substring() per MiB of the stored file
+IMPORT_BATCH_MAX_CHARS = 8 << 20  # a batch also ends at this much content, so big rows stay bounded
+# Below interactive notes (priority 0): a 100,000-row import does not delay tomorrow's note.
+IMPORT_ENRICH_PRIORITY = -10
+_COPY_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ImportProgress:
+    processed: int
+    total: int | None
+    imported: int
+    duplicates: int
+    skipped: int
+
+
+class _ImportSuperseded(Exception):
+    """Another run of the same import committed the batch this run was about to write."""
+
+
+@transaction.atomic
+def note_import_create(
+    *,
+    owner: AbstractBaseUser,
+    file: BinaryIO,
+    filename: str,
+    format: str,
+    callback_url: str | None = None,
+) -> NoteImport:
+    """Store an uploaded file in PostgreSQL and defer `notes.import` for it, in one transaction.
+
+    The input is already checked (NoteImportInputSerializer): a known format, a readable header.
+    The file is streamed into the row with COPY, so the web process never holds it whole.
+    """
+    from notes.tasks import note_import  # tasks import services; import late to avoid a cycle
+
+    if callback_url:
+        webhook_url_check(callback_url)  # before copying megabytes for nothing
+    import_id = _note_import_store(owner_id=owner.pk, file=file, filename=filename, format=format)
+    job_id = job_defer(
+        note_import,
+        owner_id=owner.pk,
+        callback_url=callback_url or None,
+        lock=f"note-import:{import_id}",  # two runs of one import never overlap
+        import_id=import_id,
+    )
+    NoteImport.objects.filter(id=import_id).update(job_id=job_id)
+    return NoteImport.objects.get(id=import_id)
+
+
+def _copy_text(value: str) -> str:
+    """A value in COPY's text format."""
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _note_import_store(*, owner_id: int, file: BinaryIO, filename: str, format: str) -> int:
+    """INSERT the import row with the file's bytes, streamed as hex through COPY. Returns its id."""
+    filename = "".join(ch for ch in filename if ch.isprintable())[: NoteImport._meta.get_field("filename").max_length]
+    file.seek(0)
+    size = 0
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT nextval(pg_get_serial_sequence('notes_import', 'id'))")
+        import_id = cursor.fetchone()[0]
+        head = "\t".join([str(import_id), str(owner_id), _copy_text(format), _copy_text(filename)])
+        # The bytea literal "\x<hex>", its backslash doubled for COPY; `size` goes last, once counted.
+        with cursor.cursor.copy("COPY notes_import (id, owner_id, format, filename, data, size) FROM STDIN") as copy:
+            copy.write(head.encode() + b"\t\\\\x")
+            while chunk := file.read(_COPY_CHUNK_BYTES):
+                size += len(chunk)
+                copy.write(chunk.hex().encode())
+            copy.write(f"\t{size}\n".encode())
+    return import_id
+
+
+def note_import_run(*, import_id: int, on_progress: Callable[[ImportProgress], None] | None = None) -> NoteImport:
+    """Import the stored file's rows as notes. Safe to run again at any point.
+
+    - Counts the rows first (streaming), so progress has a total.
+    - Then takes batches of IMPORTS_BATCH_SIZE rows. Each batch is one transaction: one
+      multi-row INSERT ... ON CONFLICT DO NOTHING of its valid rows, one bulk defer of
+      enrichment for exactly the notes inserted, and the import's counters and cursor.
+    - A rerun (a retried job) resumes after `rows_done`; a row imported before (by this or any
+      earlier import of the owner) meets the unique (owner, import_key) and counts as a duplicate.
+    - `on_progress` is called after each batch, outside its transaction.
+
+    Raises imports.ImportFileError when the file cannot be read at all (the header).
+    """
+    with transaction.atomic():
+        note_import = NoteImport.objects.select_for_update().get(id=import_id)
+        if note_import.status == ImportStatus.DONE:
+            return note_import
+        note_import.status = ImportStatus.RUNNING
+        note_import.started_at = note_import.started_at or timezone.now()
+        note_import.failure_reason = ""
+        note_import.save(update_fields=["status", "started_at", "failure_reason"])
+
+    if note_import.total is None:
+        with _stored_text(note_import) as text:
+            note_import.total = imports.count_records(text, note_import.format)
+        NoteImport.objects.filter(id=import_id).update(total=note_import.total)
+    if on_progress:
+        on_progress(_import_progress(note_import))
+
+    with _stored_text(note_import) as text:
+        records = imports.read_records(text, note_import.format)
+        for _ in itertools.islice(records, note_import.rows_done):  # done by an earlier run
+            pass
+        for batch in _import_batches(records):
+            try:
+                note_import = _note_import_batch(note_import=note_import, records=batch)
+            except _ImportSuperseded:
+                return NoteImport.objects.get(id=import_id)
+            if on_progress:
+                on_progress(_import_progress(note_import))
+
+    NoteImport.objects.filter(id=import_id).exclude(status=ImportStatus.DONE).update(
+        status=ImportStatus.DONE, finished_at=timezone.now()
+    )
+    return NoteImport.objects.get(id=import_id)
+
+
+def note_import_failed(*, import_id: int, reason: str) -> None:
+    """The import's job gave up (its last attempt failed, or an operator aborted it)."""
+    NoteImport.objects.filter(id=import_id).exclude(status=ImportStatus.DONE).update(
+        status=ImportStatus.FAILED, failure_reason=reason[:2000], finished_at=timezone.now()
+    )
+
+
+def _import_progress(note_import: NoteImport) -> ImportProgress:
+    return ImportProgress(
+        processed=note_import.rows_done,
+        total=note_import.total,
+        imported=note_import.imported,
+        duplicates=note_import.duplicates,
+        skipped=note_import.skipped,
+    )
+
+
+@contextmanager
+def _stored_text(note_import: NoteImport) -> Iterator[TextIO]:
+    """The stored file as text, read IMPORT_READ_CHUNK_BYTES at a time with substring()."""
+    import_id = note_import.id
+
+    def fetch(offset: int, length: int) -> bytes:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT substring(data FROM %s FOR %s) FROM notes_import WHERE id = %s", [offset + 1, length, import_id]
+            )
+            return bytes(cursor.fetchone()[0])
+
+    stream = imports.StoredFile(size=note_import.size, fetch=fetch, chunk_bytes=IMPORT_READ_CHUNK_BYTES)
+    with imports.open_text(stream) as text:
+        yield text
+
+
+def _import_batches(records: Iterator[imports.Record]) -> Iterator[list[imports.Record]]:
+    """Records in lists of IMPORTS_BATCH_SIZE, or fewer once they hold IMPORT_BATCH_MAX_CHARS."""
+    batch: list[imports.Record] = []
+    chars = 0
+    for record in records:
+        batch.append(record)
+        if record.values:
+            chars += sum(len(value) for value in record.values.values() if isinstance(value, str))
+        if len(batch) >= settings.IMPORTS_BATCH_SIZE or chars >= IMPORT_BATCH_MAX_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+@transaction.atomic
+def _note_import_batch(*, note_import: NoteImport, records: list[imports.Record]) -> NoteImport:
+    """Write one batch: its notes, their enrichment jobs and the import's counters, or nothing."""
+    from notes.tasks import note_enrich  # tasks import services; import late to avoid a cycle
+
+    current = NoteImport.objects.select_for_update().only("rows_done", "errors").get(id=note_import.id)
+    if current.rows_done != note_import.rows_done:
+        raise _ImportSuperseded(f"import {note_import.id} is at row {current.rows_done}, not {note_import.rows_done}")
+
+    notes: list[Note] = []
+    errors: list[dict[str, Any]] = []
+    for record in records:
+        row = imports.row_validate(record)
+        if isinstance(row, str):
+            errors.append({"line": record.line, "reason": row})
+            continue
+        note = Note(owner_id=note_import.owner_id, title=row.title, content=row.content, import_key=row.import_key)
+        _apply_tier1(note)  # as note_create does; the file's tags come first
+        note.tags = list(dict.fromkeys([*row.tags, *note.tags]))
+        notes.append(note)
+
+    note_ids = _notes_insert_new(notes)
+    job_defer_bulk(
+        note_enrich,
+        [{"note_id": note_id} for note_id in note_ids],
+        owner_id=note_import.owner_id,
+        priority=IMPORT_ENRICH_PRIORITY,
+    )
+
+    room = max(IMPORT_ERRORS_KEPT - len(current.errors), 0)
+    note_import.errors = current.errors + errors[:room]
+    note_import.rows_done += len(records)
+    note_import.imported += len(note_ids)
+    note_import.duplicates += len(notes) - len(note_ids)
+    note_import.skipped += len(errors)
+    note_import.save(update_fields=["errors", "rows_done", "imported", "duplicates", "skipped"])
+    return note_import
+
+
+def _notes_insert_new(notes: list[Note]) -> list[int]:
+    """One INSERT of `notes`; rows whose (owner, import_key) exists are left out. Returns the
+    ids of the notes inserted.
+
+    The rows travel as one JSON parameter (jsonb_to_recordset typed by the model's columns):
+    a statement with a placeholder per value costs more to build than to run.
+    """
+    if not notes:
+        return []
+    quote = connection.ops.quote_name
+    fields = [field for field in Note._meta.concrete_fields if not field.primary_key]
+    columns = ", ".join(quote(field.column) for field in fields)
+    record_type = ", ".join(f"{quote(field.column)} {field.db_type(connection)}" for field in fields)
+    rows = [
+        {field.column: field.get_db_prep_save(field.pre_save(note, True), connection) for field in fields}
+        for note in notes
+    ]
+    sql = (
+        f"INSERT INTO {quote(Note._meta.db_table)} ({columns})"
+        f" SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS r({record_type})"
+        " ON CONFLICT (owner_id, import_key) WHERE import_key IS NOT NULL DO NOTHING RETURNING id"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [json.dumps(rows, cls=DjangoJSONEncoder)])
+        return [note_id for (note_id,) in cursor.fetchall()]

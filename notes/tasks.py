@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from typing import Any
+
 from procrastinate import JobContext
 
 from jobs import queues
+from jobs.progress import job_progress
 from jobs.registry import job_task
 from jobs.retry import will_retry
 from llm.client import ProviderError
@@ -22,3 +25,34 @@ def note_enrich(context: JobContext, *, note_id: int) -> str:
     except ProviderError as exc:
         services.note_enrichment_failed(note_id=note_id, error=str(exc), final=not will_retry(context, exc))
         raise
+
+
+@job_task(name="notes.import", queue=queues.IMPORTS, retries=3, pass_context=True)
+def note_import(context: JobContext, *, import_id: int) -> dict[str, Any]:
+    def report(progress: services.ImportProgress) -> None:
+        # Committed at once, so the jobs API, its stream and the dashboard show it; raises
+        # JobAborted when an operator aborts the job, between two batches.
+        job_progress(
+            context,
+            processed=progress.processed,
+            total=progress.total,
+            import_id=import_id,
+            imported=progress.imported,
+            duplicates=progress.duplicates,
+            skipped=progress.skipped,
+        )
+
+    try:
+        note_import = services.note_import_run(import_id=import_id, on_progress=report)
+    except Exception as exc:
+        if not will_retry(context, exc):
+            services.note_import_failed(import_id=import_id, reason=f"{type(exc).__name__}: {exc}")
+        raise
+    return {
+        "import_id": import_id,
+        "status": note_import.status,
+        "total": note_import.total,
+        "imported": note_import.imported,
+        "duplicates": note_import.duplicates,
+        "skipped": note_import.skipped,
+    }
