@@ -12,6 +12,7 @@ from datetime import datetime
 
 from procrastinate import JobContext, RetryStrategy
 from procrastinate.exceptions import JobAborted
+from procrastinate.job_context import AbortReason
 from procrastinate.jobs import Job
 from procrastinate.retry import RetryDecision
 
@@ -53,4 +54,6 @@ def will_retry(context: JobContext, exception: BaseException) -> bool:
     strategy = task.retry_strategy if task else None
     if strategy is None or context.job is None:
         return False
+    if isinstance(exception, JobAborted) and context.abort_reason() != AbortReason.SHUTDOWN:
+        return False  # the worker retries an aborted job only when the abort was its own shutdown
     return strategy.get_retry_decision(exception=exception, job=context.job) is not None
