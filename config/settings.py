@@ -129,6 +129,8 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "secondbrain API",
     "DESCRIPTION": "Notes, notifications and digests over a PostgreSQL job system.",
     "VERSION": "0.1.0",
+    # Several models have a `status` with other choices: name this set instead of hashing it.
+    "ENUM_NAME_OVERRIDES": {"NoteImportStatusEnum": "notes.models.ImportStatus"},
 }
 
 # --- Claude (Tier-2 enrichment and AI digests) ----------------------------------------------
