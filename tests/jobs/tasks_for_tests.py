@@ -87,6 +87,15 @@ def limited_per_user(context: JobContext, *, user_id: int, n: int) -> None:
 
 
 @job_task(
+    name="tests.limited_per_owner",
+    queue=QUEUE_A,
+    rate_limits=[RateLimit(rate=1, per=60, burst=1, key="owner")],
+)
+def limited_per_owner(*, n: int) -> int:
+    return n
+
+
+@job_task(
     name="tests.over_time",
     queue=QUEUE_A,
     pass_context=True,

@@ -10,8 +10,12 @@ from __future__ import annotations
 from datetime import datetime
 
 import pytest
+from django.utils import timezone
 
 from jobs import services
+from jobs.registry import RateLimit
+from tests.conftest import run_worker
+from tests.factories import make_user
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import query, start_test_worker, stop_worker, wait_for, wait_for_workers
 
@@ -110,10 +114,36 @@ def test_a_limit_per_key_lets_each_key_progress_independently():
     assert abs((min(per_user[1]) - min(per_user[2])).total_seconds()) < 0.5
 
 
+def test_a_limit_per_owner_postpones_the_owners_next_job_without_spending_its_attempt(settings):
+    """1 job a minute per owner (the user the job was deferred for). In-process worker."""
+    settings.JOBS_RATE_LIMIT_INLINE_WAIT_SECONDS = 0
+    ann, ben = make_user("ann"), make_user("ben")
+    ids = {
+        (owner.username, n): services.job_defer(tasks.limited_per_owner, owner_id=owner.id, n=n)
+        for n in range(2)
+        for owner in (ann, ben)
+    }
+    unowned = tasks.limited_per_owner.defer(n=9)  # no owner: outside every bucket
+
+    run_worker([tasks.QUEUE_A])
+
+    rows = {
+        job_id: (status, attempts, scheduled_at)
+        for job_id, status, attempts, scheduled_at in query(
+            "SELECT id, status, attempts, scheduled_at FROM procrastinate_jobs WHERE task_name = %s",
+            ["tests.limited_per_owner"],
+        )
+    }
+    for owner in ("ann", "ben"):
+        assert rows[ids[owner, 0]][:2] == ("succeeded", 1)
+        status, attempts, scheduled_at = rows[ids[owner, 1]]
+        assert (status, attempts) == ("todo", 0)  # postponed, not failed, no attempt spent
+        assert 50 < (scheduled_at - timezone.now()).total_seconds() <= 61  # when the owner's token is due
+    assert rows[unowned][:2] == ("succeeded", 1)
+
+
 def test_a_job_without_a_value_for_the_key_is_not_limited():
     """`key="user_id"` limits per user; a job that has no user_id is outside every bucket."""
-    from jobs.registry import RateLimit
-
     limit = RateLimit(rate=1, per=60, key="user_id")
     assert limit.bucket(task_name="t", queue="q", kwargs={"user_id": 7}, owner_id=None) == "task:t:user_id=7"
     assert limit.bucket(task_name="t", queue="q", kwargs={}, owner_id=None) is None

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from django.db import connection, transaction
 from django.utils import timezone
+from procrastinate.contrib.django import app
 
 from jobs import services
 from jobs.models import JobInfo
@@ -216,3 +217,19 @@ def test_two_concurrent_defers_with_one_key_create_one_job():
     assert results["second"] == results["first"] is not None
     assert results["second_done_at"] - started >= 0.4  # it waited for the first transaction
     assert len(jobs("tests.stamp_a")) == 1
+
+
+# --- Abort ----------------------------------------------------------------------------------
+
+
+def test_an_operators_abort_stops_a_job_at_its_next_progress_report():
+    job_id = services.job_defer(tasks.long_cooperative, owner_id=make_user("abe").id, seconds=30)
+    worker = start_test_worker("--queues", tasks.QUEUE_A)
+    try:
+        wait_for(lambda: (info := _info_elsewhere(job_id)) and info[0] is not None, what="the job to run")
+        assert app.job_manager.cancel_job_by_id(job_id, abort=True)
+        wait_for(lambda: job_status(job_id) == "aborted", timeout=10, what="the abort")
+    finally:
+        output = stop_worker(worker)
+    assert job_attempts(job_id) == 1, output  # not retried: an abort on request is final
+    assert JobInfo.objects.get(job_id=job_id).error == "aborted on request"
