@@ -61,9 +61,20 @@ async def job_middleware(call_next, context: JobContext, worker) -> Any:
     options = task_options(job.task_name)
     connector = context.app.connector
     try:
-        if options.rate_limits:
-            await _take_rate_limit_tokens(context, options)
-        result = await _run(call_next, context, options)
+        try:
+            if options.rate_limits:
+                await _take_rate_limit_tokens(context, options)
+            result = await _run(call_next, context, options)
+        except asyncio.CancelledError:
+            # The worker cancels an aborted async job. When that is its own shutdown, say so
+            # with JobAborted: Procrastinate then re-queues the job instead of ending it
+            # `aborted` (it only retries a shutdown abort raised as JobAborted).
+            if context.abort_reason() != AbortReason.SHUTDOWN:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            raise JobAborted(f"job {job.id} aborted ({context.abort_reason()})") from None
     except Postponed as exc:
         await connector.execute_query_async(_UNCOUNT_ATTEMPT, job_id=job.id)
         _wake_at(worker, exc.retry_at)
@@ -127,17 +138,9 @@ async def _run(call_next, context: JobContext, options: TaskOptions) -> Any:
         timeout = ABORT_POLL_SECONDS if deadline is None else min(ABORT_POLL_SECONDS, deadline - time.monotonic())
         try:
             done, _ = await asyncio.wait({run}, timeout=max(timeout, 0))
-        except asyncio.CancelledError:
-            # The worker cancels an aborted async job. When that is its own shutdown, say so
-            # with JobAborted: Procrastinate then re-queues the job instead of ending it
-            # `aborted` (it only retries a shutdown abort raised as JobAborted).
+        except asyncio.CancelledError:  # the worker cancels an aborted async job: pass it on
             run.cancel()
-            if context.abort_reason() != AbortReason.SHUTDOWN:
-                raise
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            raise JobAborted(f"job {context.job.id} aborted ({context.abort_reason()})") from None
+            raise
         if done:
             return run.result()
         if context.should_abort():
@@ -164,6 +167,8 @@ async def _take_rate_limit_tokens(context: JobContext, options: TaskOptions) -> 
         if (key := limit.bucket(task_name=job.task_name, queue=job.queue, kwargs=job.task_kwargs, owner_id=owner_id))
     ]
     while True:
+        if context.should_abort():  # e.g. the worker shut down while this job waited its turn
+            raise JobAborted(f"job {job.id} aborted ({context.abort_reason()})")
         wait = await sync_to_async(_take_all, thread_sensitive=False)(buckets)
         if wait <= 0:
             return
