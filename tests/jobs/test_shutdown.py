@@ -109,3 +109,20 @@ def test_a_sync_job_that_never_checks_holds_the_process_until_it_returns(tmp_pat
     assert done.exists()  # the thread ran to its end...
     assert returncode == 0, output
     assert exited_after >= 3  # ...and only then did the process exit
+
+
+def test_a_second_sigterm_kills_a_worker_held_by_a_stubborn_job(tmp_path):
+    done = tmp_path / "done"
+    stubborn = services.job_defer(tasks.long_stubborn, seconds=10, done_path=str(done))
+    worker = start_test_worker("--queues", tasks.QUEUE_A, env=GRACE)
+    try:
+        wait_for(lambda: _running(stubborn), what="the stubborn job to run")
+        worker.send_signal(signal.SIGTERM)
+        wait_for(lambda: job_status(stubborn) == "todo", timeout=10, what="the job to be given up")
+        worker.send_signal(signal.SIGTERM)  # the first one restored the default handler
+        returncode = worker.wait(5)
+    finally:
+        output = stop_worker(worker)
+    assert returncode == -signal.SIGTERM, output
+    assert not done.exists()
+    assert job_status(stubborn) == "todo"  # already back in the queue before the kill

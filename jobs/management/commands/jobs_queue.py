@@ -45,6 +45,7 @@ class Command(BaseCommand):
             counts = queue["counts"]
             state = "paused" if queue["paused"] else "running"
             since = f"{queue['paused_at']:%Y-%m-%d %H:%M:%S %Z}" if queue["paused_at"] else ""
-            self.stdout.write(
+            line = (
                 f"{queue['name']:<16}{state:<10}{counts['todo']:>8}{counts['doing']:>8}{counts['failed']:>8}  {since}"
             )
+            self.stdout.write(line.rstrip())
