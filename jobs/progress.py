@@ -19,8 +19,10 @@ from typing import Any
 from django.db import connection
 from procrastinate import JobContext
 from procrastinate.exceptions import JobAborted
+from procrastinate.job_context import AbortReason
 
-# One round trip: write the progress, and NOTIFY only when a client streams this job.
+# One round trip: write the progress, NOTIFY only when a client streams this job, and read
+# whether an operator asked the job to stop.
 _PROGRESS = """
 WITH written AS (
     INSERT INTO jobs_job_info (job_id, processed, total, progress, progress_at)
@@ -28,8 +30,11 @@ WITH written AS (
     ON CONFLICT (job_id) DO UPDATE SET processed = EXCLUDED.processed, total = EXCLUDED.total,
                                        progress = EXCLUDED.progress, progress_at = EXCLUDED.progress_at
     RETURNING watched
+), notified AS (
+    SELECT pg_notify('secondbrain_job_' || %(job_id)s, %(event)s) FROM written WHERE watched
 )
-SELECT pg_notify('secondbrain_job_' || %(job_id)s, %(event)s) FROM written WHERE watched
+SELECT (SELECT count(*) FROM notified) AS notified,
+       (SELECT abort_requested OR status = 'aborted' FROM procrastinate_jobs WHERE id = %(job_id)s) AS aborted
 """
 
 
@@ -49,6 +54,11 @@ def job_progress(context: JobContext, *, processed: int, total: int | None = Non
             _PROGRESS,
             {"job_id": context.job.id, "processed": processed, "total": total, "data": payload, "event": event},
         )
+        aborted = cursor.fetchone()[1]
+    # The worker forgets an operator's abort once the middleware has given the job up, but a
+    # sync task's thread runs on: the job's row still says so.
+    if aborted:
+        raise JobAborted(f"job {context.job.id} aborted ({AbortReason.USER_REQUEST})")
 
 
 async def job_progress_async(context: JobContext, *, processed: int, total: int | None = None, **data: Any) -> None:
