@@ -14,6 +14,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
+from procrastinate.contrib.django import app
 
 from jobs.models import JobInfo
 from notes import imports, services
@@ -568,14 +569,7 @@ def test_an_import_whose_worker_is_sigkilled_mid_file_is_finished_without_duplic
     }
     # Another session is inserting row 75's note and has not committed: the worker's second
     # batch waits on it (ON CONFLICT must know whether that row will exist) after committing the first.
-    blocker = psycopg.connect(database_url())
-    blocker.execute(
-        "INSERT INTO notes (owner_id, title, content, content_version, word_count, tags, links, note_type,"
-        " enrichment_status, enrichment_error, ai_type, ai_tags, summary, connections, created_at, updated_at,"
-        " import_key) VALUES (%s, '', 'x', 1, 1, '{}', '{}', 'note', 'pending', '', '', '{}', '', '{}', now(), now(),"
-        " %s)",
-        [owner.id, imports.import_key_of(title="n75", content="note 75 #bulk")],
-    )
+    blocker = _insert_uncommitted(owner, title="n75", content="note 75 #bulk")
 
     doomed = start_worker_process("--queues", "imports", env=env)
     try:
@@ -610,6 +604,46 @@ def test_an_import_whose_worker_is_sigkilled_mid_file_is_finished_without_duplic
     assert len(enrich) == 200 and len({j["note_id"] for j in enrich}) == 200  # one per note
     [job] = jobs("notes.import")
     assert job["status"] == "succeeded"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_operator_abort_stops_the_import_after_the_batch_in_flight():
+    owner = make_user("uma")
+    rows = [{"title": f"n{i}", "content": f"note {i} #bulk", "tags": ""} for i in range(200)]
+    note_import = import_create(owner, csv_bytes(rows))
+    blocker = _insert_uncommitted(owner, title="n75", content="note 75 #bulk")  # holds the second batch
+
+    worker = start_worker_process("--queues", "imports", env={"IMPORTS_BATCH_SIZE": "50"})
+    try:
+        wait_for(lambda: NoteImport.objects.get(id=note_import.id).rows_done == 50, what="the first batch")
+        wait_for(lambda: _backends_waiting_on_a_lock() > 0, what="the second batch to wait")
+        assert app.job_manager.cancel_job_by_id(note_import.job_id, abort=True)
+        wait_for(lambda: jobs("notes.import")[0]["status"] == "aborted", what="the worker to give the job up")
+        blocker.rollback()  # the batch in flight commits; the next progress report stops the import
+        wait_for(lambda: NoteImport.objects.get(id=note_import.id).status == "failed", what="the import to stop")
+    finally:
+        blocker.close()
+        worker.send_signal(signal.SIGTERM)
+        output = worker.communicate(timeout=20)[0]
+    note_import.refresh_from_db()
+    assert (note_import.rows_done, note_import.imported) == (100, 100), output
+    assert "aborted" in note_import.failure_reason
+    assert Note.objects.filter(owner=owner).count() == 100
+    assert jobs("notes.import")[0]["status"] == "aborted"
+
+
+def _insert_uncommitted(owner, *, title: str, content: str) -> psycopg.Connection:
+    """A session that has inserted the note of this row and not committed: an import's
+    INSERT ... ON CONFLICT of the same row waits for it to end."""
+    blocker = psycopg.connect(database_url())
+    blocker.execute(
+        "INSERT INTO notes (owner_id, title, content, content_version, word_count, tags, links, note_type,"
+        " enrichment_status, enrichment_error, ai_type, ai_tags, summary, connections, created_at, updated_at,"
+        " import_key) VALUES (%s, %s, %s, 1, 1, '{}', '{}', 'note', 'pending', '', '', '{}', '', '{}', now(), now(),"
+        " %s)",
+        [owner.id, title, content, imports.import_key_of(title=title, content=content)],
+    )
+    return blocker
 
 
 def _backends_waiting_on_a_lock() -> int:
