@@ -5,11 +5,11 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, BinaryIO, TextIO
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -346,6 +346,12 @@ def _note_import_batch(*, note_import: NoteImport, records: list[imports.Record]
     return note_import
 
 
+def _json_datetime(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()  # to the microsecond (DjangoJSONEncoder keeps milliseconds)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def _notes_insert_new(notes: list[Note]) -> list[int]:
     """One INSERT of `notes`; rows whose (owner, import_key) exists are left out. Returns the
     ids of the notes inserted.
@@ -369,5 +375,5 @@ def _notes_insert_new(notes: list[Note]) -> list[int]:
         " ON CONFLICT (owner_id, import_key) WHERE import_key IS NOT NULL DO NOTHING RETURNING id"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, [json.dumps(rows, cls=DjangoJSONEncoder)])
+        cursor.execute(sql, [json.dumps(rows, default=_json_datetime)])
         return [note_id for (note_id,) in cursor.fetchall()]

@@ -525,6 +525,21 @@ def test_skipped_rows_listed_are_capped_but_all_counted(user, monkeypatch):
     assert note_import.errors[0] == {"line": 2, "reason": "content is blank"}
 
 
+@pytest.mark.django_db
+def test_the_admin_shows_imports_read_only_without_the_file(client, user):
+    client.force_login(make_user("root", is_staff=True, is_superuser=True))
+    note_import = import_create(user, b"content\nsecret-file-body\n")
+
+    page = client.get("/admin/notes/noteimport/")
+    assert page.status_code == 200
+    assert "x.csv" in page.content.decode()
+    page = client.get(f"/admin/notes/noteimport/{note_import.id}/change/")
+    assert page.status_code == 200
+    assert b"secret-file-body" not in page.content
+    assert b'name="_save"' not in page.content  # view only
+    assert client.get("/admin/notes/noteimport/add/").status_code == 403
+
+
 # --- Memory -----------------------------------------------------------------------------------
 
 
