@@ -220,6 +220,10 @@ JOBS_WEBHOOK_SECRET = (
     or hashlib.sha256(f"secondbrain-webhooks:{SECRET_KEY}".encode()).hexdigest()
 )
 JOBS_WEBHOOK_TIMEOUT_SECONDS = env.float("JOBS_WEBHOOK_TIMEOUT_SECONDS", default=5.0)
+# GET /api/jobs/{id}/stream/ (Server-Sent Events): keep-alive comment interval, and the longest a
+# stream stays open (the browser's EventSource then reconnects and gets the current state).
+JOBS_STREAM_KEEPALIVE_SECONDS = env.float("JOBS_STREAM_KEEPALIVE_SECONDS", default=15.0)
+JOBS_STREAM_MAX_SECONDS = env.float("JOBS_STREAM_MAX_SECONDS", default=3600.0)
 # GET /metrics (Prometheus): when set, scrapers must send "Authorization: Bearer <token>".
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 

@@ -41,11 +41,9 @@ from jobs.selectors import FINAL_STATUSES, job_progress_summary
 
 logger = logging.getLogger(__name__)
 
-# Overridable in settings: JOBS_STREAM_KEEPALIVE_SECONDS, JOBS_STREAM_MAX_SECONDS. A stream
-# closes after the maximum (the browser's EventSource reconnects and gets the state again), so a
-# forgotten tab does not hold a database connection for days.
-KEEPALIVE_SECONDS = 15.0
-MAX_STREAM_SECONDS = 3600.0
+# settings.JOBS_STREAM_KEEPALIVE_SECONDS and JOBS_STREAM_MAX_SECONDS: a stream closes after the
+# maximum (the browser's EventSource reconnects and gets the state again), so a forgotten tab
+# does not hold a database connection for days.
 RECONNECT_MILLISECONDS = 3000
 
 _LOCK_KEY = "SELECT hashtextextended('secondbrain-job-stream:' || %(job_id)s::text, 0)"
@@ -94,9 +92,9 @@ def job_event_stream(
     A generator: nothing happens until the first chunk is asked for, and closing it (the client
     went away) releases the connection and the watch."""
     if keepalive_seconds is None:
-        keepalive_seconds = getattr(settings, "JOBS_STREAM_KEEPALIVE_SECONDS", KEEPALIVE_SECONDS)
+        keepalive_seconds = settings.JOBS_STREAM_KEEPALIVE_SECONDS
     if max_seconds is None:
-        max_seconds = getattr(settings, "JOBS_STREAM_MAX_SECONDS", MAX_STREAM_SECONDS)
+        max_seconds = settings.JOBS_STREAM_MAX_SECONDS
     conn = _connect()
     lock_key = None
     try:
