@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import connection, transaction
-from django.db.models import DateTimeField, ExpressionWrapper
-from django.db.models.functions import Now
 from django.utils import timezone
-from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate.contrib.django import app
+from procrastinate.jobs import Job
 from procrastinate.manager import JobManager
 from procrastinate.tasks import Task
+from psycopg.types.json import Jsonb
 
 from core.errors import ApplicationError
 from jobs import queues
@@ -25,6 +24,42 @@ from jobs.models import JobInfo, PausedQueue
 from jobs.webhooks import webhook_post, webhook_url_check
 
 logger = logging.getLogger(__name__)
+
+
+# One statement for the job and, when there is anything to know about it, its info row. It is
+# Procrastinate's own insert (procrastinate_defer_jobs_v1) without the function call, and a
+# waiting job with the same queueing lock makes it insert nothing (no savepoint needed).
+_DEFER = """
+WITH job AS (
+    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at)
+    VALUES (%(queue)s, %(task)s, %(priority)s, %(lock)s, %(queueing_lock)s, %(args)s, %(scheduled_at)s)
+    ON CONFLICT (queueing_lock) WHERE status = 'todo' DO NOTHING
+    RETURNING id
+), info AS (
+    INSERT INTO jobs_job_info (job_id, owner_id, dedup_key, dedup_until, callback_url)
+    SELECT id, %(owner_id)s, %(dedup_key)s,
+           CASE WHEN %(dedup_key)s <> '' THEN now() + make_interval(secs => %(dedup_seconds)s) END,
+           %(callback_url)s
+      FROM job
+     WHERE %(with_info)s
+)
+SELECT id FROM job
+"""
+_DEFER_MANY = """
+WITH jobs AS (
+    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at)
+    SELECT %(queue)s, %(task)s, %(priority)s, %(lock)s, NULL, args, %(scheduled_at)s
+      FROM unnest(%(args)s::jsonb[]) WITH ORDINALITY AS given (args, n)
+     ORDER BY n
+    RETURNING id
+), info AS (
+    INSERT INTO jobs_job_info (job_id, owner_id) SELECT id, %(owner_id)s FROM jobs WHERE %(owner_id)s IS NOT NULL
+)
+SELECT id FROM jobs
+"""
+_DEDUP_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+# The database's clock on both sides, so web processes on other hosts agree.
+_DEDUP_EXISTING = "SELECT max(job_id) FROM jobs_job_info WHERE dedup_key = %s AND dedup_until > now()"
 
 
 def job_defer(
@@ -42,7 +77,8 @@ def job_defer(
 ) -> int | None:
     """Defer `task` on the current database connection, so inside the caller's transaction.
 
-    A rolled-back transaction leaves no job; a committed one always has it.
+    A rolled-back transaction leaves no job; a committed one always has it. Without
+    deduplication it is one statement (one round trip).
 
     - `owner_id`: the user the job works for (the jobs API shows it to them).
     - `dedup_key` with `dedup_seconds`: a second defer with the same key inside the window
@@ -56,40 +92,25 @@ def job_defer(
         raise ValueError("dedup_key needs a positive dedup_seconds (the deduplication window)")
     if callback_url:
         webhook_url_check(callback_url)
-    # A savepoint, so a refused duplicate does not abort the caller's transaction.
-    with transaction.atomic():
-        if dedup_key:
-            with connection.cursor() as cursor:
-                # Serialises defers of one key until this transaction ends: no two jobs slip in.
-                cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"jobs-dedup:{dedup_key}"])
-            # The database's clock on both sides, so web processes on other hosts agree.
-            existing = (
-                JobInfo.objects.filter(dedup_key=dedup_key, dedup_until__gt=Now())
-                .order_by("-job_id")
-                .values_list("job_id", flat=True)
-                .first()
-            )
-            if existing is not None:
-                return existing
-        options = {"queueing_lock": queueing_lock, "lock": lock, "priority": priority, "schedule_at": schedule_at}
-        try:
-            with transaction.atomic():
-                job_id = task.configure(**{k: v for k, v in options.items() if v is not None}).defer(**task_kwargs)
-        except procrastinate_exceptions.AlreadyEnqueued:
-            return None
-        if owner_id is not None or dedup_key or callback_url:
-            JobInfo.objects.create(
-                job_id=job_id,
-                owner_id=owner_id,
-                dedup_key=dedup_key or "",
-                dedup_until=_db_now_plus(dedup_seconds) if dedup_key else None,
-                callback_url=callback_url or "",
-            )
-        return job_id
-
-
-def _db_now_plus(seconds: float | None) -> ExpressionWrapper:
-    return ExpressionWrapper(Now() + timedelta(seconds=seconds or 0), output_field=DateTimeField())
+    options = {"queueing_lock": queueing_lock, "lock": lock, "priority": priority, "schedule_at": schedule_at}
+    job = task.configure(**{k: v for k, v in options.items() if v is not None}).make_new_job(**task_kwargs)
+    params = {
+        **_job_params(job),
+        "queueing_lock": job.queueing_lock,
+        "owner_id": owner_id,
+        "dedup_key": dedup_key or "",
+        "dedup_seconds": dedup_seconds or 0,
+        "callback_url": callback_url or "",
+        "with_info": owner_id is not None or bool(dedup_key) or bool(callback_url),
+    }
+    if not dedup_key:
+        return _fetch_id(_DEFER, params)
+    with transaction.atomic(), connection.cursor() as cursor:
+        # Serialises defers of one key until the transaction ends: no two jobs slip in.
+        cursor.execute(_DEDUP_LOCK, [f"jobs-dedup:{dedup_key}"])
+        cursor.execute(_DEDUP_EXISTING, [dedup_key])
+        existing = cursor.fetchone()[0]
+        return existing if existing is not None else _fetch_id(_DEFER, params)
 
 
 def job_defer_bulk(
@@ -100,14 +121,34 @@ def job_defer_bulk(
     priority: int | None = None,
     schedule_at: datetime | None = None,
 ) -> list[int]:
-    """Defer many jobs of one task in one statement (plus one for their owner rows)."""
+    """Defer many jobs of one task in one statement (their owner rows included). Returns their
+    ids in the order of `kwargs_list`."""
     if not kwargs_list:
         return []
     options = {"priority": priority, "schedule_at": schedule_at}
-    job_ids = task.configure(**{k: v for k, v in options.items() if v is not None}).batch_defer(*kwargs_list)
-    if owner_id is not None:
-        JobInfo.objects.bulk_create([JobInfo(job_id=job_id, owner_id=owner_id) for job_id in job_ids])
-    return job_ids
+    job = task.configure(**{k: v for k, v in options.items() if v is not None}).make_new_job()
+    params = {**_job_params(job), "args": [Jsonb(kwargs) for kwargs in kwargs_list], "owner_id": owner_id}
+    with connection.cursor() as cursor:
+        cursor.execute(_DEFER_MANY, params)
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _job_params(job: Job) -> dict[str, Any]:
+    return {
+        "queue": job.queue,
+        "task": job.task_name,
+        "priority": job.priority,
+        "lock": job.lock,
+        "args": Jsonb(job.task_kwargs),
+        "scheduled_at": job.scheduled_at,
+    }
+
+
+def _fetch_id(query: str, params: dict[str, Any]) -> int | None:
+    with connection.cursor() as cursor:
+        cursor.execute(query, params)
+        row = cursor.fetchone()
+    return row[0] if row else None
 
 
 async def jobs_retry_stalled(*, job_manager: JobManager, seconds_since_heartbeat: float) -> list[int]:
