@@ -176,7 +176,7 @@ DIGEST_WEEKLY_CRON = env.str("DIGEST_WEEKLY_CRON", default="0 2 * * 5")  # Frida
 DIGEST_TIME_LIMIT_SECONDS = env.float("DIGEST_TIME_LIMIT_SECONDS", default=1800.0)
 
 # --- Job system (Procrastinate) --------------------------------------------------------------
-WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=4)
+WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=10)
 # A worker whose heartbeat is older than this is considered dead; its jobs get rescued.
 WORKER_STALLED_SECONDS = env.float("WORKER_STALLED_SECONDS", default=30.0)
 WORKER_HEARTBEAT_SECONDS = env.float("WORKER_HEARTBEAT_SECONDS", default=5.0)
