@@ -42,12 +42,13 @@ class Figure:
 class Bench:
     """The bench database (created afresh for each run) and the environment of its processes."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, stock_url: str) -> None:
         self.url = database_url
+        self.stock_url = stock_url  # stock Procrastinate's own schema, nothing of ours
         self.env = {
             **os.environ,
             "DATABASE_URL": database_url,
-            "BENCH_DSN": database_url,
+            "BENCH_DSN": stock_url,
             "DEBUG": "false",
             "ALLOWED_HOSTS": "127.0.0.1,localhost",
             "LOG_LEVEL": "WARNING",
@@ -57,20 +58,19 @@ class Bench:
         self.env.setdefault("SECRET_KEY", "bench-" + "x" * 40)
         self.children: list[subprocess.Popen] = []
 
-    def sql(self, query: str, params: tuple | list | dict | None = None) -> list[tuple]:
-        with psycopg.connect(self.url, autocommit=True) as conn:
+    def sql(self, query: str, params: tuple | list | dict | None = None, *, stock: bool = False) -> list[tuple]:
+        with psycopg.connect(self.stock_url if stock else self.url, autocommit=True) as conn:
             cursor = conn.execute(query, params)
             return cursor.fetchall() if cursor.description else []
 
-    def scalar(self, query: str, params: tuple | list | dict | None = None):
-        rows = self.sql(query, params)
+    def scalar(self, query: str, params: tuple | list | dict | None = None, *, stock: bool = False):
+        rows = self.sql(query, params, stock=stock)
         return rows[0][0] if rows else None
 
     def reset_jobs(self) -> None:
-        self.sql(
-            "TRUNCATE procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers,"
-            " procrastinate_workers, jobs_paused_queues, jobs_rate_limit_buckets RESTART IDENTITY CASCADE"
-        )
+        tables = "procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers, procrastinate_workers"
+        self.sql(f"TRUNCATE {tables}, jobs_paused_queues, jobs_rate_limit_buckets RESTART IDENTITY CASCADE")
+        self.sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE", stock=True)
 
     def spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -100,16 +100,18 @@ class Bench:
                 child.wait()
         self.children = []
 
-    def wait_workers(self, count: int, timeout: float = 30.0) -> None:
-        wait_until(lambda: (self.scalar("SELECT count(*) FROM procrastinate_workers") or 0) >= count, timeout)
+    def wait_workers(self, count: int, timeout: float = 30.0, *, stock: bool = False) -> None:
+        query = "SELECT count(*) FROM procrastinate_workers"
+        wait_until(lambda: (self.scalar(query, stock=stock) or 0) >= count, timeout)
 
-    def remaining(self, task_name: str) -> int:
+    def remaining(self, task_name: str, *, stock: bool = False) -> int:
         return self.scalar(
             "SELECT count(*) FROM procrastinate_jobs WHERE task_name = %s AND status IN ('todo', 'doing')",
             [task_name],
+            stock=stock,
         )
 
-    def processing_span(self, task_name: str) -> tuple[int, float]:
+    def processing_span(self, task_name: str, *, stock: bool = False) -> tuple[int, float]:
         """(jobs finished, seconds from the first start to the last finish), from the database's clock."""
         finished, span = self.sql(
             """
@@ -120,10 +122,11 @@ class Bench:
              WHERE j.task_name = %s
             """,
             [task_name],
+            stock=stock,
         )[0]
         return finished, float(span or 0)
 
-    def start_latencies_ms(self, task_name: str) -> list[float]:
+    def start_latencies_ms(self, task_name: str, *, stock: bool = False) -> list[float]:
         rows = self.sql(
             """
             SELECT EXTRACT(EPOCH FROM s.at - d.at) * 1000
@@ -133,6 +136,7 @@ class Bench:
              WHERE j.task_name = %s
             """,
             [task_name],
+            stock=stock,
         )
         return sorted(float(r[0]) for r in rows)
 

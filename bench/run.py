@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -34,12 +35,12 @@ RESULTS = BASE_DIR / "bench" / "results" / "latest.json"
 TIME_BUDGET_SECONDS = 9 * 60
 
 
-def _bench_database(server_url: str) -> str:
+def _fresh_database(server_url: str, name: str) -> str:
     info = psycopg.conninfo.conninfo_to_dict(server_url)
     with psycopg.connect(**{**info, "dbname": "postgres"}, autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS secondbrain_bench WITH (FORCE)")
-        conn.execute("CREATE DATABASE secondbrain_bench")
-    return urlunsplit(urlsplit(server_url)._replace(path="/secondbrain_bench"))
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
 
 
 def _table(rows: list[Figure]) -> str:
@@ -65,8 +66,19 @@ def main(argv: list[str]) -> int:
     groups = [g for g in args.only.split(",") if g] or list(figures.GROUPS)
 
     server_url, started = (os.environ["DATABASE_URL"], False) if os.environ.get("DATABASE_URL") else devdb.start()
-    bench = Bench(_bench_database(server_url))
+    bench = Bench(
+        _fresh_database(server_url, "secondbrain_bench"), _fresh_database(server_url, "secondbrain_bench_stock")
+    )
     os.environ.update(bench.env)
+    # The reference runs on a database of its own with stock Procrastinate's schema and nothing
+    # of ours (no triggers, no functions), on the same server.
+    subprocess.run(
+        [sys.executable, "-m", "procrastinate", "--app=bench.stock_app.app", "schema", "--apply"],
+        check=True,
+        cwd=BASE_DIR,
+        env=bench.env,
+        capture_output=True,
+    )
     import django
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
