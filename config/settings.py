@@ -37,6 +37,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served from here: /api/docs/ works offline
     "procrastinate.contrib.django",
     "core",
     "jobs",
@@ -120,7 +121,14 @@ REST_FRAMEWORK = {
         "rest_framework.filters.SearchFilter",
         "rest_framework.filters.OrderingFilter",
     ],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # JSON that is too deep or not Unicode is a 400, not a 500 (core/parsers.py).
+    "DEFAULT_PARSER_CLASSES": [
+        "core.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    # drf-spectacular's, plus the error responses every operation can give (core/schema.py).
+    "DEFAULT_SCHEMA_CLASS": "core.schema.AutoSchema",
     "EXCEPTION_HANDLER": "core.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
@@ -130,7 +138,15 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Notes, notifications and digests over a PostgreSQL job system.",
     "VERSION": "0.1.0",
     # Several models have a `status` with other choices: name this set instead of hashing it.
-    "ENUM_NAME_OVERRIDES": {"NoteImportStatusEnum": "notes.models.ImportStatus"},
+    "ENUM_NAME_OVERRIDES": {
+        "NoteImportStatusEnum": "notes.models.ImportStatus",
+        "NotificationStatusEnum": "notifications.models.Status",
+        "NoteTypeEnum": "notes.models.NoteType",
+    },
+    # /api/docs/ serves Swagger UI from drf-spectacular-sidecar's static files, not a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Claude (Tier-2 enrichment and AI digests) ----------------------------------------------
