@@ -10,13 +10,13 @@ from django.utils import timezone
 
 from digests import schedule as rules
 from digests.models import Digest, DigestSchedule
-from digests.selectors import digest_schedule_unsent_notes, notes_in_period
+from digests.selectors import digest_schedules_unsent_notes, notes_in_period
 from jobs.services import job_defer
 from llm.services import LlmUnavailable, llm_complete
 from notes.models import Note
-from notifications.services import notification_send_email
+from notifications.services import QueuedEmail, notifications_queue
 
-SWEEP_BATCH = 200
+SWEEP_BATCH = 500
 WEEK = timedelta(days=7)
 
 
@@ -68,27 +68,34 @@ def _digest_body(notes: list[Note]) -> str:
     return "\n".join(lines)
 
 
-def _digest_schedule_run(schedule: DigestSchedule, *, now: datetime) -> bool:
-    """Call holding the schedule's row lock. Returns whether a digest was queued."""
-    queued = False
-    if not schedule.recipient.is_muted(now=now):
-        notes = digest_schedule_unsent_notes(schedule=schedule)
+def _digest_batch_run(due: list[DigestSchedule], *, now: datetime) -> int:
+    """Call holding the schedules' row locks. Queues their digests and moves every schedule on,
+    in a handful of statements for the whole batch. Returns how many digests were queued."""
+    sending = [schedule.id for schedule in due if not schedule.recipient.is_muted(now=now)]
+    unsent = digest_schedules_unsent_notes(schedule_ids=sending)
+    emails = []
+    for schedule in due:
+        notes = unsent.get(schedule.id)
         if notes:
-            notification_send_email(
-                owner=schedule.owner,
-                recipient=schedule.recipient,
-                subject=f"Your {schedule.frequency} secondbrain digest",
-                body=_digest_body(notes),
-                notification_type="digest",
-                priority="normal",
+            emails.append(
+                QueuedEmail(
+                    owner_id=schedule.owner_id,
+                    recipient_id=schedule.recipient_id,
+                    subject=f"Your {schedule.frequency} secondbrain digest",
+                    body=_digest_body(notes),
+                )
             )
             schedule.last_digest_sent = now
             schedule.last_note_id = notes[-1].id
-            queued = True
-    # After a downtime this jumps over every missed period: one digest, not one per period.
-    schedule.next_digest_scheduled = _compute_next(schedule, now=now)
-    schedule.save(update_fields=["last_digest_sent", "last_note_id", "next_digest_scheduled", "updated_at"])
-    return queued
+        # After a downtime this jumps over every missed period: one digest, not one per period.
+        schedule.next_digest_scheduled = _compute_next(schedule, now=now)
+        schedule.updated_at = now
+    if emails:
+        notifications_queue(emails, notification_type="digest", priority="normal")
+    DigestSchedule.objects.bulk_update(
+        due, ["last_digest_sent", "last_note_id", "next_digest_scheduled", "updated_at"], batch_size=len(due) or 1
+    )
+    return len(emails)
 
 
 def digest_sweep(*, now: datetime | None = None, batch_size: int = SWEEP_BATCH) -> int:
@@ -104,11 +111,11 @@ def digest_sweep(*, now: datetime | None = None, batch_size: int = SWEEP_BATCH) 
         with transaction.atomic():
             due = list(
                 DigestSchedule.objects.select_for_update(skip_locked=True, of=("self",))
-                .select_related("recipient", "owner")
+                .select_related("recipient")
                 .filter(active=True, next_digest_scheduled__lte=now)
                 .order_by("next_digest_scheduled", "id")[:batch_size]
             )
-            queued += sum(_digest_schedule_run(schedule, now=now) for schedule in due)
+            queued += _digest_batch_run(due, now=now)
         if len(due) < batch_size:
             return queued
 

@@ -45,17 +45,23 @@ WITH job AS (
 )
 SELECT id FROM job
 """
+# Ids come from the sequence in the order of the SELECT, so numbering the returned ids gives
+# each its row of `given` (and so its owner); Procrastinate's batch_defer relies on the same.
 _DEFER_MANY = """
-WITH jobs AS (
+WITH given AS (
+    SELECT args, owner_id, n
+      FROM unnest(%(args)s::jsonb[], %(owner_ids)s::bigint[]) WITH ORDINALITY AS g (args, owner_id, n)
+), jobs AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at)
-    SELECT %(queue)s, %(task)s, %(priority)s, %(lock)s, NULL, args, %(scheduled_at)s
-      FROM unnest(%(args)s::jsonb[]) WITH ORDINALITY AS given (args, n)
-     ORDER BY n
+    SELECT %(queue)s, %(task)s, %(priority)s, %(lock)s, NULL, given.args, %(scheduled_at)s FROM given ORDER BY n
     RETURNING id
+), numbered AS (
+    SELECT id, row_number() OVER (ORDER BY id) AS n FROM jobs
 ), info AS (
-    INSERT INTO jobs_job_info (job_id, owner_id) SELECT id, %(owner_id)s FROM jobs WHERE %(owner_id)s IS NOT NULL
+    INSERT INTO jobs_job_info (job_id, owner_id)
+    SELECT numbered.id, given.owner_id FROM numbered JOIN given USING (n) WHERE given.owner_id IS NOT NULL
 )
-SELECT id FROM jobs
+SELECT id FROM numbered ORDER BY n
 """
 _DEDUP_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
 # The database's clock on both sides, so web processes on other hosts agree.
@@ -117,17 +123,20 @@ def job_defer_bulk(
     task: Task,
     kwargs_list: list[dict[str, Any]],
     *,
-    owner_id: int | None = None,
+    owner_id: int | list[int | None] | None = None,
     priority: int | None = None,
     schedule_at: datetime | None = None,
 ) -> list[int]:
-    """Defer many jobs of one task in one statement (their owner rows included). Returns their
-    ids in the order of `kwargs_list`."""
+    """Defer many jobs of one task in one statement, their owner rows included (`owner_id`: one
+    for all, or one per job). Returns their ids in the order of `kwargs_list`."""
     if not kwargs_list:
         return []
+    owner_ids = owner_id if isinstance(owner_id, list) else [owner_id] * len(kwargs_list)
+    if len(owner_ids) != len(kwargs_list):
+        raise ValueError("one owner_id per job")
     options = {"priority": priority, "schedule_at": schedule_at}
     job = task.configure(**{k: v for k, v in options.items() if v is not None}).make_new_job()
-    params = {**_job_params(job), "args": [Jsonb(kwargs) for kwargs in kwargs_list], "owner_id": owner_id}
+    params = {**_job_params(job), "args": [Jsonb(kwargs) for kwargs in kwargs_list], "owner_ids": owner_ids}
     with connection.cursor() as cursor:
         cursor.execute(_DEFER_MANY, params)
         return [row[0] for row in cursor.fetchall()]

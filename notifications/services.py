@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from email.utils import make_msgid
 
@@ -101,25 +102,49 @@ def notification_send_bulk(
     scheduled_for: datetime | None = None,
 ) -> list[int]:
     """Many recipients: one multi-row INSERT, one bulk defer, one UPDATE linking them."""
+    return notifications_queue(
+        [
+            QueuedEmail(owner_id=owner.pk, recipient_id=recipient.pk, subject=subject, body=body)
+            for recipient in recipients
+        ],
+        notification_type=notification_type,
+        priority=priority,
+        scheduled_for=scheduled_for,
+    )
+
+
+@dataclass(frozen=True)
+class QueuedEmail:
+    owner_id: int
+    recipient_id: int
+    subject: str
+    body: str
+
+
+def notifications_queue(
+    emails: list[QueuedEmail], *, notification_type: str, priority: str, scheduled_for: datetime | None = None
+) -> list[int]:
+    """Queue many e-mails, each its own notification and job, in three statements whatever their
+    number. Call inside the caller's transaction (the rows and their jobs commit together)."""
     notifications = NotificationJob.objects.bulk_create(
         [
             NotificationJob(
-                owner=owner,
-                recipient=recipient,
+                owner_id=email.owner_id,
+                recipient_id=email.recipient_id,
                 notification_type=notification_type,
                 delivery_method=DeliveryMethod.EMAIL,
                 priority=priority,
-                payload={"subject": subject, "body": body},
+                payload={"subject": email.subject, "body": email.body},
                 scheduled_for=scheduled_for,
             )
-            for recipient in recipients
+            for email in emails
         ]
     )
     ids = [n.id for n in notifications]
     job_ids = job_defer_bulk(
         _task(),
         [{"notification_id": i} for i in ids],
-        owner_id=owner.pk,
+        owner_id=[email.owner_id for email in emails],
         priority=JOB_PRIORITY[priority],
         schedule_at=scheduled_for,
     )

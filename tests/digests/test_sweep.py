@@ -105,24 +105,21 @@ def test_a_sweep_that_crashes_half_way_leaves_no_schedule_half_advanced(monkeypa
     recipient = make_recipient(owner)
     schedules = [_schedule(owner, recipient) for _ in range(3)]
     _note(owner, "note")
-    calls = {"n": 0}
-    real = services.notification_send_email
+    real = services.notifications_queue
 
-    def crash_on_second(**kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("worker died")
-        return real(**kwargs)
+    def queue_then_crash(*args, **kwargs):
+        real(*args, **kwargs)  # the digests are written...
+        raise RuntimeError("worker died")  # ...and the process dies before the schedules move on
 
-    monkeypatch.setattr(services, "notification_send_email", crash_on_second)
+    monkeypatch.setattr(services, "notifications_queue", queue_then_crash)
     with pytest.raises(RuntimeError):
         services.digest_sweep(now=NOW)
-    assert NotificationJob.objects.count() == 0  # the first schedule's digest rolled back too
+    assert NotificationJob.objects.count() == 0  # every digest of the batch rolled back too
     for schedule in schedules:
         schedule.refresh_from_db()
         assert schedule.last_digest_sent is None and schedule.next_digest_scheduled <= NOW
 
-    monkeypatch.setattr(services, "notification_send_email", real)
+    monkeypatch.setattr(services, "notifications_queue", real)
     assert services.digest_sweep(now=NOW) == 3
 
 
