@@ -255,7 +255,7 @@ def email(bench: Bench, *, quick: bool = False) -> list[Figure]:
     from notifications.models import DeliveryLog, Recipient
     from notifications.services import notification_send_bulk
     from tests.factories import make_user
-    from tests.peers.smtp import SmtpSink
+    from bench.peers import CountingSmtpSink
 
     count = 300 if quick else 3000
     bench.reset_jobs()
@@ -263,7 +263,7 @@ def email(bench: Bench, *, quick: bool = False) -> list[Figure]:
     recipients = Recipient.objects.bulk_create(
         [Recipient(owner=owner, name=f"R{i}", email=f"r{i}@example.com") for i in range(count)]
     )
-    sink = SmtpSink().start()
+    sink = CountingSmtpSink().start()
     try:
         for start in range(0, count, 1000):
             notification_send_bulk(
@@ -279,8 +279,8 @@ def email(bench: Bench, *, quick: bool = False) -> list[Figure]:
             "notifications",
             env={"EMAIL_URL": f"smtp://127.0.0.1:{sink.port}", "NOTIFICATIONS_RATE_PER_SECOND": "100000"},
         )
-        if not wait_until(lambda: len(sink.messages) >= count, 180, interval=0.25):
-            raise TimeoutError(f"{len(sink.messages)} of {count} e-mails arrived")
+        if not wait_until(lambda: sink.count >= count, 180, interval=0.25):
+            raise TimeoutError(f"{sink.count} of {count} e-mails arrived")
         span = sink.received_at[-1] - sink.received_at[0]
         logs = DeliveryLog.objects.filter(notification__owner=owner, outcome="sent").count()
     finally:

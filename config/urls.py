@@ -29,3 +29,8 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]
+
+# JSON error pages under /api/ (a URL no route matches, a refused Host), HTML elsewhere.
+handler400 = "core.handlers.bad_request"
+handler404 = "core.handlers.page_not_found"
+handler500 = "core.handlers.server_error"

@@ -56,4 +56,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
+    elif isinstance(exc, exceptions.ValidationError) and isinstance(exc.detail, list):
+        # Raised outside a serializer (e.g. SearchFilter on a NUL): an object like every other error.
+        exc = exceptions.ValidationError({"detail": " ".join(str(message) for message in exc.detail)})
     return drf_exception_handler(exc, context)

@@ -26,8 +26,12 @@ class TimeZoneField(StrictCharField):
 
     def to_internal_value(self, data: Any) -> str:
         value = super().to_internal_value(data)
+        # Checked before the lookup, which opens a file named after the value (max_length is
+        # only checked after this method).
+        if len(value) > self.max_length:
+            self.fail("max_length", max_length=self.max_length)
         try:
             zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
             raise serializers.ValidationError(f"Unknown time zone {value!r}; use an IANA name.") from exc
         return value

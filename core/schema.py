@@ -52,14 +52,19 @@ class AutoSchema(SpectacularAutoSchema):
         for code in self._error_codes(operation):
             if code not in responses:
                 responses[code] = self._error_response(code)
+        for code, response in responses.items():
+            # A view that declares an error with only a description still answers {"detail": ...}.
+            if code >= "400" and "content" not in response:
+                response["content"] = self._error_response(code)["content"]
         operation["responses"] = dict(sorted(responses.items()))
         return operation
 
     def _error_codes(self, operation: dict[str, Any]) -> list[str]:
         parameters = operation.get("parameters", [])
-        has_body = "requestBody" in operation or self.method in ("POST", "PUT", "PATCH")
+        # Only a documented body is parsed; a view without one that answers 400 declares it.
+        has_body = "requestBody" in operation
         codes = []
-        if has_body or any(p.get("in") == "query" for p in parameters):
+        if has_body or any(p.get("in") in ("query", "header") for p in parameters):
             codes.append("400")
         if not self._allows_anonymous():
             codes.append("401")
@@ -91,7 +96,7 @@ class AutoSchema(SpectacularAutoSchema):
         else:
             schema = self.resolve_serializer(ErrorSerializer(), "response").ref
         response: dict[str, Any] = {
-            "description": ERROR_DESCRIPTIONS[code],
+            "description": ERROR_DESCRIPTIONS.get(code, ""),
             "content": {"application/json": {"schema": schema}},
         }
         if code == "401":

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from core.fields import TimeZoneField
@@ -8,9 +9,15 @@ from notes.models import NoteType
 from notifications.models import Recipient
 
 
+@extend_schema_field({"type": "string", "pattern": r"^([01]\d|2[0-3]):[0-5]\d(:[0-5]\d)?$", "example": "08:30:00"})
+class WallClockTimeField(serializers.TimeField):
+    """A time of day without a zone, HH:MM:SS (HH:MM accepted). OpenAPI's `format: time` is
+    RFC 3339's, which requires an offset: a validating client would refuse "08:30:00"."""
+
+
 class DigestScheduleSerializer(serializers.ModelSerializer):
     recipient_id = serializers.IntegerField(min_value=1)
-    delivery_time = serializers.TimeField(format="%H:%M:%S", input_formats=["%H:%M:%S", "%H:%M"])
+    delivery_time = WallClockTimeField(format="%H:%M:%S", input_formats=["%H:%M:%S", "%H:%M"])
     delivery_day = serializers.IntegerField(min_value=1, max_value=31, required=False, allow_null=True)
     max_notes = serializers.IntegerField(min_value=1, max_value=200, required=False)
     note_types = serializers.ListField(child=serializers.ChoiceField(choices=NoteType.choices), required=False)

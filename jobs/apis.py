@@ -51,7 +51,14 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def retrieve(self, request: Request, pk: str | None = None) -> Response:
         return Response(JobDetailSerializer(selectors.job_detail(job=self.get_object())).data)
 
-    @extend_schema(request=None, responses={204: None, 409: OpenApiResponse(description="Already started")})
+    @extend_schema(
+        request=None,
+        responses={
+            204: None,
+            403: OpenApiResponse(description="Another user's job, without jobs.cancel_job"),
+            409: OpenApiResponse(description="Already started"),
+        },
+    )
     def destroy(self, request: Request, pk: str | None = None) -> Response:
         """Cancel a job that has not started yet."""
         job = self.get_object()
@@ -59,7 +66,14 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         services.job_cancel(job_id=job.id)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
-    @extend_schema(request=None, responses={202: JobSerializer, 409: OpenApiResponse(description="Not failed")})
+    @extend_schema(
+        request=None,
+        responses={
+            202: JobSerializer,
+            403: OpenApiResponse(description="Another user's job, without jobs.retry_job"),
+            409: OpenApiResponse(description="Not failed"),
+        },
+    )
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         """Put a failed or aborted job back in its queue with fresh attempts."""
@@ -75,14 +89,21 @@ def _require_staff(request: Request, permission: str | None = None) -> None:
 
 
 class QueueListApi(APIView):
-    @extend_schema(responses={200: QueueSerializer(many=True)})
+    @extend_schema(responses={200: QueueSerializer(many=True), 403: OpenApiResponse(description="Not staff")})
     def get(self, request: Request) -> Response:
         _require_staff(request)
         return Response(QueueSerializer(selectors.queue_list(), many=True).data)
 
 
+_QUEUE_ACTION_RESPONSES = {
+    200: QueueSerializer,
+    400: OpenApiResponse(description="Unknown queue"),
+    403: OpenApiResponse(description="Not staff with jobs.pause_queue"),
+}
+
+
 class QueuePauseApi(APIView):
-    @extend_schema(request=None, responses={200: QueueSerializer})
+    @extend_schema(request=None, responses=_QUEUE_ACTION_RESPONSES)
     def post(self, request: Request, name: str) -> Response:
         """Workers stop taking this queue's jobs at their next fetch; running jobs finish."""
         _require_staff(request, "jobs.pause_queue")
@@ -91,7 +112,7 @@ class QueuePauseApi(APIView):
 
 
 class QueueResumeApi(APIView):
-    @extend_schema(request=None, responses={200: QueueSerializer})
+    @extend_schema(request=None, responses=_QUEUE_ACTION_RESPONSES)
     def post(self, request: Request, name: str) -> Response:
         _require_staff(request, "jobs.pause_queue")
         services.queue_resume(queue=name)

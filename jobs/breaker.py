@@ -7,6 +7,7 @@ While open, callers postpone their work instead of burning attempts on a dead se
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -25,10 +26,22 @@ class Verdict:
     clean: bool = False  # closed with no failures counted: a success has nothing to reset
 
 
+# A breaker seen closed and clean is taken as such for this long by this process without asking
+# the database again (one query less per e-mail); failures seen here forget it at once, and one
+# opened by another process is seen within this delay.
+CLEAN_CACHE_SECONDS = 1.0
+_clean_until: dict[str, float] = {}
+
+
 def breaker_check(*, name: str, cooldown_seconds: float) -> Verdict:
+    if _clean_until.get(name, 0.0) > time.monotonic():
+        return Verdict(allowed=True, clean=True)
     breaker = CircuitBreaker.objects.filter(name=name).first()
     if breaker is None or breaker.state == State.CLOSED:
-        return Verdict(allowed=True, clean=breaker is None or breaker.consecutive_failures == 0)
+        clean = breaker is None or breaker.consecutive_failures == 0
+        if clean:
+            _clean_until[name] = time.monotonic() + CLEAN_CACHE_SECONDS
+        return Verdict(allowed=True, clean=clean)
     now = timezone.now()
     if breaker.opened_until and now < breaker.opened_until:
         return Verdict(allowed=False, retry_at=breaker.opened_until)
@@ -50,6 +63,7 @@ def breaker_record_success(*, name: str) -> None:
 
 def breaker_record_failure(*, name: str, threshold: int, cooldown_seconds: float) -> str:
     """Count a transient failure; returns the breaker's state afterwards."""
+    _clean_until.pop(name, None)
     with connection.cursor() as cursor:
         cursor.execute(
             """

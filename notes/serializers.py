@@ -10,7 +10,7 @@ from core.errors import ApplicationError
 from core.fields import StrictCharField
 from jobs.webhooks import webhook_url_check
 from notes import imports
-from notes.models import ImportFormat, Note, NoteImport
+from notes.models import ImportFormat, Note, NoteImport, NoteType
 
 
 class NoteInputSerializer(serializers.Serializer):
@@ -28,6 +28,11 @@ class NoteInputSerializer(serializers.Serializer):
 
 
 class NoteOutputSerializer(serializers.ModelSerializer):
+    # Declared so the schema says it may be blank (a read-only model field loses allow_blank).
+    ai_type = serializers.ChoiceField(
+        choices=NoteType.choices, allow_blank=True, read_only=True, help_text="Claude's type; empty until enriched."
+    )
+
     class Meta:
         model = Note
         fields = [

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -19,10 +19,17 @@ from notifications.serializers import (
     SendEmailSerializer,
 )
 
-_Queued = inline_serializer("Queued", {"job_id": serializers.IntegerField(), "status": serializers.CharField()})
+_Queued = inline_serializer(
+    "Queued",
+    {"job_id": serializers.IntegerField(), "status": serializers.CharField(), "message": serializers.CharField()},
+)
 _BulkQueued = inline_serializer(
     "BulkQueued",
-    {"job_ids": serializers.ListField(child=serializers.IntegerField()), "status": serializers.CharField()},
+    {
+        "job_ids": serializers.ListField(child=serializers.IntegerField()),
+        "status": serializers.CharField(),
+        "message": serializers.CharField(),
+    },
 )
 
 
@@ -94,12 +101,17 @@ class NotificationJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, v
     def get_serializer_class(self):
         return NotificationJobDetailSerializer if self.action == "retrieve" else NotificationJobSerializer
 
-    @extend_schema(request=None, responses={200: NotificationJobSerializer})
+    @extend_schema(
+        request=None,
+        responses={200: NotificationJobSerializer, 409: OpenApiResponse(description="Already being delivered, or done")},
+    )
     def destroy(self, request: Request, pk: str | None = None) -> Response:
         notification = services.notification_cancel(notification=self.get_object())
         return Response(NotificationJobSerializer(notification).data)
 
-    @extend_schema(request=None, responses={202: NotificationJobSerializer})
+    @extend_schema(
+        request=None, responses={202: NotificationJobSerializer, 409: OpenApiResponse(description="Not failed")}
+    )
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         notification = services.notification_retry(notification=self.get_object())

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -203,16 +204,17 @@ def notification_retry(*, notification: NotificationJob) -> NotificationJob:
 
 
 # --- Delivery (called by the task) ----------------------------------------------------------
+_LOG = """
+INSERT INTO notification_delivery_logs
+       (notification_id, attempt, outcome, error, provider_response, duration_ms, created_at)
+VALUES (%s, %s, %s, %s, %s, %s, now())
+"""
+
+
 def _log(notification_id: int, attempt: int, outcome: str, *, error: str = "", response: str = "", started=None):
     duration = (time.perf_counter() - started) * 1000 if started else 0
-    DeliveryLog.objects.create(
-        notification_id=notification_id,
-        attempt=attempt,
-        outcome=outcome,
-        error=error[:2000],
-        provider_response=response[:2000],
-        duration_ms=duration,
-    )
+    with connection.cursor() as cursor:
+        cursor.execute(_LOG, [notification_id, attempt, outcome, error[:2000], response[:2000], duration])
 
 
 def _postpone(notification: NotificationJob, *, until: datetime, attempt: int) -> None:
@@ -228,51 +230,62 @@ def _postpone(notification: NotificationJob, *, until: datetime, attempt: int) -
         _log(notification.id, attempt, DeliveryLog.Outcome.POSTPONED, error="mail server circuit breaker is open")
 
 
+# The claim, in one statement: a fresh Message-ID is this run's token (only the run holding it
+# may mark the row sent), unless the notification has finished or its recipient is muted.
+_CLAIM = """
+UPDATE notification_jobs AS n
+   SET status = 'processing', provider_message_id = %(message_id)s, started_at = now(), retry_count = %(attempt)s
+  FROM notification_recipients AS r
+ WHERE n.id = %(id)s
+   AND r.id = n.recipient_id
+   AND n.status IN ('pending', 'processing', 'failed')
+   AND NOT (r.muted_indefinitely OR (r.muted_until IS NOT NULL AND r.muted_until > now()))
+RETURNING r.email, n.payload
+"""
+_MARK_SENT = """
+UPDATE notification_jobs SET status = 'sent', processed_at = now(), error = ''
+ WHERE id = %s AND provider_message_id = %s AND status = 'processing'
+"""
+
+
 def notification_deliver(*, notification_id: int, attempt: int) -> str:
     """Send one notification e-mail, at most once. Returns what happened.
 
-    Raises core.errors.ProviderError when the mail server fails (the task decides on retries).
+    The hot path is four statements: the rate-limit token, the claim, the commit point just
+    before the end of DATA, and the delivery log. Raises core.errors.ProviderError when the
+    mail server fails (the task decides on retries).
     """
-    notification = NotificationJob.objects.select_related("recipient").filter(id=notification_id).first()
-    if notification is None:
-        return "deleted"
-    if notification.status in (Status.SENT, Status.CANCELLED):
-        return notification.status  # a re-run of a finished job does nothing
-    recipient = notification.recipient
-    if recipient.is_muted():
-        reason = "recipient is muted" + ("" if recipient.muted_indefinitely else f" until {recipient.muted_until}")
-        with transaction.atomic():
-            NotificationJob.objects.filter(id=notification_id, status__in=[Status.PENDING, Status.FAILED]).update(
-                status=Status.CANCELLED, error=reason, processed_at=timezone.now()
-            )
-            _log(notification_id, attempt, DeliveryLog.Outcome.CANCELLED, error=reason)
-        return Status.CANCELLED
-
     verdict = breaker_check(name=EMAIL_BREAKER, cooldown_seconds=settings.NOTIFICATIONS_BREAKER_COOLDOWN_SECONDS)
     if not verdict.allowed:
+        notification = NotificationJob.objects.filter(id=notification_id).first()
+        if notification is None or notification.status in (Status.SENT, Status.CANCELLED):
+            return "deleted" if notification is None else notification.status
         _postpone(notification, until=verdict.retry_at, attempt=attempt)
         return "postponed"
     rate_limit_wait(key=EMAIL_RATE_LIMIT, rate=settings.NOTIFICATIONS_RATE_PER_SECOND)
 
-    # The claim: a fresh Message-ID is this run's token; only the run holding it may mark it sent.
     message_id = make_msgid(domain="secondbrain.localhost")
-    claimed = NotificationJob.objects.filter(
-        id=notification_id, status__in=[Status.PENDING, Status.PROCESSING, Status.FAILED]
-    ).update(status=Status.PROCESSING, provider_message_id=message_id, started_at=timezone.now(), retry_count=attempt)
-    if not claimed:
-        return "already-finished"
-    mine = NotificationJob.objects.filter(id=notification_id, provider_message_id=message_id)
+    with connection.cursor() as cursor:
+        cursor.execute(_CLAIM, {"id": notification_id, "message_id": message_id, "attempt": attempt})
+        claimed = cursor.fetchone()
+    if claimed is None:
+        return _not_claimed(notification_id=notification_id, attempt=attempt)
+    email, payload = claimed
+    if isinstance(payload, str):  # Django's cursor hands jsonb over as text
+        payload = json.loads(payload)
 
     def commit_point() -> None:
-        if not mine.filter(status=Status.PROCESSING).update(status=Status.SENT, processed_at=timezone.now(), error=""):
-            raise SendAborted
+        with connection.cursor() as cursor:
+            cursor.execute(_MARK_SENT, [notification_id, message_id])
+            if cursor.rowcount != 1:
+                raise SendAborted
 
     started = time.perf_counter()
     try:
         result = EmailSender().send(
-            to=recipient.email,
-            subject=notification.payload.get("subject", ""),
-            body=notification.payload.get("body", ""),
+            to=email,
+            subject=payload.get("subject", ""),
+            body=payload.get("body", ""),
             message_id=message_id,
             headers={"X-Secondbrain-Notification": str(notification_id)},
             commit_point=commit_point,
@@ -280,6 +293,7 @@ def notification_deliver(*, notification_id: int, attempt: int) -> str:
     except SendAborted:
         return "superseded"
     except ProviderError as exc:
+        mine = NotificationJob.objects.filter(id=notification_id, provider_message_id=message_id)
         # Back from "sent" too when the server refused after the end of data.
         mine.filter(status__in=[Status.PROCESSING, Status.SENT]).update(
             status=Status.PENDING, processed_at=None, error=str(exc)[:2000]
@@ -297,6 +311,25 @@ def notification_deliver(*, notification_id: int, attempt: int) -> str:
     if not verdict.clean:
         breaker_record_success(name=EMAIL_BREAKER)
     return Status.SENT
+
+
+def _not_claimed(*, notification_id: int, attempt: int) -> str:
+    """Why the claim took nothing: deleted, finished already (a re-run), or a muted recipient."""
+    notification = NotificationJob.objects.select_related("recipient").filter(id=notification_id).first()
+    if notification is None:
+        return "deleted"
+    if notification.status in (Status.SENT, Status.CANCELLED):
+        return notification.status  # a re-run of a finished job does nothing
+    recipient = notification.recipient
+    if not recipient.is_muted():
+        return "already-finished"  # another run changed it between the two statements
+    reason = "recipient is muted" + ("" if recipient.muted_indefinitely else f" until {recipient.muted_until}")
+    with transaction.atomic():
+        NotificationJob.objects.filter(id=notification_id, status__in=[Status.PENDING, Status.FAILED]).update(
+            status=Status.CANCELLED, error=reason, processed_at=timezone.now()
+        )
+        _log(notification_id, attempt, DeliveryLog.Outcome.CANCELLED, error=reason)
+    return Status.CANCELLED
 
 
 def notification_attempt_failed(*, notification_id: int, error: str, final: bool) -> None:
