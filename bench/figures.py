@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import socket
+import tempfile
 import time
 
 from bench.harness import BASE_DIR, Bench, Figure, percentile, wait_until
@@ -321,6 +322,66 @@ def _email_run(bench: Bench, *, count: int, processes: int) -> Figure:
     )
 
 
+# --- 6. Bulk import ------------------------------------------------------------------------
+
+
+def _write_import_rows(out, *, rows: int) -> None:
+    """About 150 bytes a row, a tag or two, a link, every 50th row a duplicate of the one before."""
+    out.write(b"title,content,tags,external_id\n")
+    for i in range(rows):
+        n = i - 1 if i % 50 == 49 else i
+        content = (
+            f"Note {n}: notes on queues and #postgres, see https://example.com/{n} for more about batch {n // 1000}"
+        )
+        out.write(f'"Title {n}","{content}","bench, import",ext-{n}\n'.encode())
+
+
+def imports(bench: Bench, *, quick: bool = False) -> list[Figure]:
+    """A CSV uploaded through the service the API uses, imported by a real worker process on the
+    `imports` queue; the worker's resident memory is sampled while it runs."""
+    import psutil
+
+    from notes.models import Note, NoteImport
+    from notes.services import note_import_create
+    from tests.factories import make_user
+
+    rows = 10_000 if quick else 100_000
+    bench.reset_jobs()
+    owner = make_user(f"bench-import-{time.time_ns()}")
+    with tempfile.TemporaryFile() as file:
+        _write_import_rows(file, rows=rows)
+        size = file.tell()
+        file.seek(0)
+        note_import = note_import_create(owner=owner, file=file, filename="bench.csv", format="csv")
+    worker = psutil.Process(bench.project_worker("-q", "imports").pid)
+    peak_rss = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        peak_rss = max(peak_rss, worker.memory_info().rss)
+        note_import.refresh_from_db()
+        if note_import.status in ("done", "failed"):
+            break
+        time.sleep(0.05)
+    else:
+        raise TimeoutError(f"import not finished after 120 s ({note_import.processed} of {rows} rows)")
+    seconds = (note_import.finished_at - note_import.started_at).total_seconds()
+    expected = rows - rows // 50
+    correct = note_import.status == "done" and Note.objects.filter(owner=owner).count() == expected
+    peak_mb = peak_rss / 1024 / 1024
+    return [
+        Figure(
+            f"bulk import of {rows:,} notes",
+            seconds,
+            "s",
+            target="<= 20 s for 100,000",
+            met=correct and seconds <= 20 * rows / 100_000,
+            notes=f"{size / 1e6:.0f} MB CSV, {note_import.imported:,} imported, {note_import.duplicates:,} duplicates,"
+            f" {NoteImport.objects.get(id=note_import.id).skipped} skipped; enrichment deferred in bulk",
+        ),
+        Figure("bulk import: worker peak RSS", peak_mb, "MB", target="<= 300 MB", met=peak_mb <= 300),
+    ]
+
+
 # --- 7. Digest sweep -----------------------------------------------------------------------
 
 
@@ -400,6 +461,7 @@ GROUPS = {
     "latency": latency,
     "http": http_load,
     "email": email,
+    "imports": imports,
     "digests": digest_sweep,
     "health": table_health,
 }
