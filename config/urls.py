@@ -3,10 +3,9 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
-from rest_framework.authtoken.views import obtain_auth_token
 from rest_framework.routers import SimpleRouter
 
-from core.apis import HealthApi
+from core.apis import HealthApi, TokenApi
 from digests.apis import DigestScheduleViewSet, DigestViewSet
 from jobs.prometheus import metrics_view
 from notifications.apis import RecipientViewSet
@@ -20,7 +19,7 @@ urlpatterns = [
     path("admin/jobs/dashboard/", include("jobs.dashboard")),
     path("admin/", admin.site.urls),
     path("metrics", metrics_view, name="metrics"),
-    path("api/auth/token/", obtain_auth_token, name="auth-token"),
+    path("api/auth/token/", TokenApi.as_view(), name="auth-token"),
     path("api/health/", HealthApi.as_view(), name="health"),
     path("api/notes/", include("notes.urls")),
     path("api/notifications/", include("notifications.urls")),

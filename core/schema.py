@@ -76,8 +76,16 @@ class AutoSchema(SpectacularAutoSchema):
             codes.append("429")
         return codes
 
+    def get_auth(self) -> list[dict[str, Any]]:
+        auths = super().get_auth()
+        # No permission class at all (DRF's obtain_auth_token) lets anyone in, as AllowAny does.
+        if self._allows_anonymous() and {} not in auths:
+            auths.append({})
+        return auths
+
     def _allows_anonymous(self) -> bool:
-        return any(isinstance(p, permissions.AllowAny) for p in self.view.get_permissions())
+        checks = self.view.get_permissions()
+        return not checks or any(isinstance(p, permissions.AllowAny) for p in checks)
 
     def _is_paginated_list(self) -> bool:
         # A page number past the end is a 404 (DRF's PageNumberPagination).

@@ -112,7 +112,7 @@ def _body(request: HttpRequest) -> dict[str, Any]:
     if request.content_type == "application/json":
         try:
             body = json.loads(request.body or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise ApplicationError("The body is not valid JSON.") from exc
         if not isinstance(body, dict):
             raise ApplicationError("The body must be a JSON object.")
