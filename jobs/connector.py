@@ -1,13 +1,19 @@
-"""The worker's database connections: Procrastinate's psycopg pool, checked only when it matters.
+"""The worker's database connections: Procrastinate's psycopg pool, checked only when it matters,
+and quick to reconnect after a database restart.
 
 Procrastinate's pool checks every connection each time it is taken (an empty query: one more
 round trip per claim and per batch of completions). Here a connection is checked only when it
 has sat idle for CHECK_IDLE_SECONDS, which is when a database restart or a network cut may have
 broken it; one in constant use proves itself on every query.
+
+While the database is down, psycopg's pool retries each lost connection with an exponential
+backoff (1, 2, 4, 8 s...), so a worker could sit idle for seconds after the server is back.
+Here the delay between attempts stops growing at RECONNECT_MAX_DELAY.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from typing import Any
@@ -15,11 +21,62 @@ from typing import Any
 import psycopg
 import psycopg_pool
 from procrastinate import PsycopgConnector
+from procrastinate import utils as procrastinate_utils
 from procrastinate.contrib.django import utils
+from psycopg_pool.base import AttemptWithBackoff
 
 CHECK_IDLE_SECONDS = 2.0
+RECONNECT_MAX_DELAY = 0.5
+POOL_ERROR_LOG_SECONDS = 10.0
 
 _returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection, float] = weakref.WeakKeyDictionary()
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) says the database cannot be reached right now: refused
+    or dropped connections, a server shutting down or starting up, no connection from the pool
+    in time. Such errors pass; anything else is a bug or a real SQL error."""
+    for cause in procrastinate_utils.causes(exc):
+        if isinstance(cause, psycopg_pool.PoolClosed | psycopg.errors.IntegrityError | psycopg.errors.ProgrammingError):
+            return False  # the worker is closing its pool, or the statement itself is wrong
+        if isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError | ConnectionError):
+            return True
+    return False
+
+
+class _CappedBackoff(AttemptWithBackoff):
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, RECONNECT_MAX_DELAY)
+
+
+class WorkerPool(psycopg_pool.AsyncConnectionPool):
+    async def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        # psycopg_pool's own method with our attempt object (its backoff is not a parameter).
+        await super()._add_connection(attempt or _CappedBackoff(timeout=self.reconnect_timeout), growing=growing)
+
+
+class _QuietReconnects(logging.Filter):
+    """psycopg's pool logs each failed connection attempt, several a second with our backoff:
+    one line per POOL_ERROR_LOG_SECONDS says as much."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._logged_at = -POOL_ERROR_LOG_SECONDS
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("error connecting"):
+            return True
+        now = time.monotonic()
+        if now - self._logged_at < POOL_ERROR_LOG_SECONDS:
+            return False
+        self._logged_at = now
+        return True
+
+
+_pool_logger = logging.getLogger("psycopg.pool")
+if not any(isinstance(f, _QuietReconnects) for f in _pool_logger.filters):
+    _pool_logger.addFilter(_QuietReconnects())
 
 
 async def _check_when_idle(conn: psycopg.AsyncConnection) -> None:
@@ -32,9 +89,9 @@ async def _note_return(conn: psycopg.AsyncConnection) -> None:
 
 
 def _pool(**kwargs: Any) -> psycopg_pool.AsyncConnectionPool:
-    return psycopg_pool.AsyncConnectionPool(**{**kwargs, "check": _check_when_idle, "reset": _note_return})
+    return WorkerPool(**{**kwargs, "check": _check_when_idle, "reset": _note_return})
 
 
 def worker_connector() -> PsycopgConnector:
-    """What `manage.py procrastinate worker` runs on (Procrastinate's own, but for the pool check)."""
+    """What `manage.py procrastinate worker` runs on (Procrastinate's own, but for the pool)."""
     return PsycopgConnector(pool_factory=_pool, kwargs=utils.connector_params("default"))

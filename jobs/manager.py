@@ -12,6 +12,12 @@
 
 A completion still waiting for its batch when the worker process dies leaves its job `doing`:
 it runs again, as after any crash. A graceful stop writes the batch before unregistering.
+
+While the database is unreachable (a restart, a failover), completions stay buffered and the
+writer keeps trying until it answers; a stopping worker waits FLUSH_TIMEOUT_SECONDS for that.
+The worker-row helpers at the end let a worker that outlived an outage put itself right
+(jobs/worker.py): re-register when another worker pruned its row, take back its jobs, and
+re-queue jobs whose claim committed but whose answer was lost.
 """
 
 from __future__ import annotations
@@ -23,9 +29,13 @@ from collections.abc import Iterable
 from procrastinate import jobs as procrastinate_jobs
 from procrastinate.manager import JobManager
 
+from jobs.connector import is_connection_error
+
 logger = logging.getLogger(__name__)
 
-WRITE_ATTEMPTS = 30  # about 30 s of a database outage before completions are left to the rescue
+WRITE_ATTEMPTS = 30  # for errors other than a lost database, which are retried until it is back
+WRITE_RETRY_MAX_DELAY = 1.0
+FLUSH_TIMEOUT_SECONDS = 30.0  # a stopping worker's wait for its completions to be written
 
 _NOT_DURABLE = "SELECT set_config('synchronous_commit', 'off', true)"
 
@@ -78,10 +88,24 @@ UPDATE procrastinate_jobs AS job
 """
 
 
+# The worker's own row, and its jobs (see jobs/worker.py: after a database outage).
+HEARTBEAT = "UPDATE procrastinate_workers SET last_heartbeat = now() WHERE id = %(worker_id)s RETURNING id"
+ADOPT_JOBS = """
+UPDATE procrastinate_jobs SET worker_id = %(worker_id)s
+ WHERE id = ANY(%(ids)s::bigint[]) AND status = 'doing' AND worker_id IS NULL
+"""
+REQUEUE_ORPHANS = """
+UPDATE procrastinate_jobs SET status = 'todo', worker_id = NULL
+ WHERE worker_id = %(worker_id)s AND status = 'doing' AND NOT (id = ANY(%(keep)s::bigint[]))
+RETURNING id
+"""
+
+
 class BatchingJobManager(JobManager):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._finished: list[tuple[int, str]] = []
+        self._writing: list[tuple[int, str]] = []  # the batch being written right now
         self._writer: asyncio.Task | None = None
 
     async def fetch_jobs(
@@ -107,12 +131,27 @@ class BatchingJobManager(JobManager):
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
 
-    async def flush_finished(self) -> None:
-        """Write every completion still waiting for its batch (a graceful stop calls it)."""
-        if self._writer is not None and not self._writer.done():
-            await self._writer
-        if self._finished:
-            await self._write_finished()
+    def pending_completion_ids(self) -> list[int]:
+        """Jobs that ended in this process but are still `doing` in the database until written."""
+        return [job_id for job_id, _ in self._writing + self._finished]
+
+    async def flush_finished(self, timeout: float = FLUSH_TIMEOUT_SECONDS) -> None:
+        """Write every completion still waiting for its batch (a graceful stop calls it). Gives up
+        after `timeout` seconds of a database that does not answer: those jobs stay `doing`,
+        and the stalled-job rescue runs them again once this worker is gone."""
+        if self._finished and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
+        if self._writer is None or self._writer.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._writer), timeout)
+        except TimeoutError:
+            self._writer.cancel()
+            logger.error(
+                "Gave up writing %d finished job(s) after %.0f s; they will run again",
+                len(self.pending_completion_ids()),
+                timeout,
+            )
 
     async def unregister_worker(self, worker_id: int) -> None:
         await self.flush_finished()
@@ -123,20 +162,53 @@ class BatchingJobManager(JobManager):
         failures = 0
         while self._finished:
             batch, self._finished = self._finished, []
+            self._writing = batch
             try:
                 await self.connector.execute_query_async(
                     query=FINISH_JOBS, ids=[job_id for job_id, _ in batch], statuses=[s for _, s in batch]
                 )
-                failures = 0
-            except Exception:
+            except Exception as exc:
+                self._writing = []
                 failures += 1
-                if failures > WRITE_ATTEMPTS:
-                    # Left `doing`: the stalled-job rescue runs them again.
+                if not is_connection_error(exc) and failures > WRITE_ATTEMPTS:
+                    # Left `doing`: the worker re-queues them (or the stalled-job rescue does).
                     logger.exception("Gave up writing %d finished job(s)", len(batch))
                     continue
-                logger.exception("Could not write %d finished job(s); retrying in 1 s", len(batch))
+                if failures == 1:
+                    logger.warning("Could not write %d finished job(s) (%s); retrying", len(batch), _reason(exc))
                 self._finished = batch + self._finished
-                await asyncio.sleep(1)
+                await asyncio.sleep(min(WRITE_RETRY_MAX_DELAY, 0.05 * 2**failures))
+                continue
+            self._writing = []
+            if failures:
+                logger.warning("Wrote finished jobs after %d failed attempt(s)", failures)
+                failures = 0
+
+    # --- The worker's row and its jobs --------------------------------------------------------
+    async def heartbeat(self, worker_id: int) -> bool:
+        """Update the worker's heartbeat; False when its row is gone (another worker pruned it
+        while this one could not reach the database)."""
+        rows = await self.connector.execute_query_all_async(query=HEARTBEAT, worker_id=worker_id)
+        return bool(rows)
+
+    async def adopt_jobs(self, worker_id: int, job_ids: list[int]) -> None:
+        """Mark these running jobs as `worker_id`'s again (their worker row was deleted, which
+        left them without a worker, for the stalled-job rescue to take)."""
+        if job_ids:
+            await self.connector.execute_query_async(query=ADOPT_JOBS, worker_id=worker_id, ids=job_ids)
+
+    async def requeue_orphans(self, worker_id: int, keep: list[int]) -> list[int]:
+        """Put back to `todo` the jobs the database says `worker_id` runs but it does not know of
+        (claimed by a statement that committed while its answer was lost), or whose end could not
+        be written. Not spending an attempt: they never ran, or ran to an end nobody recorded."""
+        rows = await self.connector.execute_query_all_async(query=REQUEUE_ORPHANS, worker_id=worker_id, keep=keep)
+        return [row["id"] for row in rows]
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
 
 
 def _claim_order(row: dict) -> tuple[int, int]:

