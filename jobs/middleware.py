@@ -30,6 +30,7 @@ from procrastinate.exceptions import JobAborted
 from procrastinate.job_context import AbortReason
 from psycopg.types.json import Jsonb
 
+from core.redaction import redact
 from jobs.limits import TimeLimitExceeded
 from jobs.ratelimit import rate_limit_refund, rate_limit_try_acquire
 from jobs.registry import TaskOptions, task_options
@@ -88,7 +89,9 @@ async def job_middleware(call_next, context: JobContext, worker) -> Any:
             await connector.execute_query_async(_STORE_ERROR, job_id=job.id, error="aborted on request")
         raise
     except Exception as exc:
-        await connector.execute_query_async(_STORE_ERROR, job_id=job.id, error=f"{type(exc).__name__}: {exc}"[:2000])
+        # Operators read it: no secret or address that an exception's text may carry.
+        error = redact(f"{type(exc).__name__}: {exc}")[:2000]
+        await connector.execute_query_async(_STORE_ERROR, job_id=job.id, error=error)
         _wake_at(worker, _retry_at(context, exc))
         raise
     if result is not None:

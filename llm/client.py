@@ -60,7 +60,11 @@ class ClaudeClient:
             raise ProviderError(f"Claude unreachable: {type(exc).__name__}", permanent=False) from exc
         except anthropic.APIStatusError as exc:
             transient = exc.status_code in _TRANSIENT_STATUSES or exc.status_code >= 500
-            raise ProviderError(f"Claude answered HTTP {exc.status_code}", permanent=not transient) from exc
+            # `from None`: the SDK's error holds the provider's message, which may quote the
+            # prompt (the user's notes) back, and a chained cause is printed in the job's log.
+            raise ProviderError(
+                f"Claude answered HTTP {exc.status_code} ({_error_type(exc)})", permanent=not transient
+            ) from None
         text = "".join(block.text for block in message.content if block.type == "text")
         return Completion(
             text=text,
@@ -68,3 +72,11 @@ class ClaudeClient:
             input_tokens=message.usage.input_tokens,
             output_tokens=message.usage.output_tokens,
         )
+
+
+def _error_type(exc: anthropic.APIStatusError) -> str:
+    """The error's type from the provider's body ("rate_limit_error"), never its message."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    kind = error.get("type")
+    return kind if isinstance(kind, str) and kind.replace("_", "").isalnum() else "unknown error"

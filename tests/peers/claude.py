@@ -30,6 +30,7 @@ class _Reply:
     input_tokens: int = 100
     output_tokens: int = 50
     hang: threading.Event | None = None
+    echo: bool = False  # an error whose message quotes the request, as some providers' do
 
 
 @dataclass
@@ -75,9 +76,10 @@ class FakeClaude:
                         "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
                     }
                 else:
+                    message = f"scripted; could not process {json.dumps(body)}" if reply.echo else "scripted"
                     payload = {
                         "type": "error",
-                        "error": {"type": _ERROR_TYPES.get(reply.status, "api_error"), "message": "scripted"},
+                        "error": {"type": _ERROR_TYPES.get(reply.status, "api_error"), "message": message},
                     }
                 data = json.dumps(payload).encode()
                 self.send_response(reply.status)
@@ -109,9 +111,9 @@ class FakeClaude:
     def answer_text(self, text: str, *, input_tokens: int = 100, output_tokens: int = 50) -> None:
         self._script.append(_Reply(text=text, input_tokens=input_tokens, output_tokens=output_tokens))
 
-    def fail(self, status: int, times: int = 1) -> None:
+    def fail(self, status: int, times: int = 1, *, echo: bool = False) -> None:
         for _ in range(times):
-            self._script.append(_Reply(status=status))
+            self._script.append(_Reply(status=status, echo=echo))
 
     def hang(self, release: threading.Event) -> None:
         """The next request blocks until `release` is set (a call in flight)."""
