@@ -4,8 +4,9 @@ drf-spectacular documents what a view returns when all goes well. A client (or a
 as schemathesis) also meets the errors every DRF view can answer: 400 for a body or query that
 does not validate or parse, 401 without valid credentials, 404 for an object that is not yours
 or a page past the end, 413 for a body over DATA_UPLOAD_MAX_MEMORY_SIZE, 415 for a body in a
-media type the view does not parse, 429 when throttled. `AutoSchema` adds those that can happen
-to each operation, unless the view documents that status itself with `extend_schema`.
+media type the view does not parse, 429 when throttled, 503 while the database is away.
+`AutoSchema` adds those that can happen to each operation, unless the view documents that
+status itself with `extend_schema`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ ERROR_DESCRIPTIONS = {
     "413": "The request body is too large.",
     "415": "The body's media type is not accepted here.",
     "429": "Too many requests: wait the seconds in `Retry-After`.",
+    "503": "The database is unavailable for a moment: retry after the seconds in `Retry-After`.",
 }
 
 _VALIDATION_ERROR = build_object_type(
@@ -74,6 +76,7 @@ class AutoSchema(SpectacularAutoSchema):
             codes += ["413", "415"]
         if self.view.get_throttles():
             codes.append("429")
+        codes.append("503")  # core/middleware.py, while the database cannot be reached
         return codes
 
     def get_auth(self) -> list[dict[str, Any]]:
@@ -109,6 +112,6 @@ class AutoSchema(SpectacularAutoSchema):
         }
         if code == "401":
             response["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "`Token`"}}
-        if code == "429":
+        if code in ("429", "503"):
             response["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}
         return response
