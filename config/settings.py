@@ -7,6 +7,7 @@ with DEBUG off, SECRET_KEY must be set to a real secret.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import environ
@@ -31,6 +32,8 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    # Before staticfiles: `runserver` leaves /static/ to WhiteNoise too, as gunicorn does.
+    "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "django.contrib.postgres",
     "rest_framework",
@@ -49,6 +52,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves /static/ from any web process (gunicorn included), before anything touches the
+    # database: the admin's CSS and the dashboard's script need no reverse proxy.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     # A database that cannot be reached answers 503 with Retry-After, never a 500 or a hang.
     "core.middleware.DatabaseUnavailableMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -92,6 +98,20 @@ DATABASE_RETRY_AFTER_SECONDS = env.int("DATABASE_RETRY_AFTER_SECONDS", default=5
 # A killed process's backend notices the closed socket even while it waits on a lock, and
 # aborts instead of committing a statement nobody is waiting for any more.
 DATABASES["default"]["OPTIONS"].setdefault("options", "-c client_connection_check_interval=500")
+# TLS to the database (libpq's sslmode and sslrootcert; also accepted as ?sslmode= in the URL).
+# The web processes, the workers' pool and the start-up check all connect with these.
+DATABASE_SSLMODE = env.str("DATABASE_SSLMODE", default="")
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+if DATABASE_SSLMODE:
+    if DATABASE_SSLMODE not in _SSLMODES:
+        raise ImproperlyConfigured(f"DATABASE_SSLMODE must be one of {', '.join(_SSLMODES)} (got {DATABASE_SSLMODE!r})")
+    DATABASES["default"]["OPTIONS"]["sslmode"] = DATABASE_SSLMODE
+DATABASE_SSLROOTCERT = env.str("DATABASE_SSLROOTCERT", default="")
+if DATABASE_SSLROOTCERT:
+    # "system" (libpq 16+) means the operating system's trusted CAs.
+    if DATABASE_SSLROOTCERT != "system" and not Path(DATABASE_SSLROOTCERT).is_file():
+        raise ImproperlyConfigured(f"DATABASE_SSLROOTCERT: no such file {DATABASE_SSLROOTCERT!r}")
+    DATABASES["default"]["OPTIONS"]["sslrootcert"] = DATABASE_SSLROOTCERT
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -108,6 +128,37 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / ".data" / "static"
+# `collectstatic` writes gzip and brotli copies next to each file, which WhiteNoise serves
+# with far-future caching. No manifest: nothing fails when files were never collected (tests).
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+# Without collected files (development, tests) WhiteNoise finds them in the apps instead.
+WHITENOISE_USE_FINDERS = not (STATIC_ROOT / "admin").is_dir()
+
+# --- HTTPS and cookies (production behind TLS; see `manage.py check --deploy`) ---------------
+# Every default keeps plain HTTP working (`make run`, the tests); production sets them.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+# The header a TLS-terminating proxy sets, as "HEADER,value", e.g. "X-Forwarded-Proto,https".
+# Only set it when such a proxy strips the header from clients' requests.
+_proxy_ssl_header = env.list("SECURE_PROXY_SSL_HEADER", default=[])
+if _proxy_ssl_header:
+    if len(_proxy_ssl_header) != 2:
+        raise ImproperlyConfigured('SECURE_PROXY_SSL_HEADER must be "HEADER,value", e.g. "X-Forwarded-Proto,https"')
+    _header = _proxy_ssl_header[0].strip().upper().replace("-", "_")
+    SECURE_PROXY_SSL_HEADER = (
+        _header if _header.startswith("HTTP_") else f"HTTP_{_header}",
+        _proxy_ssl_header[1].strip(),
+    )
+# Origins allowed to POST with a session (admin, dashboard) from another scheme/host, e.g.
+# https://secondbrain.example.com behind a proxy.
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 # Request bodies above this are refused before any parsing (413/400, never a 500).
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=1_048_576)
@@ -135,7 +186,40 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "core.schema.AutoSchema",
     "EXCEPTION_HANDLER": "core.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # Per user (token or session) and per anonymous client address; rates below (core/throttling.py).
+    "DEFAULT_THROTTLE_CLASSES": ["core.throttling.UserRateThrottle", "core.throttling.AnonRateThrottle"],
+    # X-Forwarded-For is trusted only through this many proxies; 0 uses the peer's address.
+    "NUM_PROXIES": env.int("THROTTLE_NUM_PROXIES", default=0),
 }
+
+# --- Throttling and duplicate requests (core/) -----------------------------------------------
+_RATE = r"^\d+/(s|sec|second|m|min|minute|h|hour|d|day)$"
+
+
+def _rate(name: str, default: str) -> str | None:
+    """A DRF rate such as "600/min"; "off" (or empty) disables that throttle."""
+    value = env.str(name, default=default).strip()
+    if value.lower() in ("", "off", "none"):
+        return None
+    if not re.match(_RATE, value):
+        raise ImproperlyConfigured(f'{name} must look like "600/min" (per s, min, hour or day) or "off"; got {value!r}')
+    return value
+
+
+THROTTLE_USER_RATE = _rate("THROTTLE_USER_RATE", "600/min")
+THROTTLE_ANON_RATE = _rate("THROTTLE_ANON_RATE", "60/min")
+# Throttle counters live in PostgreSQL (the table comes from core's migration), so every web
+# process shares them. MAX_ENTRIES is high so culling never drops live counters; expired rows
+# are deleted by the periodic purge (core.purge_expired).
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": "core_cache",
+        "OPTIONS": {"MAX_ENTRIES": env.int("CACHE_MAX_ENTRIES", default=50_000)},
+    }
+}
+# How long an Idempotency-Key and its stored response are kept.
+IDEMPOTENCY_KEY_TTL_SECONDS = env.int("IDEMPOTENCY_KEY_TTL_SECONDS", default=24 * 3600)
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "secondbrain API",

@@ -42,6 +42,8 @@ def fail_fast_if_database_unreachable(argv: list[str] | None = None) -> None:
             host=db.get("HOST") or None,
             port=db.get("PORT") or None,
             connect_timeout=db["OPTIONS"].get("connect_timeout", 5),
+            # The same TLS as the app's own connections (DATABASE_SSLMODE, DATABASE_SSLROOTCERT).
+            **{k: v for k, v in db["OPTIONS"].items() if k in ("sslmode", "sslrootcert", "sslcert", "sslkey")},
         ).close()
     except psycopg.OperationalError as exc:
         where = f"{db.get('HOST') or 'localhost'}:{db.get('PORT') or 5432}/{db['NAME']}"

@@ -29,9 +29,10 @@ ERROR_DESCRIPTIONS = {
     "401": "No valid credentials: send `Authorization: Token <key>`.",
     "403": "Authenticated, but not allowed to do this.",
     "404": "Not found, or not yours.",
-    "409": "The object is not in a state that allows this.",
+    "409": "The object is not in a state that allows this, or a request with this Idempotency-Key is still running.",
     "413": "The request body is too large.",
     "415": "The body's media type is not accepted here.",
+    "422": "This Idempotency-Key was used with another request.",
     "429": "Too many requests: wait the seconds in `Retry-After`.",
     "503": "The database is unavailable for a moment: retry after the seconds in `Retry-After`.",
 }
@@ -74,6 +75,8 @@ class AutoSchema(SpectacularAutoSchema):
             codes.append("404")
         if has_body:
             codes += ["413", "415"]
+        if any(p.get("in") == "header" and p.get("name") == "Idempotency-Key" for p in parameters):
+            codes += ["409", "422"]  # core/idempotency.py
         if self.view.get_throttles():
             codes.append("429")
         codes.append("503")  # core/middleware.py, while the database cannot be reached

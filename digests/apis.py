@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from rest_framework import viewsets
 
+from core.idempotency import IdempotentCreateMixin
 from digests import selectors, services
 from digests.models import Digest, DigestSchedule
 from digests.serializers import DigestScheduleSerializer, DigestSerializer
 
 
-class DigestScheduleViewSet(viewsets.ModelViewSet):
+class DigestScheduleViewSet(IdempotentCreateMixin, viewsets.ModelViewSet):
     """The caller's digest schedules. `next_digest_scheduled` is recomputed on every change."""
 
     serializer_class = DigestScheduleSerializer

@@ -13,6 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from core.idempotency import idempotent
 from jobs import selectors, services
 from jobs.filters import JobFilter
 from jobs.serializers import (
@@ -74,6 +75,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             409: OpenApiResponse(description="Not failed"),
         },
     )
+    @idempotent
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         """Put a failed or aborted job back in its queue with fresh attempts."""

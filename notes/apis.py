@@ -9,6 +9,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from core.idempotency import idempotent
 from notes import selectors, services
 from notes.filters import NoteFilter
 from notes.models import Note
@@ -34,6 +35,7 @@ class NoteViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         return selectors.note_list(owner=self.request.user)
 
     @extend_schema(request=NoteInputSerializer, responses={201: NoteOutputSerializer})
+    @idempotent
     def create(self, request: Request) -> Response:
         data = NoteInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -74,15 +76,20 @@ class NoteImportApi(APIView):
 
     parser_classes = [MultiPartParser]
 
-    @extend_schema(request={"multipart/form-data": NoteImportInputSerializer}, responses={202: _ImportQueued})
-    def post(self, request: Request) -> Response:
-        # Refuse an oversized body before Django spools it to disk.
+    def initial(self, request: Request, *args, **kwargs) -> None:
+        super().initial(request, *args, **kwargs)
+        # Refuse an oversized body before Django spools it to disk (or anything parses it, such
+        # as the Idempotency-Key check), once the caller is known to be allowed in.
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = 0
         if length > settings.IMPORTS_MAX_UPLOAD_BYTES + _MULTIPART_OVERHEAD_BYTES:
             raise upload_too_large(None)
+
+    @extend_schema(request={"multipart/form-data": NoteImportInputSerializer}, responses={202: _ImportQueued})
+    @idempotent
+    def post(self, request: Request) -> Response:
         data = NoteImportInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         upload = data.validated_data["file"]

@@ -7,6 +7,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from core.idempotency import IdempotentCreateMixin, idempotent
 from notifications import selectors, services
 from notifications.filters import NotificationJobFilter
 from notifications.models import NotificationJob, Recipient
@@ -33,7 +34,7 @@ _BulkQueued = inline_serializer(
 )
 
 
-class RecipientViewSet(viewsets.ModelViewSet):
+class RecipientViewSet(IdempotentCreateMixin, viewsets.ModelViewSet):
     serializer_class = RecipientSerializer
     queryset = Recipient.objects.none()
     filterset_fields = ["relationship"]
@@ -55,6 +56,7 @@ class RecipientViewSet(viewsets.ModelViewSet):
 
 class SendEmailApi(APIView):
     @extend_schema(request=SendEmailSerializer, responses={202: _Queued})
+    @idempotent
     def post(self, request: Request) -> Response:
         data = SendEmailSerializer(data=request.data, context={"request": request})
         data.is_valid(raise_exception=True)
@@ -74,6 +76,7 @@ class SendEmailApi(APIView):
 
 class SendBulkApi(APIView):
     @extend_schema(request=SendBulkSerializer, responses={202: _BulkQueued})
+    @idempotent
     def post(self, request: Request) -> Response:
         data = SendBulkSerializer(data=request.data, context={"request": request})
         data.is_valid(raise_exception=True)
@@ -112,6 +115,7 @@ class NotificationJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, v
     @extend_schema(
         request=None, responses={202: NotificationJobSerializer, 409: OpenApiResponse(description="Not failed")}
     )
+    @idempotent
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         notification = services.notification_retry(notification=self.get_object())

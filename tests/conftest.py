@@ -33,6 +33,14 @@ def _clean_job_tables(request: pytest.FixtureRequest) -> Iterator[None]:
             cursor.execute(f"TRUNCATE {PROCRASTINATE_TABLES} RESTART IDENTITY CASCADE")
 
 
+@pytest.fixture(autouse=True)
+def _no_throttling(settings) -> None:
+    """API throttles are off in tests (one address, many requests); tests/core/test_throttling.py
+    turns them on with small rates."""
+    settings.THROTTLE_USER_RATE = None
+    settings.THROTTLE_ANON_RATE = None
+
+
 @pytest.fixture
 def user(db):
     return make_user("alice")

@@ -1,0 +1,91 @@
+"""Writes of the cross-app pieces in core/: idempotency keys and the database cache's upkeep."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from core.models import IdempotencyKey
+
+logger = logging.getLogger(__name__)
+
+# The lock is taken with try: a request that finds the key's first request still running is
+# told so (409) instead of queueing behind it. Namespaced so it never meets another lock.
+_TRY_LOCK = "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))"
+
+
+def idempotency_key_lock(*, user_id: int, key: str) -> tuple[bool, IdempotencyKey | None]:
+    """Take the transaction-level lock on (user, key); then return its live stored response.
+
+    Returns (False, None) when another transaction holds the lock (its request is still
+    running), else (True, the unexpired row or None). An expired row is deleted here, so the
+    key is free again. Call inside transaction.atomic(): the lock lasts until that commit.
+    """
+    if not connection.in_atomic_block:
+        raise RuntimeError("idempotency_key_lock must run inside transaction.atomic()")
+    with connection.cursor() as cursor:
+        cursor.execute(_TRY_LOCK, [f"idempotency-key:{user_id}:{key}"])
+        if not cursor.fetchone()[0]:
+            return False, None
+    stored = IdempotencyKey.objects.filter(user_id=user_id, key=key).first()
+    if stored is not None and stored.expires_at <= timezone.now():
+        stored.delete()
+        stored = None
+    return True, stored
+
+
+def idempotency_key_store(
+    *, user_id: int, key: str, method: str, path: str, request_hash: str, status: int, body: str
+) -> IdempotencyKey:
+    """Keep a response under its key. Call holding idempotency_key_lock, in the transaction of
+    the work the response reports, so the two commit (or vanish) together."""
+    now = timezone.now()
+    return IdempotencyKey.objects.create(
+        user_id=user_id,
+        key=key,
+        method=method,
+        path=path,
+        request_hash=request_hash,
+        response_status=status,
+        response_body=body,
+        created_at=now,
+        expires_at=now + timedelta(seconds=settings.IDEMPOTENCY_KEY_TTL_SECONDS),
+    )
+
+
+# Batches in their own short transactions, skipping rows someone holds (as jobs_purge does).
+_PURGE_KEYS = """
+DELETE FROM core_idempotency_keys WHERE id IN (
+    SELECT id FROM core_idempotency_keys WHERE expires_at < now() LIMIT %s FOR UPDATE SKIP LOCKED
+)
+"""
+_PURGE_CACHE = """
+DELETE FROM core_cache WHERE cache_key IN (
+    SELECT cache_key FROM core_cache WHERE expires < now() LIMIT %s FOR UPDATE SKIP LOCKED
+)
+"""
+
+
+def expired_rows_purge(*, batch_size: int = 1000, max_batches: int = 1000) -> dict[str, int]:
+    """Delete expired idempotency keys and expired database-cache rows (old throttle counters).
+
+    Expired keys are already ignored when looked up; this only keeps the tables small. Runs
+    periodically as `core.purge_expired` (JOBS_RETENTION_CRON)."""
+    deleted: dict[str, int] = {}
+    with connection.cursor() as cursor:
+        for name, statement in (("idempotency_keys", _PURGE_KEYS), ("cache", _PURGE_CACHE)):
+            total = 0
+            for _ in range(max_batches):
+                with transaction.atomic():
+                    cursor.execute(statement, [batch_size])
+                    total += cursor.rowcount
+                if cursor.rowcount < batch_size:
+                    break
+            deleted[name] = total
+    if any(deleted.values()):
+        logger.info("Purged expired rows: %s", deleted)
+    return deleted
