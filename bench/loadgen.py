@@ -25,19 +25,20 @@ def run_load(
     *,
     port: int,
     path: str,
-    body: bytes,
-    headers: dict[str, str],
+    requests: list[tuple[bytes, dict[str, str]]],
     rate: float,
     seconds: float,
     connections: int = 32,
 ) -> LoadResult:
     result = LoadResult()
     lock = threading.Lock()
-    due: queue.Queue[float | None] = queue.Queue()
+    due: queue.Queue[tuple[float, int] | None] = queue.Queue()
 
     def client() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        while (at := due.get()) is not None:
+        while (item := due.get()) is not None:
+            at, n = item
+            body, headers = requests[n % len(requests)]  # the clients' requests, in turn
             delay = at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
@@ -63,7 +64,7 @@ def run_load(
         thread.start()
     start = time.perf_counter() + 0.2
     for i in range(int(rate * seconds)):
-        due.put(start + i / rate)
+        due.put((start + i / rate, i))
     for _ in threads:
         due.put(None)
     for thread in threads:
