@@ -127,7 +127,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / ".data" / "static"
+# Where `collectstatic` puts the files that WhiteNoise serves (the Docker image collects at build).
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / ".data" / "static")))
 # `collectstatic` writes gzip and brotli copies next to each file, which WhiteNoise serves
 # with far-future caching. No manifest: nothing fails when files were never collected (tests).
 STORAGES = {

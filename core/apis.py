@@ -11,6 +11,7 @@ from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
+from core.throttling import AnonRateThrottle
 from jobs.breaker import breaker_state
 from jobs.selectors import job_counts_by_queue, live_workers
 from llm.selectors import llm_spend_this_month
@@ -80,3 +81,6 @@ class TokenApi(ObtainAuthToken):
     to a RecursionError (a 500) instead of a 400."""
 
     parser_classes = api_settings.DEFAULT_PARSER_CLASSES
+    # DRF's view is not throttled at all; here it has the anonymous rate per client address,
+    # which slows down password guessing.
+    throttle_classes = [AnonRateThrottle]
