@@ -17,8 +17,9 @@ RUN pip install -r requirements/base.txt
 
 COPY . .
 
-# Static files at build time. Settings refuse to load without a database URL and a real
-# secret when DEBUG is off; collectstatic never connects, so throw-away values do.
+# Static files at build time, with gzip copies; gunicorn serves them itself (WhiteNoise).
+# Settings refuse to load without a database URL and a real secret when DEBUG is off;
+# collectstatic never connects, so throw-away values do.
 RUN DATABASE_URL=postgres://build@localhost/build \
     SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(50))')" \
     python manage.py collectstatic --no-input --verbosity 0
