@@ -2,8 +2,9 @@
 """Idempotency keys, and the table of Django's database cache (settings.CACHES, throttle counters).
 
 The cache table is what `createcachetable` would make, created here so that `migrate` is the one
-set-up step. UNLOGGED: counters need no crash safety, and skipping the WAL makes each throttled
-request's write cheaper (after a crash PostgreSQL empties the table; limits restart from zero).
+set-up step (one that `createcachetable` made before is kept). UNLOGGED: counters need no crash
+safety, and skipping the WAL makes each throttled request's write cheaper (after a crash
+PostgreSQL empties the table; limits restart from zero).
 """
 
 import django.db.models.deletion
@@ -41,13 +42,13 @@ class Migration(migrations.Migration):
         ),
         migrations.RunSQL(
             sql="""
-            CREATE UNLOGGED TABLE core_cache (
+            CREATE UNLOGGED TABLE IF NOT EXISTS core_cache (
                 cache_key varchar(255) NOT NULL PRIMARY KEY,
                 value text NOT NULL,
                 expires timestamp with time zone NOT NULL
             );
-            CREATE INDEX core_cache_expires ON core_cache (expires);
+            CREATE INDEX IF NOT EXISTS core_cache_expires ON core_cache (expires);
             """,
-            reverse_sql="DROP TABLE core_cache;",
+            reverse_sql="DROP TABLE IF EXISTS core_cache;",
         ),
     ]
