@@ -214,7 +214,8 @@ THROTTLE_ANON_RATE = _rate("THROTTLE_ANON_RATE", "60/min")
 # are deleted by the periodic purge (core.purge_expired).
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        # Django's DatabaseCache with a one-statement write (core/cache.py).
+        "BACKEND": "core.cache.PostgresDatabaseCache",
         "LOCATION": "core_cache",
         "OPTIONS": {"MAX_ENTRIES": env.int("CACHE_MAX_ENTRIES", default=50_000)},
     }
