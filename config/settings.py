@@ -210,14 +210,15 @@ def _rate(name: str, default: str) -> str | None:
 THROTTLE_USER_RATE = _rate("THROTTLE_USER_RATE", "600/min")
 THROTTLE_ANON_RATE = _rate("THROTTLE_ANON_RATE", "60/min")
 # Throttle counters live in PostgreSQL (the table comes from core's migration), so every web
-# process shares them. MAX_ENTRIES is high so culling never drops live counters; expired rows
-# are deleted by the periodic purge (core.purge_expired).
+# process shares them. Expired rows are deleted by the periodic purge (core.purge_expired).
 CACHES = {
     "default": {
         # Django's DatabaseCache with a one-statement write (core/cache.py).
         "BACKEND": "core.cache.PostgresDatabaseCache",
         "LOCATION": "core_cache",
-        "OPTIONS": {"MAX_ENTRIES": env.int("CACHE_MAX_ENTRIES", default=50_000)},
+        # set() never culls (core/cache.py); add() and touch() still would past MAX_ENTRIES,
+        # dropping a third of the entries, live counters included: far out of reach.
+        "OPTIONS": {"MAX_ENTRIES": 10_000_000},
     }
 }
 # How long an Idempotency-Key and its stored response are kept.
