@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: run test bench lint format db stopdb clean
+.PHONY: run test bench chaos lint format db stopdb clean
 
 $(STAMP): requirements/base.txt requirements/dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ test: $(STAMP)  ## the whole suite on real PostgreSQL (ARGS="-k enrich" to narro
 
 bench: $(STAMP)  ## the benchmark suite (bench/): one table, also in bench/results/latest.json
 	$(BIN)/python -m bench.run $(ARGS)
+
+chaos: $(STAMP)  ## 20,000 e-mails through SIGKILLed workers and a PostgreSQL restart: nothing lost, nothing twice
+	$(BIN)/python -m bench.chaos $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import psycopg
+from psycopg import sql
 
 from bench.harness import BASE_DIR, PYTHON, percentile, wait_until
 from bench.peers import CountingSmtpSink
@@ -185,7 +186,9 @@ class ApiClient(threading.Thread):
             outcome = self._post(body, headers)
             self.log.statuses[outcome] += 1
             self.log.timeline.append((time.monotonic(), outcome))
-            due += 1 / self.rate
+            # On schedule, but no burst to catch up after slow answers: a client that fell
+            # behind by more than a second starts afresh.
+            due = max(due + 1 / self.rate, time.monotonic() - 1.0)
             self._halt.wait(max(0.0, due - time.monotonic()))
 
     def _post(self, body: str, headers: dict[str, str]) -> str:
@@ -218,6 +221,58 @@ class ApiClient(threading.Thread):
         return str(response.status)
 
 
+# --- What the database looks like, once a second --------------------------------------------
+SAMPLE = """
+SELECT (SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'notifications.deliver' AND status = 'todo'),
+       (SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'notifications.deliver' AND status = 'doing'),
+       (SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing' AND worker_id IS NULL),
+       (SELECT count(*) FROM procrastinate_workers),
+       (SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat < now() - interval '4 seconds'),
+       (SELECT json_object_agg(coalesce(state, '?') || ':' || coalesce(wait_event, '-'), n)
+          FROM (SELECT state, wait_event, count(*) AS n FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                 GROUP BY 1, 2) AS activity)
+"""
+
+
+class Sampler(threading.Thread):
+    """Once a second: e-mails so far, the deliver jobs waiting and running, workers, and what the
+    database's sessions are doing; so a stall can be told apart from a slow patch afterwards."""
+
+    def __init__(self, url: str, sink: CountingSmtpSink) -> None:
+        super().__init__(name="sampler", daemon=True)
+        self.url, self.sink = url, sink
+        self.samples: list[dict] = []
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+    def run(self) -> None:
+        while not self._halt.wait(1.0):
+            sample: dict = {"at": _clock(time.time()), "emails": self.sink.count}
+            try:
+                todo, doing, orphans, workers, silent, activity = _sql(self.url, SAMPLE)[0]
+                sample.update(
+                    todo=todo,
+                    doing=doing,
+                    doing_without_worker=orphans,
+                    workers=workers,
+                    silent_workers=silent,
+                    sessions=activity,
+                )
+            except psycopg.Error as exc:
+                sample["database"] = type(exc).__name__
+            self.samples.append(sample)
+
+
+def _keep_server_log(pg: ThrowawayPostgres) -> None:
+    if pg.log.exists():
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        (LOG_DIR / "postgres.log").write_text(pg.log.read_text(errors="replace"))
+
+
 # --- The run -----------------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -226,6 +281,7 @@ class Run:
     kill_every: float
     down_seconds: float
     api_rate: float
+    database_settings: dict[str, str] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
     bulk_ids: list[int] = field(default_factory=list)
     kills: int = 0
@@ -298,6 +354,8 @@ def _prepare(url: str, run: Run) -> tuple[str, int]:
             notification_type="system",
             priority="normal",
         )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")  # what autovacuum would do after such a batch, within a minute
     client_user = make_user("chaos-api")
     recipient = Recipient.objects.create(owner=client_user, name="Api", email="api@example.com")
     token = Token.objects.create(user=client_user).key
@@ -306,7 +364,11 @@ def _prepare(url: str, run: Run) -> tuple[str, int]:
 
 
 def chaos(run: Run) -> dict:
-    pg = ThrowawayPostgres()
+    # Waits on locks, checkpoints and autovacuum runs go to the server log, kept with the others.
+    pg = ThrowawayPostgres(
+        settings={"log_lock_waits": "on", "log_checkpoints": "on", "log_autovacuum_min_duration": "1000"}
+    )
+    sampler: Sampler | None = None
     processes: Processes | None = None
     sink: CountingSmtpSink | None = None
     client: ApiClient | None = None
@@ -316,6 +378,9 @@ def chaos(run: Run) -> dict:
             old_log.unlink()
         pg.start()
         url = pg.create_database("secondbrain_chaos")
+        for name, value in run.database_settings.items():
+            query = sql.SQL("ALTER DATABASE secondbrain_chaos SET {} = {}").format(sql.Identifier(name), value)
+            _sql(url, query.as_string())
         sink = CountingSmtpSink().start()
         env = {
             **os.environ,
@@ -327,7 +392,6 @@ def chaos(run: Run) -> dict:
             "PYTHONUNBUFFERED": "1",
             "EMAIL_URL": f"smtp://127.0.0.1:{sink.port}",
             "NOTIFICATIONS_RATE_PER_SECOND": "100000",  # measure the system, not the rate limit
-            "THROTTLE_USER_RATE": "off",  # one client posting steadily is not abuse here
             "WORKER_HEARTBEAT_SECONDS": "1",
             "WORKER_STALLED_SECONDS": "4",
             "STALLED_JOBS_CRON": "* * * * * */1",  # look for killed workers' jobs every second
@@ -345,6 +409,8 @@ def chaos(run: Run) -> dict:
             processes.start_worker(f"worker-{number + 1}")
         client = ApiClient(port=port, token=token, recipient_id=recipient_id, rate=run.api_rate)
         client.start()
+        sampler = Sampler(url, sink)
+        sampler.start()
         run.started_at = time.monotonic()
         print(f"chaos: {run.workers} workers, a SIGKILL every ~{run.kill_every:g} s", flush=True)
 
@@ -380,13 +446,18 @@ def chaos(run: Run) -> dict:
         processes.revive_dead_workers()
         processes.stop_all()
         time.sleep(0.5)  # the sink has answered the last messages' final dot
-        return _report(run, url, sink, client, processes)
+        sampler.stop()
+        report = _report(run, url, sink, client, processes)
+        report["details"]["samples"] = sampler.samples
+        return report
     finally:
         # Each step on its own: one failing must not leave the others' processes running.
         for step in (
+            sampler.stop if sampler is not None else None,
             processes.stop_all if processes is not None else None,
             client.stop if client is not None else None,
             sink.stop if sink is not None else None,
+            lambda: _keep_server_log(pg),
             pg.destroy,
         ):
             if step is None:
@@ -498,6 +569,7 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, client: ApiClient, proce
             "kill_every_seconds": run.kill_every,
             "postgres_down_seconds": run.down_seconds,
             "api_rate_per_second": run.api_rate,
+            "database_settings": run.database_settings,
             "worker_heartbeat_seconds": 1,
             "worker_stalled_seconds": 4,
             "stalled_jobs_cron": "* * * * * */1",
@@ -602,6 +674,7 @@ def _throughput(run: Run, sink: CountingSmtpSink) -> dict:
         "first_after_seconds": (after_back[0] - run.outage_ended) if after_back else None,
         "recovery_seconds": None,
         "per_second": [rate(times[0] + s) for s in range(int(times[-1] - times[0]) + 1)],
+        "first_email_at": _clock(times[0] + time.time() - time.monotonic()),
         "restart_at_second": run.outage_started - times[0],
         "back_at_second": run.outage_ended - times[0],
     }
@@ -648,7 +721,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=3, help="worker processes (at least 2)")
     parser.add_argument("--kill-every", type=float, default=3.0, help="seconds between SIGKILLs, on average")
     parser.add_argument("--down-seconds", type=float, default=3.0, help="how long PostgreSQL stays stopped")
-    parser.add_argument("--api-rate", type=float, default=20.0, help="API requests per second")
+    parser.add_argument(
+        "--api-rate", type=float, default=8.0, help="API requests per second (under the default 600/min throttle)"
+    )
+    parser.add_argument(
+        "--database-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a PostgreSQL setting for the run's database (ALTER DATABASE ... SET), e.g. synchronous_commit=off",
+    )
     args = parser.parse_args(argv)
     if args.workers < 2:
         parser.error("--workers must be at least 2")
@@ -658,6 +740,7 @@ def main(argv: list[str]) -> int:
         kill_every=args.kill_every,
         down_seconds=args.down_seconds,
         api_rate=args.api_rate,
+        database_settings=dict(setting.split("=", 1) for setting in args.database_setting),
     )
 
     def out_of_time(signum, frame):

@@ -8,11 +8,13 @@ import logging
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import connection, transaction
 from django.utils import timezone
 from procrastinate.contrib.django import app
+from procrastinate.exceptions import ConnectorException
 from procrastinate.jobs import Job
 from procrastinate.manager import JobManager
 from procrastinate.tasks import Task
@@ -166,7 +168,14 @@ async def jobs_retry_stalled(*, job_manager: JobManager, seconds_since_heartbeat
     retried = []
     for job in stalled:
         assert job.id is not None
-        await job_manager.retry_job(job)
+        try:
+            await job_manager.retry_job(job)
+        except ConnectorException as exc:
+            if not isinstance(exc.__cause__, psycopg.errors.RaiseException):
+                raise
+            # It ended (or was rescued) since the list was read: nothing to do, and the rest of
+            # the list must not wait for the next run because of it.
+            continue
         retried.append(job.id)
     if retried:
         logger.warning("Retried %d stalled job(s): %s", len(retried), retried)

@@ -7,6 +7,10 @@ from procrastinate.contrib.django import app
 from jobs import queues, services
 from jobs.registry import job_task
 
+# Above every other job: workers claim the highest priority first, so at the default priority a
+# backlog of e-mails would keep the jobs of a dead worker waiting until the backlog had drained.
+RESCUE_PRIORITY = 1000
+
 
 @app.periodic(cron=settings.STALLED_JOBS_CRON, periodic_id="retry-stalled-jobs")
 @app.task(
@@ -14,6 +18,7 @@ from jobs.registry import job_task
     queue=queues.MAINTENANCE,
     queueing_lock="jobs.retry_stalled",
     pass_context=True,
+    priority=RESCUE_PRIORITY,
 )
 async def retry_stalled_jobs(context: JobContext, timestamp: int) -> list[int]:
     return await services.jobs_retry_stalled(

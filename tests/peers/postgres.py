@@ -35,10 +35,6 @@ SERVER_SETTINGS = {
     "unix_socket_directories": "''",
     "max_connections": "200",
     "shared_buffers": "128MB",
-    # Throw-away data: losing it in an OS crash costs nothing, and fsyncs on a shared machine
-    # would only add noise to what the run measures.
-    "fsync": "off",
-    "full_page_writes": "off",
     "log_min_messages": "warning",
 }
 
