@@ -32,9 +32,12 @@ class ApplicationError(Exception):
 class ProviderError(Exception):
     """An external provider (Claude, the mail server) failed. Retry only when not permanent."""
 
-    def __init__(self, message: str, *, permanent: bool) -> None:
+    def __init__(self, message: str, *, permanent: bool, detail: str = "") -> None:
         super().__init__(message)
         self.permanent = permanent
+        # What the provider said, which may quote personal data back (a refused address, a
+        # name): kept in the app's own delivery records, never in job rows, tracebacks or logs.
+        self.detail = detail or message
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:

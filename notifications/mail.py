@@ -183,8 +183,11 @@ class EmailSender:
                 # probably kept it. Re-sending could duplicate, so it counts as sent.
                 return SendResult(response=f"no reply after end of data ({type(exc).__name__}); counted as sent")
             code = _smtp_code(exc)
-            text = f"SMTP {code}: {_reply_text(exc)}" if code else f"{type(exc).__name__}: {exc}".strip()
-            raise ProviderError(text, permanent=_is_permanent(exc)) from exc
+            permanent = _is_permanent(exc)
+            detail = f"SMTP {code}: {_reply_text(exc)}" if code else f"{type(exc).__name__}: {exc}".strip()
+            summary = f"SMTP {code} ({'permanent' if permanent else 'transient'})" if code else type(exc).__name__
+            # `from None`: the smtplib exception (with the server's reply) stays out of tracebacks.
+            raise ProviderError(summary, permanent=permanent, detail=detail) from None
         finally:
             _state.before_final_dot = None
         if not uses_commit_point:

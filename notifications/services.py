@@ -296,10 +296,10 @@ def notification_deliver(*, notification_id: int, attempt: int) -> str:
         mine = NotificationJob.objects.filter(id=notification_id, provider_message_id=message_id)
         # Back from "sent" too when the server refused after the end of data.
         mine.filter(status__in=[Status.PROCESSING, Status.SENT]).update(
-            status=Status.PENDING, processed_at=None, error=str(exc)[:2000]
+            status=Status.PENDING, processed_at=None, error=exc.detail[:2000]
         )
         outcome = DeliveryLog.Outcome.PERMANENT_FAILURE if exc.permanent else DeliveryLog.Outcome.TRANSIENT_FAILURE
-        _log(notification_id, attempt, outcome, error=str(exc), started=started)
+        _log(notification_id, attempt, outcome, error=exc.detail, started=started)
         if not exc.permanent:
             breaker_record_failure(
                 name=EMAIL_BREAKER,

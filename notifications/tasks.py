@@ -22,6 +22,6 @@ def notification_deliver(context: JobContext, *, notification_id: int) -> str:
         return services.notification_deliver(notification_id=notification_id, attempt=attempt)
     except ProviderError as exc:
         services.notification_attempt_failed(
-            notification_id=notification_id, error=str(exc), final=not will_retry(context, exc)
+            notification_id=notification_id, error=exc.detail, final=not will_retry(context, exc)
         )
         raise
