@@ -106,7 +106,10 @@ class NotificationJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, v
 
     @extend_schema(
         request=None,
-        responses={200: NotificationJobSerializer, 409: OpenApiResponse(description="Being delivered, or done")},
+        responses={
+            200: NotificationJobSerializer,
+            409: OpenApiResponse(description="Already being delivered, or done"),
+        },
     )
     def destroy(self, request: Request, pk: str | None = None) -> Response:
         notification = services.notification_cancel(notification=self.get_object())
