@@ -550,7 +550,7 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, client: ApiClient, proce
             "5xx and hangs 0",
         ),
         (
-            "API requests during the outage: 202 / 503 / other",
+            "API requests from the restart to 1 s after: 202 / 503 / other",
             f"{outage_requests.get('202', 0)} / {outage_requests.get('503', 0)} / "
             f"{sum(outage_requests.values()) - outage_requests.get('202', 0) - outage_requests.get('503', 0)}",
             "",
