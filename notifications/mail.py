@@ -48,12 +48,16 @@ class _CommitBeforeDotMixin:
             body += b"\r\n"
         self.send(body)
         try:
-            callback()
+            # The commit point may hand back the end of its own work (reading its COMMIT's
+            # answer), done once the dot is out, so the two leave back to back.
+            finish = callback()
         except BaseException:
             self.close()  # no final dot: the server discards the message
             raise
         _state.committed = True
         self.send(b".\r\n")
+        if finish is not None:
+            finish()
         reply = self.getreply()
         _state.reply = reply
         return reply
@@ -145,7 +149,7 @@ class EmailSender:
         body: str,
         message_id: str,
         headers: dict[str, str],
-        commit_point: Callable[[], None],
+        commit_point: Callable[[], Callable[[], None] | None],
     ) -> SendResult:
         _state.committed = False
         _state.reply = None
@@ -190,8 +194,10 @@ class EmailSender:
             raise ProviderError(summary, permanent=permanent, detail=detail) from None
         finally:
             _state.before_final_dot = None
-        if not uses_commit_point:
-            commit_point()
+        if not uses_commit_point:  # a backend without DATA (files, console): commit after the send
+            finish = commit_point()
+            if finish is not None:
+                finish()
         reply = _state.reply
         response = f"{reply[0]} {reply[1].decode(errors='replace')}" if reply else "accepted"
         return SendResult(response=response)
