@@ -108,6 +108,11 @@ def _is_permanent(exc: BaseException) -> bool:
     return code is not None and 500 <= code < 600
 
 
+def dot_sent() -> bool:
+    """Whether this thread's last send wrote the final dot (the server then keeps the message)."""
+    return bool(getattr(_state, "committed", False))
+
+
 def _connection() -> tuple[Any, bool]:
     """This thread's open connection to the mail server, and whether it was used before.
 
@@ -192,6 +197,9 @@ class EmailSender:
             summary = f"SMTP {code} ({'permanent' if permanent else 'transient'})" if code else type(exc).__name__
             # `from None`: the smtplib exception (with the server's reply) stays out of tracebacks.
             raise ProviderError(summary, permanent=permanent, detail=detail) from None
+        except BaseException:
+            _drop_connection()  # e.g. the commit point's database went away: the session is mid-reply
+            raise
         finally:
             _state.before_final_dot = None
         if not uses_commit_point:  # a backend without DATA (files, console): commit after the send

@@ -12,7 +12,7 @@ import psycopg.generators
 import psycopg.waiting
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 from procrastinate.contrib.django import app
 from rest_framework import status as http
@@ -21,7 +21,7 @@ from core.errors import ApplicationError, ProviderError
 from jobs.breaker import breaker_check, breaker_record_failure, breaker_record_success
 from jobs.ratelimit import rate_limit_wait
 from jobs.services import job_defer, job_defer_bulk
-from notifications.mail import EmailSender, SendAborted
+from notifications.mail import EmailSender, SendAborted, dot_sent
 from notifications.models import (
     JOB_PRIORITY,
     DeliveryLog,
@@ -293,6 +293,15 @@ def notification_deliver(*, notification_id: int, attempt: int) -> str:
         )
     except SendAborted:
         return "superseded"
+    except (psycopg.Error, DatabaseError):
+        if not dot_sent():
+            raise
+        # The dot went out but the COMMIT's answer never came (the database went away): the
+        # e-mail is sent. Record it once the database answers, rather than let a re-run send
+        # it a second time.
+        _record_sent_when_back(notification_id=notification_id, message_id=message_id)
+        _log(notification_id, attempt, DeliveryLog.Outcome.SENT, response="sent; recorded after a database outage")
+        return Status.SENT
     except ProviderError as exc:
         mine = NotificationJob.objects.filter(id=notification_id, provider_message_id=message_id)
         # Back from "sent" too when the server refused after the end of data.
@@ -350,6 +359,24 @@ def _mark_sent_with_the_dot(*, notification_id: int, message_id: str) -> Callabl
             connection.set_autocommit(True)
 
     return read_commit
+
+
+def _record_sent_when_back(*, notification_id: int, message_id: str, patience_seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + patience_seconds
+    while True:
+        connection.close()  # the old session is gone with the server
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "UPDATE notification_jobs SET status = 'sent', processed_at = coalesce(processed_at, now())"
+                    " WHERE id = %s AND provider_message_id = %s AND status IN ('processing', 'sent')",
+                    [notification_id, message_id],
+                )
+            return
+        except DatabaseError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _not_claimed(*, notification_id: int, attempt: int) -> str:
