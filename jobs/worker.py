@@ -95,6 +95,10 @@ class BatchingWorker(Worker):
                 slots += 1
             jobs = []
             failed = False
+            # Cleared before the claim, not after it as in Procrastinate: a NOTIFY arriving while
+            # the claim is in flight then still wakes the worker. Inserts NOTIFY once per
+            # statement here (migration 0003), so a wake-up cleared after the claim is lost.
+            self._new_job_event.clear()
             try:
                 assert self.worker_id is not None
                 jobs = await manager.fetch_jobs(queues=self.queues, worker_id=self.worker_id, limit=slots)
@@ -114,7 +118,6 @@ class BatchingWorker(Worker):
             finally:
                 for _ in range(slots - len(jobs)):
                     self._job_semaphore.release()
-                self._new_job_event.clear()
             if failed:
                 await utils.wait_any(asyncio.sleep(backoff.next_delay()), self._stop_event.wait())
                 continue
