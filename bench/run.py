@@ -109,6 +109,7 @@ def main(argv: list[str]) -> int:
     finally:
         signal.alarm(0)
         bench.stop_children()
+        postgres_version = bench.scalar("SHOW server_version")
         if started:
             devdb.stop()
 
@@ -124,7 +125,7 @@ def main(argv: list[str]) -> int:
                 "at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "seconds": round(time.monotonic() - begun, 1),
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
-                "postgres": bench.scalar("SHOW server_version"),
+                "postgres": postgres_version,
                 "figures": [f.as_dict() for f in results],
             },
             indent=2,
