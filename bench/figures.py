@@ -239,7 +239,7 @@ def http_load(bench: Bench, *, quick: bool = False) -> list[Figure]:
     for name, make_body in endpoints.items():
         path = name.split(" ", 1)[1]
         requests = [(json.dumps(make_body(recipient_id)).encode(), headers) for headers, recipient_id in clients]
-        run_load(port=port, path=path, requests=requests, rate=50, seconds=1)  # warm up
+        run_load(port=port, path=path, requests=requests, rate=rate, seconds=3)  # warm up every gunicorn thread
         result = run_load(port=port, path=path, requests=requests, rate=rate, seconds=seconds)
         p50, p95, p99 = (percentile(result.latencies_ms, q) for q in (50, 95, 99))
         figures_out += [
