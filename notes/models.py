@@ -64,6 +64,8 @@ class Note(models.Model):
         ordering = ["-created_at", "-id"]
         indexes = [
             models.Index(fields=["owner", "-created_at"], name="notes_owner_created_idx"),
+            # A digest reads a user's notes after the last one it sent, in id order.
+            models.Index(fields=["owner", "id"], name="notes_owner_id_idx"),
             GinIndex(fields=["tags"], name="notes_tags_gin"),
             GinIndex(fields=["ai_tags"], name="notes_ai_tags_gin"),
         ]
