@@ -37,7 +37,6 @@ import platform
 import random
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from datetime import UTC, datetime
 import psycopg
 from psycopg import sql
 
-from bench.harness import BASE_DIR, PYTHON, percentile, wait_until
+from bench.harness import BASE_DIR, PYTHON, free_port, gunicorn_args, percentile, port_open, wait_until
 from bench.peers import CountingSmtpSink
 from tests.peers.postgres import ThrowawayPostgres
 
@@ -111,7 +110,7 @@ class Processes:
                 "--bind",
                 f"127.0.0.1:{port}",
                 "--preload",
-                *_gunicorn_args(),
+                *gunicorn_args(),
             )
         )
 
@@ -128,28 +127,6 @@ class Processes:
                 process.kill()
                 process.wait()
         self.workers, self.others = {}, []
-
-
-def _gunicorn_args() -> list[str]:
-    """The Dockerfile's GUNICORN_CMD_ARGS, so the run serves exactly like the image does."""
-    for line in (BASE_DIR / "Dockerfile").read_text().splitlines():
-        if line.startswith("ENV GUNICORN_CMD_ARGS="):
-            return shlex.split(line.split("=", 1)[1].strip().strip('"'))
-    raise RuntimeError("no GUNICORN_CMD_ARGS in the Dockerfile")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 # --- The HTTP client ---------------------------------------------------------------------------
@@ -401,9 +378,9 @@ def chaos(run: Run) -> dict:
         token, recipient_id = _prepare(url, run)
 
         processes = Processes(env)
-        port = _free_port()
+        port = free_port()
         processes.start_gunicorn(port)
-        if not wait_until(lambda: _port_open(port), 30):
+        if not wait_until(lambda: port_open(port), 30):
             raise TimeoutError("gunicorn did not start")
         for number in range(run.workers):
             processes.start_worker(f"worker-{number + 1}")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import shlex
-import socket
 import tempfile
 import time
 
-from bench.harness import BASE_DIR, Bench, Figure, percentile, wait_until
+from bench.harness import Bench, Figure, free_port, gunicorn_args, percentile, port_open, wait_until
 from bench.loadgen import run_load
 
 
@@ -184,20 +182,6 @@ def latency(bench: Bench, *, quick: bool = False) -> list[Figure]:
 # --- 4. HTTP under load --------------------------------------------------------------------
 
 
-def _gunicorn_args() -> list[str]:
-    """The Dockerfile's GUNICORN_CMD_ARGS, so the benchmark serves exactly like the image does."""
-    for line in (BASE_DIR / "Dockerfile").read_text().splitlines():
-        if line.startswith("ENV GUNICORN_CMD_ARGS="):
-            return shlex.split(line.split("=", 1)[1].strip().strip('"'))
-    raise RuntimeError("no GUNICORN_CMD_ARGS in the Dockerfile")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def http_load(bench: Bench, *, quick: bool = False) -> list[Figure]:
     """200 requests/s spread over 50 users (4/s each, under the default per-user throttle of
     600/min, so the throttle's counting is part of what is measured)."""
@@ -213,17 +197,9 @@ def http_load(bench: Bench, *, quick: bool = False) -> list[Figure]:
         token = Token.objects.create(user=user).key
         recipient = Recipient.objects.create(owner=user, name="Load", email=f"load{n}@example.com")
         clients.append(({"Authorization": f"Token {token}", "Content-Type": "application/json"}, recipient.id))
-    port = _free_port()
-    bench.spawn("-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}", *_gunicorn_args())
-
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    if not wait_until(up, 30):
+    port = free_port()
+    bench.spawn("-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}", *gunicorn_args())
+    if not wait_until(lambda: port_open(port), 30):
         raise TimeoutError("gunicorn did not start")
     endpoints = {
         "POST /api/notes/": lambda recipient_id: {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -155,3 +157,25 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
         return None
     index = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
     return sorted_values[index]
+
+
+def gunicorn_args() -> list[str]:
+    """The Dockerfile's GUNICORN_CMD_ARGS, so a run serves exactly like the image does."""
+    for line in (BASE_DIR / "Dockerfile").read_text().splitlines():
+        if line.startswith("ENV GUNICORN_CMD_ARGS="):
+            return shlex.split(line.split("=", 1)[1].strip().strip('"'))
+    raise RuntimeError("no GUNICORN_CMD_ARGS in the Dockerfile")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
