@@ -63,7 +63,7 @@ def dashboard_snapshot(*, user: Any) -> dict[str, Any]:
         },
         "latency": latency,
         "failing": selectors.dashboard_failing_tasks(seconds=WINDOW_HOURS * 3600),
-        "workers": selectors.dashboard_workers(stalled_after_seconds=settings.WORKER_STALLED_SECONDS),
+        "workers": selectors.live_workers(stalled_after_seconds=settings.WORKER_STALLED_SECONDS),
         "running": selectors.dashboard_running_progress(),
         "breakers": list(
             CircuitBreaker.objects.order_by("name").values("name", "state", "consecutive_failures", "opened_until")

@@ -29,14 +29,19 @@ def job_counts_by_queue() -> dict[str, dict[str, int]]:
 
 
 def live_workers(*, stalled_after_seconds: float) -> list[dict]:
-    """Workers whose last heartbeat is recent enough to count them alive."""
+    """Workers whose last heartbeat is recent enough to count them alive, and how many jobs
+    each is running."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT id, last_heartbeat FROM procrastinate_workers"
-            " WHERE last_heartbeat >= now() - make_interval(secs => %s) ORDER BY id",
+            "SELECT worker.id, worker.last_heartbeat,"
+            "       (SELECT count(*) FROM procrastinate_jobs AS job"
+            "         WHERE job.worker_id = worker.id AND job.status = 'doing')"
+            "  FROM procrastinate_workers AS worker"
+            " WHERE worker.last_heartbeat >= now() - make_interval(secs => %s)"
+            " ORDER BY worker.id",
             [stalled_after_seconds],
         )
-        return [{"id": wid, "last_heartbeat": beat} for wid, beat in cursor.fetchall()]
+        return [{"id": wid, "last_heartbeat": beat, "running": running} for wid, beat, running in cursor.fetchall()]
 
 
 # --- The jobs API: what a user (or staff) may see -------------------------------------------
@@ -465,21 +470,6 @@ def dashboard_failing_tasks(*, seconds: float) -> list[dict]:
         ]
 
 
-def dashboard_workers(*, stalled_after_seconds: float) -> list[dict]:
-    """Live workers (recent heartbeat) and how many jobs each is running."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT worker.id, worker.last_heartbeat,"
-            "       (SELECT count(*) FROM procrastinate_jobs AS job"
-            "         WHERE job.worker_id = worker.id AND job.status = 'doing')"
-            "  FROM procrastinate_workers AS worker"
-            " WHERE worker.last_heartbeat >= now() - make_interval(secs => %s)"
-            " ORDER BY worker.id",
-            [stalled_after_seconds],
-        )
-        return [{"id": wid, "last_heartbeat": beat, "running": running} for wid, beat, running in cursor.fetchall()]
-
-
 def dashboard_running_progress(*, limit: int = 50) -> list[dict]:
     """Running jobs that report progress (imports and other long jobs), oldest first."""
     with connection.cursor() as cursor:
@@ -491,15 +481,16 @@ def dashboard_running_progress(*, limit: int = 50) -> list[dict]:
             " ORDER BY job.id LIMIT %s",
             [limit],
         )
-        return [
-            {
-                "job_id": job_id,
-                "task": task,
-                "queue": queue,
-                "processed": processed,
-                "total": total,
-                "percent": round(100 * processed / total, 1) if processed is not None and total else None,
-                "progress_at": at,
-            }
-            for job_id, task, queue, processed, total, at in cursor.fetchall()
-        ]
+        rows = cursor.fetchall()
+    return [
+        {
+            "job_id": job_id,
+            "task": task,
+            "queue": queue,
+            "processed": processed,
+            "total": total,
+            "percent": (job_progress_summary(processed=processed, total=total) or {}).get("percent"),
+            "progress_at": at,
+        }
+        for job_id, task, queue, processed, total, at in rows
+    ]
