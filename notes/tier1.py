@@ -9,10 +9,15 @@ from notes.models import NoteType
 
 _HASHTAG = re.compile(r"(?<![\w#&/])#([A-Za-z][\w-]{0,63})")
 _LINK = re.compile(r"https?://[^\s<>\"'()\[\]]+", re.IGNORECASE)
-_TASK = re.compile(r"^\s*(?:[-*]\s*\[[ xX]?\]|todo\b|to do\b|task:)", re.IGNORECASE | re.MULTILINE)
+# A marker at the start of any line, after blanks. `[^\S\n]` is whitespace except the newline:
+# `^\s*` under MULTILINE ran from every line start over all the blank lines after it, quadratic
+# in the note's size (100 KB of newlines took minutes), and finds the same lines, because a
+# marker preceded by blank lines is also at the start of the last of them.
+_LINE_START = r"^[^\S\n]*"
+_TASK = re.compile(_LINE_START + r"(?:[-*]\s*\[[ xX]?\]|todo\b|to do\b|task:)", re.IGNORECASE | re.MULTILINE)
 _MEETING = re.compile(r"\b(?:meeting|agenda|attendees|1:1|standup|stand-up)\b", re.IGNORECASE)
-_IDEA = re.compile(r"^\s*(?:idea\b|what if\b)", re.IGNORECASE)
-_QUOTE_OR_REF = re.compile(r"^\s*(?:>|source:|ref:|via\b)", re.IGNORECASE | re.MULTILINE)
+_IDEA = re.compile(r"^\s*(?:idea\b|what if\b)", re.IGNORECASE)  # match() at 0 only: one scan
+_QUOTE_OR_REF = re.compile(_LINE_START + r"(?:>|source:|ref:|via\b)", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass(frozen=True)
