@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 from notes.models import Note, NoteType
@@ -47,16 +46,21 @@ def build_prompt(note: Note, candidates: list[Note]) -> str:
     return "\n".join(lines)
 
 
-_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+def _json_object_text(text: str) -> str | None:
+    """From the first "{" to the last "}": the object with whatever prose the model put around
+    it. (The regular expression `\\{.*\\}` said the same, but rescanned the rest of the answer
+    from every "{", quadratic in the answer's size.)"""
+    start, end = text.find("{"), text.rfind("}")
+    return text[start : end + 1] if start != -1 and end > start else None
 
 
 def parse_answer(text: str, *, candidate_ids: set[int]) -> Enrichment:
     """Read Claude's JSON; anything off-contract raises UnparseableAnswer."""
-    match = _JSON_OBJECT.search(text or "")
-    if not match:
+    candidate = _json_object_text(text or "")
+    if candidate is None:
         raise UnparseableAnswer("no JSON object in the answer")
     try:
-        data = json.loads(match.group(0))
+        data = json.loads(candidate)
     except json.JSONDecodeError as exc:
         raise UnparseableAnswer(f"invalid JSON: {exc.msg}") from exc
     if not isinstance(data, dict):

@@ -13,7 +13,9 @@ from procrastinate.contrib.django import app
 
 from llm.models import LlmUsage
 from notes import services
+from notes.enrichment import parse_answer
 from notes.models import Note
+from tests.complexity import assert_linear_on_hostile_text
 from tests.conftest import jobs as all_jobs
 from tests.conftest import run_worker
 from tests.factories import make_user
@@ -246,3 +248,22 @@ def test_deleted_note_job_finishes_quietly(owner, claude):
     run_worker()
     assert claude.requests == []
     assert jobs()[0]["status"] == "succeeded"
+
+
+def test_reading_an_answer_is_linear_in_its_size():
+    """`\\{.*\\}` rescanned the rest of the answer from every "{": a megabyte of "{" (a hostile
+    or broken endpoint at ANTHROPIC_BASE_URL) took minutes."""
+    assert_linear_on_hostile_text(
+        "from notes.enrichment import parse_answer", "parse_answer(text, candidate_ids={1})", size=1_000_000
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "summary"),
+    [
+        ('Sure! {"type": "idea", "summary": "s {x}", "tags": [], "connections": []} Hope it helps {:', "s {x}"),
+        ('}{"type": "idea", "summary": "t"}', "t"),
+    ],
+)
+def test_the_json_object_is_taken_from_the_first_brace_to_the_last(answer, summary):
+    assert parse_answer(answer, candidate_ids=set()).summary == summary
