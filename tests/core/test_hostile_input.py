@@ -9,12 +9,21 @@ reaches e-mails (plain text) and the admin (escaped).
 from __future__ import annotations
 
 import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tracemalloc
+import urllib.request
 from datetime import UTC, datetime, time, timedelta
+from time import sleep
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
+from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from digests import services as digest_services
@@ -22,7 +31,7 @@ from notes import imports
 from notes import services as note_services
 from notes.models import Note, NoteImport
 from notifications import services as notification_services
-from tests.conftest import client_for, run_worker
+from tests.conftest import BASE_DIR, client_for, database_url, run_worker
 from tests.factories import make_recipient, make_user
 
 JSON_ENDPOINTS = ["/api/notes/", "/api/recipients/", "/api/notifications/send-email/", "/api/auth/token/"]
@@ -79,6 +88,55 @@ def test_json_that_is_not_unicode_text_is_a_400(api, path, body, message):
     response = _post(api, path, body)
     assert response.status_code == 400, response.content
     assert response.json()["detail"].startswith(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_note_of_100_kb_of_blank_lines_is_answered_promptly_by_the_server(user):
+    """Notes of NOTE_MAX_CONTENT_BYTES (100 KB) of blank lines. Before the fix, gunicorn gave no
+    answer within 30 s to 60,000 newlines (Tier-1's regular expressions were quadratic). The
+    server runs in its own process: a regular expression holds the GIL, so an in-process server
+    would freeze the test's own client too."""
+    token = f"Token {Token.objects.create(user=user).key}"
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}", "--threads", "2"],
+        cwd=BASE_DIR,
+        env={**os.environ, "DATABASE_URL": database_url(), "ALLOWED_HOSTS": "127.0.0.1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its worker is killed with it, even when stuck in a request
+    )
+
+    def post(content: str, timeout: float) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/notes/",
+            data=json.dumps({"content": content}).encode(),
+            headers={"Authorization": token, "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+
+    try:
+        for attempt in range(300):  # the server's start-up, on a small note
+            try:
+                post("ready?", timeout=10)
+                break
+            except OSError:
+                assert server.poll() is None and attempt < 299, "gunicorn did not start"
+                sleep(0.1)
+        for content in ("a" + "\n" * 99_990 + "x", "\n \t" * 33_000 + "- [ ] at last"):
+            status, body = post(content, timeout=20)
+            assert status == 201
+            assert body["word_count"] == 2 or body["note_type"] == "task"
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
 
 
 @pytest.mark.django_db
