@@ -58,6 +58,7 @@ from rest_framework.utils.encoders import JSONEncoder
 
 from core import services
 from core.errors import ApplicationError
+from core.parsers import NESTED_TOO_DEEPLY
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -116,8 +117,13 @@ def _canonical(value: Any) -> Any:
 
 def request_hash(request: Request) -> str:
     """sha256 of the query parameters and the parsed body (a malformed body is the parser's 400)."""
-    canonical = {"query": _canonical(request.query_params), "body": _canonical(request.data)}
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
+    try:
+        canonical = {"query": _canonical(request.query_params), "body": _canonical(request.data)}
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
+    except RecursionError as exc:
+        # The parser accepts nesting up to the recursion limit at its own depth in the stack;
+        # walking the body again here, deeper in the stack and two frames per level, may not.
+        raise exceptions.ParseError(NESTED_TOO_DEEPLY) from exc
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -8,6 +8,8 @@ from typing import Any
 from rest_framework import parsers
 from rest_framework.exceptions import ParseError
 
+NESTED_TOO_DEEPLY = "JSON parse error - nested too deeply."
+
 
 class JSONParser(parsers.JSONParser):
     """DRF's JSON parser, plus the two inputs it lets through as server errors.
@@ -25,7 +27,7 @@ class JSONParser(parsers.JSONParser):
             # Valid surrogate pairs were joined by the decoder; a lone one fails to encode.
             json.dumps(data, ensure_ascii=False).encode("utf-8")
         except RecursionError as exc:
-            raise ParseError("JSON parse error - nested too deeply.") from exc
+            raise ParseError(NESTED_TOO_DEEPLY) from exc
         except UnicodeEncodeError as exc:
             raise ParseError("JSON parse error - a \\u escape is an unpaired surrogate, not a character.") from exc
         return data

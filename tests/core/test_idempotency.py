@@ -419,3 +419,22 @@ def test_a_crash_inside_the_work_leaves_neither_the_key_nor_the_work():
     retry = api.post("/api/notes/", {"content": "doomed"}, format="json", **{KEY: "doomed"})
     assert retry.status_code == 201 and "Idempotent-Replayed" not in retry
     assert Note.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_deeply_nested_json_with_a_key_is_a_400_never_a_500(user, api):
+    """The parser takes nesting up to Python's recursion limit; hashing the body for the key
+    recursed twice as deep and raised RecursionError (a 500) from about half of that."""
+    answers = {}
+    for depth in [100_000, *range(50, 1001, 50)]:
+        for shape, body in (
+            ("list", '{"content": "deep", "x": ' + "[" * depth + "]" * depth + "}"),
+            ("object", '{"content": "deep", "x": ' + '{"a":' * depth + "1" + "}" * depth + "}"),
+        ):
+            response = api.post("/api/notes/", data=body, content_type="application/json", **{KEY: f"{shape}{depth}"})
+            answers[shape, depth] = response.status_code
+            if response.status_code == 400:
+                assert response.json() == {"detail": "JSON parse error - nested too deeply."}
+    assert set(answers.values()) <= {201, 400}, answers
+    assert answers["list", 50] == answers["object", 50] == 201
+    assert answers["list", 100_000] == answers["object", 100_000] == 400
