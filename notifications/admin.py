@@ -1,10 +1,16 @@
 from __future__ import annotations
 
 from django.contrib import admin, messages
+from django.http import HttpRequest
 
 from core.errors import ApplicationError
+from jobs.dashboard import RETRY_PERMISSION, user_may
 from notifications import services
 from notifications.models import DeliveryLog, NotificationJob, Recipient, Status
+
+# Re-queueing or cancelling a delivery acts on a job, so it needs the jobs' own permissions, as
+# the job admin's and the dashboard's actions do (superusers have them).
+CANCEL_PERMISSION = "jobs.cancel_job"
 
 
 @admin.register(Recipient)
@@ -57,11 +63,17 @@ class NotificationJobAdmin(admin.ModelAdmin):
                 self.message_user(request, f"#{notification.id}: {exc.message}", messages.WARNING)
         self.message_user(request, f"{verb} {done} notification(s).", messages.SUCCESS)
 
-    @admin.action(description="Retry selected failed notifications")
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return user_may(request.user, RETRY_PERMISSION)
+
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        return user_may(request.user, CANCEL_PERMISSION)
+
+    @admin.action(description="Retry selected failed notifications", permissions=["retry"])
     def retry_failed(self, request, queryset) -> None:
         self._apply(request, queryset, services.notification_retry, Status.FAILED, "Re-queued")
 
-    @admin.action(description="Cancel selected pending notifications")
+    @admin.action(description="Cancel selected pending notifications", permissions=["cancel"])
     def cancel_pending(self, request, queryset) -> None:
         self._apply(request, queryset, services.notification_cancel, Status.PENDING, "Cancelled")
 

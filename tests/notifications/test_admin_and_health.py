@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from django.contrib.auth.models import Permission
+from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -49,6 +51,55 @@ def test_admin_actions_retry_failed_and_cancel_pending(staff_client):
     assert NotificationJob.objects.get(id=pending.id).status == "cancelled"
     statuses = sorted(j["status"] for j in jobs("notifications.deliver"))
     assert statuses == ["cancelled", "todo", "todo"]  # the retried one got a fresh job
+
+
+NOTIFICATIONS = "/admin/notifications/notificationjob/"
+
+
+def _notification_staff(username: str, *job_perms: str):
+    """Staff who may open and edit the notifications in the admin, plus `job_perms` of jobs."""
+    user = make_user(username, is_staff=True)
+    codenames = [("notifications", "view_notificationjob"), ("notifications", "change_notificationjob")]
+    codenames += [("jobs", perm) for perm in job_perms]
+    for app_label, codename in codenames:
+        user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def _offered(client) -> set[str]:
+    response = client.get(NOTIFICATIONS)
+    assert response.status_code == 200
+    form = response.context["action_form"]
+    return {name for name, _ in form.fields["action"].choices if name} if form is not None else set()
+
+
+def test_admin_retry_and_cancel_need_the_job_permissions():
+    owner = make_user("uma")
+    recipient = make_recipient(owner)
+    failed, pending = _send(owner, recipient), _send(owner, recipient)
+    NotificationJob.objects.filter(id=failed.id).update(status="failed")
+
+    plain = _notification_staff("plain")
+    assert _offered(plain) == set()
+    # Not offered, so a forged POST does nothing.
+    plain.post(NOTIFICATIONS, {"action": "retry_failed", "_selected_action": [failed.id]})
+    plain.post(NOTIFICATIONS, {"action": "cancel_pending", "_selected_action": [pending.id]})
+    assert NotificationJob.objects.get(id=failed.id).status == "failed"
+    assert NotificationJob.objects.get(id=pending.id).status == "pending"
+
+    retrier = _notification_staff("retrier", "retry_job")
+    assert _offered(retrier) == {"retry_failed"}
+    retrier.post(NOTIFICATIONS, {"action": "cancel_pending", "_selected_action": [pending.id]})
+    assert NotificationJob.objects.get(id=pending.id).status == "pending"
+    retrier.post(NOTIFICATIONS, {"action": "retry_failed", "_selected_action": [failed.id]})
+    assert NotificationJob.objects.get(id=failed.id).status == "pending"
+
+    canceller = _notification_staff("canceller", "cancel_job")
+    assert _offered(canceller) == {"cancel_pending"}
+    canceller.post(NOTIFICATIONS, {"action": "cancel_pending", "_selected_action": [pending.id]})
+    assert NotificationJob.objects.get(id=pending.id).status == "cancelled"
 
 
 def test_bulk_send_costs_the_same_queries_for_ten_or_two_thousand_recipients(django_assert_max_num_queries, user):
