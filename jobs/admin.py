@@ -85,9 +85,17 @@ class JobAdmin(ProcrastinateJobAdmin):
 
     @admin.action(description="Retry Job (failed and stuck 'doing' jobs)", permissions=["retry"])
     def retry(self, request: HttpRequest, queryset) -> None:
-        count = queryset.filter(status__in=("failed", "doing")).count()
-        super().retry(request, queryset)
-        self.message_user(request, f"Retried {count} job(s).", messages.SUCCESS)
+        # Each job on its own (Procrastinate's action stops at the first that fails): one whose
+        # queueing lock has a job waiting is skipped, with the reason.
+        retried = 0
+        for job_id in queryset.filter(status__in=("failed", "doing")).order_by("id").values_list("id", flat=True):
+            try:
+                services.job_retry_stuck(job_id=job_id)
+            except ApplicationError as exc:
+                self.message_user(request, f"Job {job_id} not retried: {exc.message}", messages.WARNING)
+                continue
+            retried += 1
+        self.message_user(request, f"Retried {retried} job(s).", messages.SUCCESS)
 
     @admin.action(description="Cancel Job (only 'todo' jobs)", permissions=["cancel"])
     def cancel(self, request: HttpRequest, queryset) -> None:

@@ -21,6 +21,7 @@ from jobs.serializers import (
     JobSerializer,
     MetricsQuerySerializer,
     QueueSerializer,
+    RetryRefusedSerializer,
 )
 from jobs.stream import job_event_stream, sse_event
 
@@ -72,13 +73,18 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         responses={
             202: JobSerializer,
             403: OpenApiResponse(description="Another user's job, without jobs.retry_job"),
-            409: OpenApiResponse(description="Not failed"),
+            409: OpenApiResponse(
+                response=RetryRefusedSerializer,
+                description="Not failed or aborted, or a job with the same queueing lock is already waiting"
+                " (it does the same work: `waiting_job_id`, and `detail` says so)",
+            ),
         },
     )
     @idempotent
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
-        """Put a failed or aborted job back in its queue with fresh attempts."""
+        """Put a failed or aborted job back in its queue with fresh attempts. Refused (409) while
+        a job with the same queueing lock waits: that job does the same work."""
         job = self.get_object()
         _check_may_act(request, job, "jobs.retry_job")
         services.job_retry(job_id=job.id)

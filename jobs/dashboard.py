@@ -91,7 +91,8 @@ def dashboard_data(request: HttpRequest) -> JsonResponse:
 
 def staff_action(permission: str) -> Callable:
     """A POST that answers JSON: 403 unless the user is active staff with `permission`,
-    400 with field errors for bad input (an ApplicationError), never a redirect to the login."""
+    400 with field errors for bad input and 409 for a refused action (an ApplicationError),
+    never a redirect to the login."""
 
     def decorate(view: Callable[[HttpRequest, dict[str, Any]], dict[str, Any]]) -> Callable:
         @wraps(view)
@@ -139,7 +140,14 @@ def _queue_field(body: dict[str, Any]) -> str:
 @staff_action(RETRY_PERMISSION)
 def retry_failed(request: HttpRequest, body: dict[str, Any]) -> dict[str, Any]:
     task = _text_field(body, "task")
-    return {"task": task, "retried": services.job_retry_failed(task_name=task)}
+    outcome = services.job_retry_failed(task_name=task)
+    if outcome["skipped"] and not outcome["retried"]:
+        # Nothing could be retried: every failed job has a job of its queueing lock waiting.
+        first = outcome["skipped_jobs"][0]["reason"]
+        raise ApplicationError(
+            f"No failed job of {task} was retried: {first}", status_code=409, extra={"task": task, **outcome}
+        )
+    return {"task": task, **outcome}
 
 
 @staff_action(PAUSE_PERMISSION)

@@ -23,10 +23,12 @@ re-queue jobs whose claim committed but whose answer was lost.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import Iterable
 
 from procrastinate import jobs as procrastinate_jobs
+from procrastinate import utils
 from procrastinate.manager import JobManager
 
 from jobs.connector import is_connection_error
@@ -94,10 +96,15 @@ ADOPT_JOBS = """
 UPDATE procrastinate_jobs SET worker_id = %(worker_id)s
  WHERE id = ANY(%(ids)s::bigint[]) AND status = 'doing' AND worker_id IS NULL
 """
-REQUEUE_ORPHANS = """
-UPDATE procrastinate_jobs SET status = 'todo', worker_id = NULL
- WHERE worker_id = %(worker_id)s AND status = 'doing' AND NOT (id = ANY(%(keep)s::bigint[]))
-RETURNING id
+# One job at a time, in the database (migration 0005): a job whose queueing lock has a newer
+# job waiting is superseded by it rather than failing the whole statement on the unique index.
+REQUEUE_ORPHANS = "SELECT job_id, superseded_by FROM jobs_requeue_orphans_v1(%(worker_id)s, %(keep)s::bigint[])"
+
+# procrastinate_retry_job_v2, with a job waiting with the same queueing lock superseding the
+# retried one (migration 0005); returns that job's id, NULL when the job was retried.
+RETRY_JOB = """
+SELECT jobs_retry_job_v1(%(job_id)s, %(retry_at)s, %(new_priority)s, %(new_queue_name)s, %(new_lock)s)
+    AS superseded_by
 """
 
 
@@ -197,12 +204,85 @@ class BatchingJobManager(JobManager):
         if job_ids:
             await self.connector.execute_query_async(query=ADOPT_JOBS, worker_id=worker_id, ids=job_ids)
 
-    async def requeue_orphans(self, worker_id: int, keep: list[int]) -> list[int]:
+    async def requeue_orphans(self, worker_id: int, keep: list[int]) -> tuple[list[int], dict[int, int]]:
         """Put back to `todo` the jobs the database says `worker_id` runs but it does not know of
         (claimed by a statement that committed while its answer was lost), or whose end could not
-        be written. Not spending an attempt: they never ran, or ran to an end nobody recorded."""
+        be written. Not spending an attempt: they never ran, or ran to an end nobody recorded.
+
+        Returns the re-queued ids, and the ids superseded by a job already waiting with their
+        queueing lock (`{superseded: waiting}`, see migration 0005)."""
         rows = await self.connector.execute_query_all_async(query=REQUEUE_ORPHANS, worker_id=worker_id, keep=keep)
-        return [row["id"] for row in rows]
+        requeued = [row["job_id"] for row in rows if row["superseded_by"] is None]
+        superseded = {row["job_id"]: row["superseded_by"] for row in rows if row["superseded_by"] is not None}
+        return requeued, superseded
+
+    # --- Retries: a job waiting with the same queueing lock supersedes the retried one ---------
+    # Every automatic retry goes through these: the worker's retry decision (`retry_job`), the
+    # stalled-job rescue. Procrastinate's own SQL fails on the queueing-lock index instead, which
+    # left the job `doing` for good (see migration 0005).
+    async def retry_job(
+        self,
+        job: procrastinate_jobs.Job,
+        retry_at: datetime.datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        lock: str | None = None,
+    ) -> int | None:
+        assert job.id is not None
+        return await self.retry_job_by_id_async(
+            job_id=job.id, retry_at=retry_at or utils.utcnow(), priority=priority, queue=queue, lock=lock
+        )
+
+    async def retry_job_by_id_async(
+        self,
+        job_id: int,
+        retry_at: datetime.datetime,
+        priority: int | None = None,
+        queue: str | None = None,
+        lock: str | None = None,
+    ) -> int | None:
+        """Retry the job, or end it superseded by the job of its queueing lock waiting already.
+        Returns that job's id when superseded, else None."""
+        row = await self.connector.execute_query_one_async(
+            query=RETRY_JOB, **_retry_params(job_id, retry_at, priority, queue, lock)
+        )
+        return _superseded(job_id, row["superseded_by"])
+
+    def retry_job_by_id(
+        self,
+        job_id: int,
+        retry_at: datetime.datetime,
+        priority: int | None = None,
+        queue: str | None = None,
+        lock: str | None = None,
+    ) -> int | None:
+        row = self.connector.get_sync_connector().execute_query_one(
+            query=RETRY_JOB, **_retry_params(job_id, retry_at, priority, queue, lock)
+        )
+        return _superseded(job_id, row["superseded_by"])
+
+
+def _retry_params(
+    job_id: int, retry_at: datetime.datetime, priority: int | None, queue: str | None, lock: str | None
+) -> dict:
+    return {
+        "job_id": job_id,
+        "retry_at": retry_at,
+        "new_priority": priority,
+        "new_queue_name": queue,
+        "new_lock": lock,
+    }
+
+
+def _superseded(job_id: int, waiting_id: int | None) -> int | None:
+    if waiting_id is not None:
+        logger.warning(
+            "Job %s was not retried: job %s waits with the same queueing lock and does its work (job %s cancelled)",
+            job_id,
+            waiting_id,
+            job_id,
+        )
+    return waiting_id
 
 
 def _reason(exc: BaseException) -> str:

@@ -78,3 +78,14 @@ class QueueSerializer(serializers.Serializer):
 
 class MetricsQuerySerializer(serializers.Serializer):
     hours = serializers.IntegerField(min_value=1, max_value=720, default=24)
+
+
+class RetryRefusedSerializer(serializers.Serializer):
+    """The 409 of a retry (for the schema)."""
+
+    detail = serializers.CharField()
+    waiting_job_id = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        help_text="The job already waiting with the same queueing lock, when that is the reason.",
+    )

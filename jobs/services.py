@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 from procrastinate.contrib.django import app
 from procrastinate.exceptions import ConnectorException
@@ -22,6 +22,7 @@ from psycopg.types.json import Jsonb
 
 from core.errors import ApplicationError
 from jobs import queues
+from jobs.connector import is_connection_error
 from jobs.models import JobInfo, PausedQueue
 from jobs.webhooks import webhook_post, webhook_url_check
 
@@ -162,30 +163,90 @@ def _fetch_id(query: str, params: dict[str, Any]) -> int | None:
     return row[0] if row else None
 
 
-async def jobs_retry_stalled(*, job_manager: JobManager, seconds_since_heartbeat: float) -> list[int]:
-    """Put back to `todo` the jobs held by workers that stopped heartbeating (e.g. SIGKILL)."""
+async def jobs_retry_stalled(*, job_manager: JobManager, seconds_since_heartbeat: float) -> dict[str, list]:
+    """Put back to `todo` the jobs held by workers that stopped heartbeating (e.g. SIGKILL).
+
+    Each job on its own: one that cannot be retried is reported and skipped, and the rest of
+    the list never waits for the next run because of it. A job whose queueing lock has a newer
+    job waiting is superseded by it (migration 0005). Returns the ids `retried`, the
+    `superseded` ones (with the job that does their work) and the `skipped` ones (with why)."""
     stalled = await job_manager.get_stalled_jobs(seconds_since_heartbeat=seconds_since_heartbeat)
-    retried = []
+    report: dict[str, list] = {"retried": [], "superseded": [], "skipped": []}
     for job in stalled:
         assert job.id is not None
         try:
-            await job_manager.retry_job(job)
+            waiting_id = await job_manager.retry_job(job)
         except ConnectorException as exc:
-            if not isinstance(exc.__cause__, psycopg.errors.RaiseException):
-                raise
-            # It ended (or was rescued) since the list was read: nothing to do, and the rest of
-            # the list must not wait for the next run because of it.
+            if isinstance(exc.__cause__, psycopg.errors.RaiseException):
+                continue  # it ended (or was rescued) since the list was read: nothing to do
+            if is_connection_error(exc):
+                raise  # the next run retries them all
+            logger.exception("Could not retry stalled job %s; skipped", job.id)
+            report["skipped"].append({"job_id": job.id, "reason": _reason(exc)})
             continue
-        retried.append(job.id)
-    if retried:
-        logger.warning("Retried %d stalled job(s): %s", len(retried), retried)
-    return retried
+        if waiting_id is None:
+            report["retried"].append(job.id)
+        else:
+            report["superseded"].append({"job_id": job.id, "by_job_id": waiting_id})
+    if report["retried"]:
+        logger.warning("Retried %d stalled job(s): %s", len(report["retried"]), report["retried"])
+    if report["superseded"] or report["skipped"]:
+        logger.warning(
+            "Stalled jobs not retried: %d superseded by a waiting job of their queueing lock %s, %d skipped %s",
+            len(report["superseded"]),
+            report["superseded"],
+            len(report["skipped"]),
+            report["skipped"],
+        )
+    return report
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
 # --- Operating jobs and queues --------------------------------------------------------------
 
 
 _REQUEUE = "UPDATE procrastinate_jobs SET status = 'todo', attempts = 0, scheduled_at = NULL, abort_requested = false"
+
+# An operator's retry never supersedes anything: a job already waiting with the same queueing
+# lock does the same work, so retrying this one is refused (409) or, in bulk, skipped. Of two
+# failed jobs of one queueing lock, a bulk retry takes the newest.
+_REQUEUE_FAILED_OF_TASK = f"""
+WITH failed AS (
+    SELECT id, queueing_lock FROM procrastinate_jobs WHERE task_name = %(task)s AND status = 'failed'
+), chosen AS (
+    SELECT DISTINCT ON (queueing_lock, CASE WHEN queueing_lock IS NULL THEN id END) id
+      FROM failed
+     WHERE queueing_lock IS NULL
+        OR NOT EXISTS (
+               SELECT 1 FROM procrastinate_jobs AS waiting
+                WHERE waiting.queueing_lock = failed.queueing_lock AND waiting.status = 'todo'
+           )
+     ORDER BY queueing_lock, CASE WHEN queueing_lock IS NULL THEN id END, id DESC
+)
+{_REQUEUE} WHERE id IN (SELECT id FROM chosen) AND status = 'failed'
+"""
+_FAILED_OF_TASK_LEFT = """
+SELECT failed.id, waiting.id, failed.queueing_lock
+  FROM procrastinate_jobs AS failed
+  LEFT JOIN procrastinate_jobs AS waiting
+    ON waiting.queueing_lock = failed.queueing_lock AND waiting.status = 'todo'
+ WHERE failed.task_name = %(task)s AND failed.status = 'failed'
+ ORDER BY failed.id
+ LIMIT %(limit)s
+"""
+_WAITING_OF_LOCK = """
+SELECT waiting.id, job.queueing_lock
+  FROM procrastinate_jobs AS job
+  JOIN procrastinate_jobs AS waiting
+    ON waiting.queueing_lock = job.queueing_lock AND waiting.status = 'todo' AND waiting.id <> job.id
+ WHERE job.id = %s
+"""
+SKIPPED_LISTED = 100  # a bulk retry lists this many skipped jobs with their reason, counts all
 
 
 def job_cancel(*, job_id: int) -> None:
@@ -195,18 +256,94 @@ def job_cancel(*, job_id: int) -> None:
 
 
 def job_retry(*, job_id: int) -> None:
-    """Put a failed (or aborted) job back in its queue with fresh attempts, to run at once."""
-    with connection.cursor() as cursor:
-        cursor.execute(_REQUEUE + " WHERE id = %s AND status IN ('failed', 'aborted')", [job_id])
-        if cursor.rowcount != 1:
-            raise ApplicationError("Only a failed or aborted job can be retried.", status_code=409)
+    """Put a failed (or aborted) job back in its queue with fresh attempts, to run at once.
+
+    Raises ApplicationError 409 when the job is not failed or aborted, or when a job with the
+    same queueing lock already waits (it does the same work)."""
+    retried = _requeue_unless_lock_taken(job_id, _REQUEUE + " WHERE id = %s AND status IN ('failed', 'aborted')")
+    if not retried:
+        raise ApplicationError("Only a failed or aborted job can be retried.", status_code=409)
 
 
-def job_retry_failed(*, task_name: str) -> int:
-    """Re-queue every failed job of a task (the dashboard's action). Returns how many."""
+def job_retry_stuck(*, job_id: int) -> None:
+    """The admin's Retry: a failed job, or one stuck `doing`, back to `todo` now (Procrastinate's
+    `procrastinate_retry_job_v2`, which spends an attempt). 409 as for `job_retry`."""
+    try:
+        _requeue_unless_lock_taken(job_id, "SELECT procrastinate_retry_job_v2(%s, now(), NULL, NULL, NULL)")
+    except DatabaseError as exc:
+        if not isinstance(exc.__cause__, psycopg.errors.RaiseException):
+            raise
+        raise ApplicationError("Only a failed or running job can be retried.", status_code=409) from exc
+
+
+def _requeue_unless_lock_taken(job_id: int, statement: str) -> bool:
+    """Run `statement` (job_id its one parameter); True when it changed the job. The unique index
+    of queueing locks refuses it when a job with the same lock waits: ApplicationError 409."""
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(statement, [job_id])
+            return cursor.rowcount == 1
+    except IntegrityError as exc:
+        if not _is_queueing_lock_conflict(exc):
+            raise
+        with connection.cursor() as cursor:
+            cursor.execute(_WAITING_OF_LOCK, [job_id])
+            row = cursor.fetchone()
+        waiting_id, lock = row if row else (None, None)
+        raise ApplicationError(
+            _lock_taken(waiting_id, lock), status_code=409, extra={"waiting_job_id": waiting_id}
+        ) from exc
+
+
+def _is_queueing_lock_conflict(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, psycopg.errors.UniqueViolation) and (cause.diag.constraint_name or "").startswith(
+        "procrastinate_jobs_queueing_lock_idx"
+    )
+
+
+def _lock_taken(waiting_id: int | None, lock: str | None) -> str:
+    if waiting_id is None:  # it started between the conflict and the look-up
+        return "A job with the same queueing lock was waiting; try again."
+    return (
+        f"Job {waiting_id} is already waiting with the same queueing lock ({lock}) and does this work;"
+        " retry this job once that one has started."
+    )
+
+
+def job_retry_failed(*, task_name: str) -> dict[str, Any]:
+    """Re-queue every failed job of a task (the dashboard's action), each on its own: a job
+    whose queueing lock has a job waiting is skipped and reported. Returns `retried` (how many),
+    `skipped` (how many) and `skipped_jobs` (the first SKIPPED_LISTED, each with its reason)."""
+    params = {"task": task_name, "limit": SKIPPED_LISTED}
+    for attempt in range(3):
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(_REQUEUE_FAILED_OF_TASK, params)
+                retried = cursor.rowcount
+            break
+        except IntegrityError as exc:
+            # A job of one of those locks was deferred while this ran: once it has committed,
+            # the next round sees it waiting and skips its lock.
+            if not _is_queueing_lock_conflict(exc) or attempt == 2:
+                raise
     with connection.cursor() as cursor:
-        cursor.execute(_REQUEUE + " WHERE task_name = %s AND status = 'failed'", [task_name])
-        return cursor.rowcount
+        cursor.execute(_FAILED_OF_TASK_LEFT, params)
+        left = cursor.fetchall()
+        if len(left) == SKIPPED_LISTED:
+            cursor.execute(
+                "SELECT count(*) FROM procrastinate_jobs WHERE task_name = %s AND status = 'failed'", [task_name]
+            )
+            skipped = cursor.fetchone()[0]
+        else:
+            skipped = len(left)
+    skipped_jobs = [
+        {"job_id": job_id, "waiting_job_id": waiting_id, "reason": _lock_taken(waiting_id, lock)}
+        for job_id, waiting_id, lock in left
+    ]
+    if skipped:
+        logger.warning("Retry of the failed %s jobs skipped %d: %s", task_name, skipped, skipped_jobs)
+    return {"retried": retried, "skipped": skipped, "skipped_jobs": skipped_jobs}
 
 
 def queue_pause(*, queue: str, by: AbstractBaseUser | None = None) -> PausedQueue:

@@ -20,7 +20,7 @@ RESCUE_PRIORITY = 1000
     pass_context=True,
     priority=RESCUE_PRIORITY,
 )
-async def retry_stalled_jobs(context: JobContext, timestamp: int) -> list[int]:
+async def retry_stalled_jobs(context: JobContext, timestamp: int) -> dict[str, list]:
     return await services.jobs_retry_stalled(
         job_manager=context.app.job_manager,
         seconds_since_heartbeat=settings.WORKER_STALLED_SECONDS,

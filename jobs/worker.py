@@ -173,7 +173,7 @@ class BatchingWorker(Worker):
         manager = self.app.job_manager
         assert isinstance(manager, BatchingJobManager) and self.worker_id is not None
         try:
-            requeued = await manager.requeue_orphans(self.worker_id, keep=self._known_job_ids())
+            requeued, superseded = await manager.requeue_orphans(self.worker_id, keep=self._known_job_ids())
         except Exception as exc:
             if not is_connection_error(exc):
                 raise
@@ -182,7 +182,15 @@ class BatchingWorker(Worker):
         self._check_own_jobs = False
         if requeued:
             self.logger.warning("Re-queued %d job(s) this worker lost track of: %s", len(requeued), requeued)
-        return bool(requeued)
+        for job_id, waiting_id in superseded.items():
+            self.logger.warning(
+                "Job %s, which this worker lost track of, is superseded by job %s waiting with the same"
+                " queueing lock (job %s cancelled)",
+                job_id,
+                waiting_id,
+                job_id,
+            )
+        return bool(requeued or superseded)
 
     async def _reregister(self, reason: str) -> None:
         """Register again under a new id (`reason`: the old row is gone) and take back the jobs

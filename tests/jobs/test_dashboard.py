@@ -167,7 +167,7 @@ def test_retry_failed_requeues_only_that_tasks_failed_jobs(operator):
         DASHBOARD + "retry-failed/", {"task": "notifications.deliver"}, content_type="application/json"
     )
     assert response.status_code == 200
-    assert response.json() == {"task": "notifications.deliver", "retried": 2}
+    assert response.json() == {"task": "notifications.deliver", "retried": 2, "skipped": 0, "skipped_jobs": []}
     statuses = {job["id"]: job["status"] for job in jobs()}
     assert [statuses[i] for i in failed] == ["todo", "todo"] and statuses[other] == "failed"
 

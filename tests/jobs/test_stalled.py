@@ -100,11 +100,13 @@ def test_the_rescue_skips_a_job_that_ended_since_it_was_listed_and_retries_the_o
             )
             return stalled
 
-    async def rescue() -> list[int]:
+    async def rescue() -> dict[str, list]:
         with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
             async with worker_app.open_async():
                 manager = EndsOneMeanwhile(worker_app.connector)
                 return await jobs_retry_stalled(job_manager=manager, seconds_since_heartbeat=30)
 
-    assert sorted(asyncio.run(rescue())) == ids[1:]
+    report = asyncio.run(rescue())
+    assert sorted(report["retried"]) == ids[1:]
+    assert report["superseded"] == [] and report["skipped"] == []
     assert [job["status"] for job in jobs("tests.echo")] == ["succeeded", "todo", "todo"]

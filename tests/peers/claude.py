@@ -115,9 +115,10 @@ class FakeClaude:
         for _ in range(times):
             self._script.append(_Reply(status=status, echo=echo))
 
-    def hang(self, release: threading.Event) -> None:
-        """The next request blocks until `release` is set (a call in flight)."""
-        self._script.append(_Reply(text=self.default.text, hang=release))
+    def hang(self, release: threading.Event, *, status: int = 200) -> None:
+        """The next request blocks until `release` is set (a call in flight), then answers the
+        default answer, or the error `status` (e.g. 529, overloaded)."""
+        self._script.append(_Reply(status=status, text=self.default.text, hang=release))
 
     @property
     def message_requests(self) -> list[dict[str, Any]]:

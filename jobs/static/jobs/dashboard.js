@@ -290,6 +290,16 @@
     }
   }
 
+  // A failed job whose queueing lock has a job waiting is skipped: say how many, and why.
+  function retryMessage(answer) {
+    let text = `Retried ${answer.retried} failed job(s) of ${answer.task}.`;
+    if (answer.skipped) {
+      const first = answer.skipped_jobs && answer.skipped_jobs[0];
+      text += ` Skipped ${answer.skipped}` + (first ? ` (job ${first.job_id}: ${first.reason})` : "") + ".";
+    }
+    return text;
+  }
+
   async function act(buttonNode) {
     const action = buttonNode.dataset.action;
     const body = action === "retry" ? { task: buttonNode.dataset.task } : { queue: buttonNode.dataset.queue };
@@ -302,11 +312,17 @@
         body: JSON.stringify(body),
       });
       const answer = await response.json().catch(() => ({}));
+      if (response.status === 409) {
+        // Refused for a reason the operator must read (a queueing lock taken): the next
+        // refresh does not clear it, as it does a failed refresh's message.
+        say(answer.detail, "refused");
+        return;
+      }
       if (!response.ok) {
         say(answer.detail || `The action failed (${response.status}).`, "error");
         return;
       }
-      if (action === "retry") say(`Retried ${answer.retried} failed job(s) of ${answer.task}.`, "done");
+      if (action === "retry") say(retryMessage(answer), answer.skipped ? "refused" : "done");
       else say(`Queue ${answer.queue} ${answer.paused ? "paused" : "resumed"}.`, "done");
       await refresh();
     } catch (error) {
