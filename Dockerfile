@@ -1,5 +1,5 @@
 # One image for every role; the command picks it:
-#   default                                  gunicorn on 0.0.0.0:8000 (the API and the admin)
+#   default                                  gunicorn (ASGI) on 0.0.0.0:8000 (the API and the admin)
 #   python manage.py procrastinate worker    a job worker (add -q QUEUE to take a subset)
 #   python manage.py migrate --no-input      the schema, run once before the others
 FROM python:3.11-slim
@@ -30,9 +30,11 @@ USER app
 
 EXPOSE 8000
 
-# Worker processes, threads and timeouts; override the whole string at run time.
-ENV GUNICORN_CMD_ARGS="--workers 2 --threads 4 --timeout 30 --graceful-timeout 30 --access-logfile -"
+# Worker processes and timeouts; override the whole string at run time. Each worker is one
+# asyncio process (uvicorn): sync views run in threads, job streams (SSE) on the event loop.
+ENV GUNICORN_CMD_ARGS="--workers 2 --timeout 30 --graceful-timeout 30 --access-logfile -"
 
-# --preload loads the app once in the master: a missing SECRET_KEY or an unreachable
-# database then ends the container with one line instead of workers crash-looping.
-CMD ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000", "--preload"]
+# ASGI under gunicorn's process manager (uvicorn-worker). --preload loads the app once in the
+# master: a missing SECRET_KEY or an unreachable database then ends the container with one
+# line instead of workers crash-looping.
+CMD ["gunicorn", "config.asgi:application", "--worker-class", "uvicorn_worker.UvicornWorker", "--bind", "0.0.0.0:8000", "--preload"]

@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 import psycopg
 from psycopg import sql
 
-from bench.harness import BASE_DIR, PYTHON, free_port, gunicorn_args, percentile, port_open, wait_until
+from bench.harness import BASE_DIR, PYTHON, free_port, percentile, port_open, server_args, wait_until
 from bench.peers import CountingSmtpSink
 from tests.peers.postgres import ThrowawayPostgres
 
@@ -101,18 +101,7 @@ class Processes:
                 self.start_worker(name)
 
     def start_gunicorn(self, port: int) -> None:
-        self.others.append(
-            self._spawn(
-                "gunicorn",
-                "-m",
-                "gunicorn",
-                "config.wsgi:application",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--preload",
-                *gunicorn_args(),
-            )
-        )
+        self.others.append(self._spawn("gunicorn", *server_args(port)))
 
     def stop_all(self, timeout: float = 15.0) -> None:
         everyone = [*self.workers.values(), *self.others]

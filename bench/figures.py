@@ -6,7 +6,7 @@ import json
 import tempfile
 import time
 
-from bench.harness import Bench, Figure, free_port, gunicorn_args, percentile, port_open, wait_until
+from bench.harness import Bench, Figure, free_port, percentile, port_open, server_args, wait_until
 from bench.loadgen import run_load
 
 
@@ -198,7 +198,7 @@ def http_load(bench: Bench, *, quick: bool = False) -> list[Figure]:
         recipient = Recipient.objects.create(owner=user, name="Load", email=f"load{n}@example.com")
         clients.append(({"Authorization": f"Token {token}", "Content-Type": "application/json"}, recipient.id))
     port = free_port()
-    bench.spawn("-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}", *gunicorn_args())
+    bench.spawn(*server_args(port))
     if not wait_until(lambda: port_open(port), 30):
         raise TimeoutError("gunicorn did not start")
     endpoints = {
@@ -215,7 +215,7 @@ def http_load(bench: Bench, *, quick: bool = False) -> list[Figure]:
     for name, make_body in endpoints.items():
         path = name.split(" ", 1)[1]
         requests = [(json.dumps(make_body(recipient_id)).encode(), headers) for headers, recipient_id in clients]
-        run_load(port=port, path=path, requests=requests, rate=rate, seconds=3)  # warm up every gunicorn thread
+        run_load(port=port, path=path, requests=requests, rate=rate, seconds=3)  # warm up every gunicorn worker
         result = run_load(port=port, path=path, requests=requests, rate=rate, seconds=seconds)
         p50, p95, p99 = (percentile(result.latencies_ms, q) for q in (50, 95, 99))
         figures_out += [

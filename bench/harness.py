@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import socket
@@ -165,6 +166,23 @@ def gunicorn_args() -> list[str]:
         if line.startswith("ENV GUNICORN_CMD_ARGS="):
             return shlex.split(line.split("=", 1)[1].strip().strip('"'))
     raise RuntimeError("no GUNICORN_CMD_ARGS in the Dockerfile")
+
+
+def server_args(port: int) -> list[str]:
+    """The Dockerfile's server command (CMD and GUNICORN_CMD_ARGS) as arguments of `python`, bound
+    to 127.0.0.1:port instead of 0.0.0.0:8000: the bench, the chaos run and the tests serve
+    exactly as the image does."""
+    for line in (BASE_DIR / "Dockerfile").read_text().splitlines():
+        if line.startswith("CMD "):
+            command = json.loads(line.removeprefix("CMD "))
+            break
+    else:
+        raise RuntimeError("no CMD in the Dockerfile")
+    if command[0] != "gunicorn":
+        raise RuntimeError(f"the Dockerfile's CMD is not gunicorn: {command}")
+    args = command[1:]
+    args[args.index("--bind") + 1] = f"127.0.0.1:{port}"
+    return ["-m", "gunicorn", *args, *gunicorn_args()]
 
 
 def free_port() -> int:

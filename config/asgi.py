@@ -1,3 +1,7 @@
+"""The web server's application (the Dockerfile runs it with gunicorn's UvicornWorker).
+
+Sync views and middleware run in threads; the job stream (jobs/stream.py) runs on the event loop."""
+
 from __future__ import annotations
 
 import os
@@ -6,7 +10,12 @@ from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
-from config.startup import fail_fast_if_database_unreachable
+from config.startup import fail_fast_if_database_unreachable, use_connection_pool
 
 fail_fast_if_database_unreachable()
-application = get_asgi_application()
+use_connection_pool()
+django_application = get_asgi_application()
+
+from jobs.stream import serve_streams_without_request_thread  # noqa: E402 (needs the apps loaded)
+
+application = serve_streams_without_request_thread(django_application)

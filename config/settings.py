@@ -91,6 +91,10 @@ if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ImproperlyConfigured("DATABASE_URL must point to PostgreSQL (postgres://...)")
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# The web server (ASGI, config/asgi.py) runs each request in a thread of its own, so a connection
+# kept per thread would be a new connection per request: there each process shares a pool of
+# this many connections instead (DATABASE_CONN_MAX_AGE then does not apply). "0" turns it off.
+DATABASE_POOL_MAX_SIZE = env.int("DATABASE_POOL_MAX_SIZE", default=8)
 DATABASES["default"].setdefault("OPTIONS", {})
 DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5))
 # A request that finds the database unreachable gets a 503 saying to retry after this long.
@@ -334,6 +338,10 @@ JOBS_WEBHOOK_TIMEOUT_SECONDS = env.float("JOBS_WEBHOOK_TIMEOUT_SECONDS", default
 # stream stays open (the browser's EventSource then reconnects and gets the current state).
 JOBS_STREAM_KEEPALIVE_SECONDS = env.float("JOBS_STREAM_KEEPALIVE_SECONDS", default=15.0)
 JOBS_STREAM_MAX_SECONDS = env.float("JOBS_STREAM_MAX_SECONDS", default=3600.0)
+# Open streams allowed per user (across every web process) and per web process; beyond, 429 with
+# Retry-After. 0 disables that cap.
+JOBS_STREAM_MAX_PER_USER = env.int("JOBS_STREAM_MAX_PER_USER", default=10)
+JOBS_STREAM_MAX_PER_PROCESS = env.int("JOBS_STREAM_MAX_PER_PROCESS", default=1000)
 # GET /metrics (Prometheus): when set, scrapers must send "Authorization: Bearer <token>".
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 

@@ -50,3 +50,22 @@ def fail_fast_if_database_unreachable(argv: list[str] | None = None) -> None:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         reason = lines[-1] if lines else type(exc).__name__
         _exit(f"cannot reach the database at {where} ({reason}); check DATABASE_URL")
+
+
+def use_connection_pool() -> None:
+    """For the web server only (config/asgi.py), before any connection is made.
+
+    Under ASGI each request runs its sync parts in a thread of its own, and Django keeps a
+    connection per thread: with DATABASE_CONN_MAX_AGE every request would open a new connection
+    and leave the old one to the garbage collector. A pool per process hands connections from
+    thread to thread instead; Django returns the request's connection to it when the request
+    ends. Workers and management commands keep their persistent connections."""
+    from django.conf import settings
+
+    size = settings.DATABASE_POOL_MAX_SIZE
+    if size <= 0:
+        return
+    db = settings.DATABASES["default"]
+    db["CONN_MAX_AGE"] = 0  # required by Django's pool
+    # A request waits this long for a free connection, then answers 503 (core/middleware.py).
+    db["OPTIONS"]["pool"] = {"min_size": 1, "max_size": size, "timeout": float(db["OPTIONS"].get("connect_timeout", 5))}

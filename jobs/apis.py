@@ -3,6 +3,10 @@ progress, cancel and retry, queue pause/resume, metrics, and a live stream of on
 
 from __future__ import annotations
 
+import math
+
+from asgiref.sync import sync_to_async
+from django.db import connection
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
@@ -23,7 +27,8 @@ from jobs.serializers import (
     QueueSerializer,
     RetryRefusedSerializer,
 )
-from jobs.stream import job_event_stream, sse_event
+from jobs.stream import LIMIT_RETRY_AFTER_SECONDS, job_event_stream, job_stream_open, sse_event
+from jobs.stream_hub import StreamLimitReached, StreamUnavailable
 
 
 def _check_may_act(request: Request, job: ProcrastinateJob, permission: str) -> None:
@@ -150,16 +155,71 @@ class EventStreamRenderer(renderers.BaseRenderer):
         return sse_event("error", data if isinstance(data, dict) else {"detail": data}).encode()
 
 
+class _StreamRefused(exceptions.APIException):
+    """A 429 (a stream cap) or 503 (no database), with Retry-After (DRF sets it from `wait`)."""
+
+    def __init__(self, detail: str, *, status_code: int, wait: float) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.wait = max(1, math.ceil(wait))
+
+
 class JobStreamApi(APIView):
+    """An async view: DRF's checks (authentication, permissions, throttles) and the job lookup
+    run in a thread; the stream itself runs on the event loop (jobs/stream.py)."""
+
     renderer_classes = [renderers.JSONRenderer, EventStreamRenderer]
 
-    @extend_schema(responses={(200, "text/event-stream"): OpenApiTypes.STR})
-    def get(self, request: Request, pk: int) -> StreamingHttpResponse:
+    @extend_schema(
+        responses={
+            (200, "text/event-stream"): OpenApiTypes.STR,
+            429: OpenApiResponse(description="Too many open streams (per user or per server); see Retry-After"),
+        }
+    )
+    async def get(self, request: Request, pk: int) -> StreamingHttpResponse:
         """Server-Sent Events of the job's status and progress, ending with `end`."""
-        job = selectors.job_queryset(user=request.user).filter(pk=pk).first()
-        if job is None:
-            raise exceptions.NotFound()
-        response = StreamingHttpResponse(job_event_stream(job_id=job.id), content_type="text/event-stream")
+        try:
+            subscription = await job_stream_open(job_id=self._job_id, user_id=request.user.pk)
+        except StreamLimitReached as exc:
+            raise _StreamRefused(exc.detail, status_code=429, wait=LIMIT_RETRY_AFTER_SECONDS) from None
+        except StreamUnavailable as exc:
+            raise _StreamRefused(
+                "Job streams cannot reach the database; retry later.", status_code=503, wait=exc.retry_after
+            ) from None
+        response = StreamingHttpResponse(job_event_stream(subscription), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # no proxy buffering (nginx)
         return response
+
+    def _check(self, request: Request, pk: int) -> None:
+        """DRF's initial() (it resolves request.user: the token lookup is a query) and the lookup."""
+        try:
+            self.initial(request)
+            job = selectors.job_queryset(user=request.user).filter(pk=pk).first()
+            if job is None:
+                raise exceptions.NotFound()
+            self._job_id = job.id
+        finally:
+            # The stream keeps no database connection: give this thread's back (to the pool under
+            # ASGI) now, not when the stream ends. Not inside a test's transaction.
+            if not connection.in_atomic_block:
+                connection.close()
+
+    async def dispatch(self, request, *args, **kwargs):
+        """APIView.dispatch with the sync steps in a thread and an async handler."""
+        self.args, self.kwargs = args, kwargs
+        request = self.initialize_request(request, *args, **kwargs)
+        self.request = request
+        self.headers = self.default_response_headers
+        try:
+            if request.method in ("GET", "HEAD"):
+                await sync_to_async(self._check)(request, kwargs["pk"])
+                response = await self.get(request, *args, **kwargs)
+            else:  # OPTIONS, or a method not allowed
+                await sync_to_async(self.initial)(request)
+                handler = getattr(self, request.method.lower(), self.http_method_not_allowed)
+                response = await sync_to_async(handler)(request, *args, **kwargs)
+        except Exception as exc:
+            response = self.handle_exception(exc)
+        self.response = self.finalize_response(request, response, *args, **kwargs)
+        return self.response

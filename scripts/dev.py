@@ -57,6 +57,9 @@ def _manage(*args: str, env: dict) -> None:
     subprocess.run([PYTHON, "manage.py", *args], check=True, cwd=BASE_DIR, env=env)
 
 
+_APP_DIRS = ("config", "core", "jobs", "llm", "notes", "notifications", "digests")
+
+
 def run() -> int:
     url, started = _database()
     env = {**os.environ, "DATABASE_URL": url, "PYTHONUNBUFFERED": "1"}
@@ -70,7 +73,13 @@ def run() -> int:
         if env["DEBUG"].lower() in ("1", "true", "yes", "on"):
             _manage("ensure_dev_admin", env=env)
         children = [
-            subprocess.Popen([PYTHON, "manage.py", "runserver", f"127.0.0.1:{port}"], cwd=BASE_DIR, env=env),
+            # ASGI, as in production (runserver's WSGI would hold every job stream back until it ends).
+            subprocess.Popen(
+                [PYTHON, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", port, "--reload"]
+                + [arg for app in _APP_DIRS for arg in ("--reload-dir", app)],
+                cwd=BASE_DIR,
+                env=env,
+            ),
             subprocess.Popen([PYTHON, "manage.py", "procrastinate", "worker"], cwd=BASE_DIR, env=env),
         ]
         print(

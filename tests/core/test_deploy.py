@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 from django.db import connection
 
+from bench.harness import server_args
 from tests.conftest import BASE_DIR, database_url
 
 SECRET = "a-production-secret-of-more-than-fifty-characters-0123456789"
@@ -135,12 +136,12 @@ def _free_port() -> int:
 def _get(url: str, **headers: str):
     request = urllib.request.Request(url, headers=headers)
     with urllib.request.urlopen(request, timeout=5) as response:
-        return response.status, dict(response.headers), response.read()
+        return response.status, response.headers, response.read()  # headers: any case
 
 
 @pytest.mark.django_db
 def test_gunicorn_serves_collected_static_files_compressed(tmp_path):
-    """As in the Docker image: collectstatic at build, then gunicorn alone serves /static/."""
+    """As in the Docker image: collectstatic at build, then its server command alone serves /static/."""
     static_root = tmp_path / "static"
     env = {"DEBUG": "false", "SECRET_KEY": SECRET, "STATIC_ROOT": str(static_root), "DATABASE_URL": database_url()}
     collected = _run("manage.py", "collectstatic", "--no-input", "--verbosity", "0", timeout=180, **env)
@@ -150,7 +151,7 @@ def test_gunicorn_serves_collected_static_files_compressed(tmp_path):
     port = _free_port()
     base = {k: v for k, v in os.environ.items() if k not in _CLEARED}
     server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+        [sys.executable, *server_args(port), "--workers", "1"],  # the Dockerfile's command
         cwd=BASE_DIR,
         env={**base, **env, "ALLOWED_HOSTS": "127.0.0.1"},
         stdout=subprocess.DEVNULL,

@@ -1,8 +1,11 @@
 """GET /api/jobs/{id}/stream/: Server-Sent Events fed by LISTEN/NOTIFY, read by a real HTTP
-client from the live server while a real worker runs the job."""
+client from a live ASGI server (uvicorn, in this process) while a real worker runs the job.
+
+tests/jobs/test_stream_server.py runs the production server command itself (200 streams, caps)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import queue
@@ -11,18 +14,49 @@ import threading
 from urllib.parse import urlsplit
 
 import pytest
+import uvicorn
+from asgiref.sync import async_to_sync, sync_to_async
+from django.core.asgi import get_asgi_application
 from django.db import connection
 
+from bench.harness import free_port
 from jobs import queues
 from jobs.models import JobInfo
 from jobs.progress import job_progress
 from jobs.registry import job_task
 from jobs.services import job_cancel, job_defer
-from jobs.stream import job_event_stream
+from jobs.stream import job_event_stream, job_stream_open, serve_streams_without_request_thread
 from tests.conftest import client_for, run_worker, wait_for
 from tests.factories import make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def asgi_server(transactional_db, monkeypatch, settings):
+    """The project's ASGI application under uvicorn in a thread, so `settings` apply to it.
+
+    Not pytest-django's live_server: a WSGI server buffers an async stream whole."""
+    # Each request runs in a thread of its own: close its connection at the end (the production
+    # server uses a pool instead, config/startup.py).
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+    settings.ALLOWED_HOSTS = [*settings.ALLOWED_HOSTS, "127.0.0.1"]
+    port = free_port()
+    config = uvicorn.Config(
+        serve_streams_without_request_thread(get_asgi_application()),
+        host="127.0.0.1",
+        port=port,
+        lifespan="off",
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, timeout=30, what="uvicorn")
+    yield type("LiveServer", (), {"url": f"http://127.0.0.1:{port}"})
+    server.should_exit = True
+    thread.join(30)
 
 
 @job_task(name="tests.stream.count", queue=queues.IMPORTS, pass_context=True)
@@ -106,23 +140,24 @@ def _token(user) -> str:
 
 
 def _watched(job_id: int) -> bool:
-    return JobInfo.objects.get(job_id=job_id).watched
+    return JobInfo.objects.filter(job_id=job_id, watched=True).exists()
 
 
 def _open_streams() -> int:
-    """Streams holding their connection: each holds a shared advisory lock."""
+    """Open streams: each holds one of its user's slots, an advisory lock of the process's
+    listening connection (the hub's)."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock'"
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock'"
             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         )
         return cursor.fetchone()[0]
 
 
-def test_stream_relays_progress_and_status_until_the_job_ends(live_server):
+def test_stream_relays_progress_and_status_until_the_job_ends(asgi_server):
     owner = make_user("alice")
     job_id = job_defer(count, owner_id=owner.id, to=3)
-    client = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
+    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
     try:
         assert client.next() == ("status", {"status": "todo"})  # the current state first
         assert client.status == 200 and client.headers["content-type"].startswith("text/event-stream")
@@ -146,11 +181,11 @@ def test_stream_relays_progress_and_status_until_the_job_ends(live_server):
     wait_for(lambda: not _watched(job_id), timeout=10, what="watched to be reset")
 
 
-def test_stream_of_a_finished_job_sends_its_state_and_ends(live_server):
+def test_stream_of_a_finished_job_sends_its_state_and_ends(asgi_server):
     owner = make_user("bob")
     job_id = job_defer(count, owner_id=owner.id, to=2)
     run_worker(queues=["imports"])
-    client = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
+    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
     events = client.until_closed()
     client.close()
     assert events == [
@@ -161,10 +196,10 @@ def test_stream_of_a_finished_job_sends_its_state_and_ends(live_server):
     wait_for(lambda: not _watched(job_id), timeout=10, what="watched to be reset")
 
 
-def test_stream_ends_when_the_job_is_cancelled(live_server):
+def test_stream_ends_when_the_job_is_cancelled(asgi_server):
     owner = make_user("carol")
     job_id = job_defer(count, owner_id=owner.id, to=2)
-    client = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
+    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
     try:
         assert client.next() == ("status", {"status": "todo"})
         job_cancel(job_id=job_id)
@@ -173,13 +208,13 @@ def test_stream_ends_when_the_job_is_cancelled(live_server):
         client.close()
 
 
-def test_a_client_going_away_resets_watched_when_it_was_the_last_one(live_server, settings):
+def test_a_client_going_away_resets_watched_when_it_was_the_last_one(asgi_server, settings):
     settings.JOBS_STREAM_KEEPALIVE_SECONDS = 0.2  # the server notices a gone client at its next write
     owner = make_user("dan")
     job_id = job_defer(count, owner_id=owner.id, to=2)
     token = _token(owner)
-    first = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", token)
-    second = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", token)
+    first = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", token)
+    second = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", token)
     try:
         assert first.next() == ("status", {"status": "todo"})
         assert second.next() == ("status", {"status": "todo"})
@@ -198,11 +233,11 @@ def test_a_client_going_away_resets_watched_when_it_was_the_last_one(live_server
     wait_for(lambda: not _watched(job_id), timeout=10, what="watched to be reset")
 
 
-def test_the_last_stream_going_away_mid_job_resets_watched(live_server, settings):
+def test_the_last_stream_going_away_mid_job_resets_watched(asgi_server, settings):
     settings.JOBS_STREAM_KEEPALIVE_SECONDS = 0.2
     owner = make_user("eve")
     job_id = job_defer(count, owner_id=owner.id, to=2)
-    client = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
+    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
     assert client.next() == ("status", {"status": "todo"})
     assert _watched(job_id)
     client.close()
@@ -210,10 +245,10 @@ def test_the_last_stream_going_away_mid_job_resets_watched(live_server, settings
     assert _open_streams() == 0
 
 
-def test_stream_of_another_users_job_is_404(live_server):
+def test_stream_of_another_users_job_is_404(asgi_server):
     owner, intruder = make_user("fay"), make_user("gil")
     job_id = job_defer(count, owner_id=owner.id, to=1)
-    client = SseClient(live_server.url, f"/api/jobs/{job_id}/stream/", _token(intruder))
+    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", _token(intruder))
     assert client.until_closed() == [("error", {"detail": "Not found."})]
     assert client.status == 404
     client.close()
@@ -221,23 +256,62 @@ def test_stream_of_another_users_job_is_404(live_server):
     assert not JobInfo.objects.get(job_id=job_id).watched
 
 
-def test_the_generator_closes_cleanly_when_dropped_before_the_end():
-    """What the server does when a client disconnects: close the generator mid-stream."""
+def test_the_stream_closes_cleanly_when_dropped_before_the_end():
+    """What the server does when a client disconnects: close the iterator mid-stream."""
     owner = make_user("hal")
     job_id = job_defer(count, owner_id=owner.id, to=1)
-    stream = job_event_stream(job_id=job_id, keepalive_seconds=0.1, max_seconds=5)
-    assert next(stream).startswith("retry:")
-    assert next(stream) == 'event: status\ndata: {"status": "todo"}\n\n'
-    assert next(stream) == ": keep-alive\n\n"
-    assert _watched(job_id)
-    stream.close()
-    assert not _watched(job_id)
+
+    async def scenario() -> None:
+        stream = job_event_stream(
+            await job_stream_open(job_id=job_id, user_id=owner.id), keepalive_seconds=0.1, max_seconds=5
+        )
+        assert (await anext(stream)).startswith("retry:")
+        assert await anext(stream) == 'event: status\ndata: {"status": "todo"}\n\n'
+        assert await anext(stream) == ": keep-alive\n\n"
+        assert await sync_to_async(_watched)(job_id)
+        await stream.aclose()
+        assert not await sync_to_async(_watched)(job_id)
+
+    async_to_sync(scenario)()
+
+
+def test_a_stream_never_started_still_gives_its_subscription_back():
+    """A response that is never sent (the client left before the first byte)."""
+    owner = make_user("ike")
+    job_id = job_defer(count, owner_id=owner.id, to=1)
+
+    async def scenario() -> None:
+        stream = job_event_stream(await job_stream_open(job_id=job_id, user_id=owner.id))
+        assert await sync_to_async(_watched)(job_id)
+        del stream
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if not await sync_to_async(_watched)(job_id):
+                return
+        raise AssertionError("the dropped stream kept its watch")
+
+    async_to_sync(scenario)()
 
 
 def test_the_stream_stops_after_its_maximum_duration_without_an_end_event():
     owner = make_user("ida")
     job_id = job_defer(count, owner_id=owner.id, to=1)
-    chunks = list(job_event_stream(job_id=job_id, keepalive_seconds=0.1, max_seconds=0.35))
+
+    async def scenario() -> list[str]:
+        subscription = await job_stream_open(job_id=job_id, user_id=owner.id)
+        return [chunk async for chunk in job_event_stream(subscription, keepalive_seconds=0.1, max_seconds=0.35)]
+
+    chunks = async_to_sync(scenario)()
     assert chunks[1] == 'event: status\ndata: {"status": "todo"}\n\n'
     assert chunks[2:] and set(chunks[2:]) == {": keep-alive\n\n"}
+    assert not _watched(job_id)
+
+
+def test_a_stream_without_credentials_is_401(asgi_server):
+    owner = make_user("jo")
+    job_id = job_defer(count, owner_id=owner.id, to=1)
+    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", "not-a-token")
+    assert client.until_closed() == [("error", {"detail": "Invalid token."})]
+    assert client.status == 401
+    client.close()
     assert not _watched(job_id)
