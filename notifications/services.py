@@ -18,6 +18,7 @@ from procrastinate.contrib.django import app
 from rest_framework import status as http
 
 from core.errors import ApplicationError, ProviderError
+from core.quotas import quota_take
 from jobs.breaker import breaker_check, breaker_record_failure, breaker_record_success
 from jobs.ratelimit import rate_limit_wait
 from jobs.services import job_defer, job_defer_bulk
@@ -55,6 +56,42 @@ def recipient_delete(*, recipient: Recipient) -> None:
 
 
 # --- Queueing ------------------------------------------------------------------------------
+def _email_quota_key(owner_id: int) -> str:
+    return f"email:{owner_id}"
+
+
+def email_quota_take(*, owner_id: int, count: int = 1) -> None:
+    """Count `count` e-mails against the owner's quota for today (UTC), all or nothing; raise 429
+    with the reason and Retry-After (the end of the day) when they do not fit.
+
+    Call inside the transaction that queues them: a request that rolls back gives them back, and
+    the counter's conditional upsert keeps parallel requests from passing the quota together."""
+    limit = settings.EMAIL_DAILY_QUOTA_PER_USER
+    if limit <= 0 or count <= 0:
+        return
+    taken = quota_take(key=_email_quota_key(owner_id), amount=count, limit=limit)
+    if not taken.allowed:
+        left = max(limit - int(taken.used), 0)
+        asked = "this e-mail" if count == 1 else f"these {count} e-mails"
+        raise ApplicationError(
+            f"The daily e-mail quota of {limit} per user is used up: {left} left today, not enough for"
+            f" {asked}. It resets at midnight UTC, in {taken.retry_after} seconds.",
+            status_code=http.HTTP_429_TOO_MANY_REQUESTS,
+            extra={"retry_after": taken.retry_after},
+            headers={"Retry-After": str(taken.retry_after)},
+        )
+
+
+def email_quota_fits(*, owner_id: int, count: int) -> bool:
+    """email_quota_take for callers that skip instead of answering 429 (the digest sweep)."""
+    try:
+        with transaction.atomic():
+            email_quota_take(owner_id=owner_id, count=count)
+    except ApplicationError:
+        return False
+    return True
+
+
 def _task():
     from notifications.tasks import notification_deliver  # tasks import services
 
@@ -74,6 +111,7 @@ def notification_send_email(
     callback_url: str | None = None,
 ) -> NotificationJob:
     """Write the notification and defer its job in one transaction; nothing waits on SMTP."""
+    email_quota_take(owner_id=owner.pk)
     notification = NotificationJob.objects.create(
         owner=owner,
         recipient=recipient,
@@ -107,6 +145,7 @@ def notification_send_bulk(
     scheduled_for: datetime | None = None,
 ) -> list[int]:
     """Many recipients: one multi-row INSERT, one bulk defer, one UPDATE linking them."""
+    email_quota_take(owner_id=owner.pk, count=len(recipients))
     return notifications_queue(
         [
             QueuedEmail(owner_id=owner.pk, recipient_id=recipient.pk, subject=subject, body=body)
@@ -130,7 +169,8 @@ def notifications_queue(
     emails: list[QueuedEmail], *, notification_type: str, priority: str, scheduled_for: datetime | None = None
 ) -> list[int]:
     """Queue many e-mails, each its own notification and job, in three statements whatever their
-    number. Call inside the caller's transaction (the rows and their jobs commit together)."""
+    number. Call inside the caller's transaction (the rows and their jobs commit together), after
+    counting them against their owners' quotas (email_quota_take)."""
     notifications = NotificationJob.objects.bulk_create(
         [
             NotificationJob(
@@ -195,6 +235,7 @@ def notification_retry(*, notification: NotificationJob) -> NotificationJob:
             f"Only failed notifications can be retried; this one is {notification.status}.",
             status_code=http.HTTP_409_CONFLICT,
         )
+    email_quota_take(owner_id=notification.owner_id)  # a retry sends again
     notification.status = Status.PENDING
     notification.error = ""
     notification.procrastinate_job_id = job_defer(
