@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from notifications.models import (
     Recipient,
     Status,
 )
+
+logger = logging.getLogger(__name__)
 
 EMAIL_BREAKER = "notifications:smtp"
 EMAIL_RATE_LIMIT = "notifications:email"
@@ -446,3 +449,51 @@ def notification_attempt_failed(*, notification_id: int, error: str, final: bool
         error=error[:2000],
         processed_at=timezone.now() if final else None,
     )
+
+
+# --- Retention (the periodic notifications.purge task) --------------------------------------
+# Batches in their own short transactions, skipping rows someone holds (as jobs_purge does). The
+# FK from the logs is deferred, so a batch deletes its notifications' logs in the same statement.
+# `created_at` bounds the scan (indexed; a notification is processed after it was created).
+_PURGE_NOTIFICATIONS = """
+WITH doomed AS (
+    SELECT id FROM notification_jobs
+     WHERE created_at < now() - make_interval(days => %(days)s)
+       AND status IN ('sent', 'failed', 'cancelled')
+       AND (processed_at IS NULL OR processed_at < now() - make_interval(days => %(days)s))
+     LIMIT %(batch)s FOR UPDATE SKIP LOCKED
+), logs AS (
+    DELETE FROM notification_delivery_logs WHERE notification_id IN (SELECT id FROM doomed)
+)
+DELETE FROM notification_jobs WHERE id IN (SELECT id FROM doomed)
+"""
+_PURGE_LOGS = """
+DELETE FROM notification_delivery_logs WHERE id IN (
+    SELECT id FROM notification_delivery_logs WHERE created_at < now() - make_interval(days => %(days)s)
+     LIMIT %(batch)s FOR UPDATE SKIP LOCKED
+)
+"""
+
+
+def notifications_purge(*, batch_size: int | None = None, max_batches: int = 1000) -> dict[str, int]:
+    """Delete finished notification jobs (sent, failed, cancelled) older than
+    NOTIFICATIONS_RETENTION_DAYS with their logs, and delivery logs older than
+    NOTIFICATIONS_DELIVERY_LOG_RETENTION_DAYS. Waiting and running notifications stay."""
+    batch = batch_size or settings.JOBS_RETENTION_BATCH_SIZE
+    deleted: dict[str, int] = {}
+    with connection.cursor() as cursor:
+        for name, statement, days in (
+            ("notifications", _PURGE_NOTIFICATIONS, settings.NOTIFICATIONS_RETENTION_DAYS),
+            ("delivery_logs", _PURGE_LOGS, settings.NOTIFICATIONS_DELIVERY_LOG_RETENTION_DAYS),
+        ):
+            total = 0
+            for _ in range(max_batches):
+                with transaction.atomic():
+                    cursor.execute(statement, {"days": days, "batch": batch})
+                    total += cursor.rowcount
+                if cursor.rowcount < batch:
+                    break
+            deleted[name] = total
+    if any(deleted.values()):
+        logger.info("Purged old notifications: %s", deleted)
+    return deleted
