@@ -253,6 +253,8 @@ ANTHROPIC_BASE_URL = env.str("ANTHROPIC_BASE_URL", default="https://api.anthropi
 ANTHROPIC_MODEL = env.str("ANTHROPIC_MODEL", default="claude-haiku-4-5")
 ANTHROPIC_TIMEOUT_SECONDS = env.float("ANTHROPIC_TIMEOUT_SECONDS", default=30.0)
 LLM_MONTHLY_BUDGET_USD = env.float("LLM_MONTHLY_BUDGET_USD", default=5.0)
+# Per user and UTC day, on top of the monthly budget for everyone (0: no daily cap per user).
+LLM_DAILY_BUDGET_USD_PER_USER = env.float("LLM_DAILY_BUDGET_USD_PER_USER", default=1.0)
 
 # --- Notes -----------------------------------------------------------------------------------
 NOTE_MAX_CONTENT_BYTES = env.int("NOTE_MAX_CONTENT_BYTES", default=100_000)
@@ -283,6 +285,11 @@ NOTIFICATIONS_MAX_BODY_BYTES = env.int("NOTIFICATIONS_MAX_BODY_BYTES", default=1
 # Health warns above this failure rate (over the last 15 minutes) or backlog of due jobs.
 NOTIFICATIONS_WARN_FAILURE_RATE = env.float("NOTIFICATIONS_WARN_FAILURE_RATE", default=0.2)
 NOTIFICATIONS_WARN_BACKLOG = env.int("NOTIFICATIONS_WARN_BACKLOG", default=1000)
+# E-mails a user may queue per UTC day, over every send path (0: no quota).
+EMAIL_DAILY_QUOTA_PER_USER = env.int("EMAIL_DAILY_QUOTA_PER_USER", default=10_000)
+# Finished notification jobs (sent, failed, cancelled) and delivery logs are deleted after these.
+NOTIFICATIONS_RETENTION_DAYS = env.int("NOTIFICATIONS_RETENTION_DAYS", default=90)
+NOTIFICATIONS_DELIVERY_LOG_RETENTION_DAYS = env.int("NOTIFICATIONS_DELIVERY_LOG_RETENTION_DAYS", default=30)
 
 # --- Digests --------------------------------------------------------------------------------
 DIGEST_SWEEP_CRON = env.str("DIGEST_SWEEP_CRON", default="* * * * *")
@@ -348,6 +355,10 @@ METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 # --- Bulk note import ------------------------------------------------------------------------
 IMPORTS_MAX_UPLOAD_BYTES = env.int("IMPORTS_MAX_UPLOAD_BYTES", default=50 * 1024 * 1024)
 IMPORTS_BATCH_SIZE = env.int("IMPORTS_BATCH_SIZE", default=1000)
+# A finished import's file is deleted this long after it ended (its row and counts stay).
+IMPORTS_FILE_RETENTION_HOURS = env.float("IMPORTS_FILE_RETENTION_HOURS", default=24.0)
+# Bytes of uploads per user that may wait unfinished (pending or running) at once.
+IMPORTS_PENDING_MAX_BYTES = env.int("IMPORTS_PENDING_MAX_BYTES", default=200 * 1024 * 1024)
 
 LOGGING = {
     "version": 1,

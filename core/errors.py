@@ -22,11 +22,13 @@ class ApplicationError(Exception):
         *,
         status_code: int = status.HTTP_400_BAD_REQUEST,
         extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.extra = extra or {}
+        self.headers = headers or {}  # e.g. Retry-After on a 429
 
 
 class ProviderError(Exception):
@@ -42,7 +44,7 @@ class ProviderError(Exception):
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, ApplicationError):
-        return Response({"detail": exc.message, **exc.extra}, status=exc.status_code)
+        return Response({"detail": exc.message, **exc.extra}, status=exc.status_code, headers=exc.headers)
     if isinstance(exc, RequestDataTooBig):
         # Raised by request.body past DATA_UPLOAD_MAX_MEMORY_SIZE, before anything is parsed.
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE

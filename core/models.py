@@ -27,3 +27,19 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.method} {self.path} [{self.key}]"
+
+
+class QuotaCounter(models.Model):
+    """How much of a daily quota one key (e.g. "email:42") has used on one UTC day (see
+    core/quotas.py). Rows of past days are only history; the periodic purge drops them."""
+
+    key = models.CharField(max_length=200)
+    day = models.DateField()
+    used = models.DecimalField(max_digits=20, decimal_places=6, default=0)
+
+    class Meta:
+        db_table = "core_quota_counters"
+        constraints = [models.UniqueConstraint(fields=["key", "day"], name="core_quota_counter_key_day")]
+
+    def __str__(self) -> str:
+        return f"{self.key} on {self.day}: {self.used}"

@@ -68,16 +68,28 @@ DELETE FROM core_cache WHERE cache_key IN (
     SELECT cache_key FROM core_cache WHERE expires < now() LIMIT %s FOR UPDATE SKIP LOCKED
 )
 """
+# Past days' quota counters (core/quotas.py): yesterday's is kept for a look at the day before.
+_PURGE_QUOTAS = """
+DELETE FROM core_quota_counters WHERE id IN (
+    SELECT id FROM core_quota_counters WHERE day < (now() AT TIME ZONE 'UTC')::date - 1
+     LIMIT %s FOR UPDATE SKIP LOCKED
+)
+"""
 
 
 def expired_rows_purge(*, batch_size: int = 1000, max_batches: int = 1000) -> dict[str, int]:
-    """Delete expired idempotency keys and expired database-cache rows (old throttle counters).
+    """Delete expired idempotency keys, expired database-cache rows (old throttle counters) and
+    the quota counters of past days.
 
     Expired keys are already ignored when looked up; this only keeps the tables small. Runs
     periodically as `core.purge_expired` (JOBS_RETENTION_CRON)."""
     deleted: dict[str, int] = {}
     with connection.cursor() as cursor:
-        for name, statement in (("idempotency_keys", _PURGE_KEYS), ("cache", _PURGE_CACHE)):
+        for name, statement in (
+            ("idempotency_keys", _PURGE_KEYS),
+            ("cache", _PURGE_CACHE),
+            ("quota_counters", _PURGE_QUOTAS),
+        ):
             total = 0
             for _ in range(max_batches):
                 with transaction.atomic():

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,7 +15,7 @@ from digests.selectors import digest_schedules_unsent_notes, notes_in_period
 from jobs.services import job_defer
 from llm.services import LlmUnavailable, llm_complete
 from notes.models import Note
-from notifications.services import QueuedEmail, notifications_queue
+from notifications.services import QueuedEmail, email_quota_fits, notifications_queue
 
 SWEEP_BATCH = 500
 WEEK = timedelta(days=7)
@@ -73,10 +74,12 @@ def _digest_batch_run(due: list[DigestSchedule], *, now: datetime) -> int:
     in a handful of statements for the whole batch. Returns how many digests were queued."""
     sending = [schedule.id for schedule in due if not schedule.recipient.is_muted(now=now)]
     unsent = digest_schedules_unsent_notes(schedule_ids=sending)
+    allowed = _digests_within_quota(Counter(schedule.owner_id for schedule in due if unsent.get(schedule.id)))
     emails = []
     for schedule in due:
         notes = unsent.get(schedule.id)
-        if notes:
+        if notes and allowed[schedule.owner_id] > 0:
+            allowed[schedule.owner_id] -= 1
             emails.append(
                 QueuedEmail(
                     owner_id=schedule.owner_id,
@@ -104,6 +107,21 @@ def _digest_batch_run(due: list[DigestSchedule], *, now: datetime) -> int:
             ],
         )
     return len(emails)
+
+
+def _digests_within_quota(wanted: Counter[int]) -> Counter[int]:
+    """How many of its wanted digests each owner's daily e-mail quota allows now (counted).
+
+    A digest that does not fit is not sent: its notes stay unsent and go with the owner's next
+    digest once the quota allows. One statement per owner when everything fits."""
+    allowed: Counter[int] = Counter()
+    for owner_id, count in wanted.items():
+        if email_quota_fits(owner_id=owner_id, count=count):
+            allowed[owner_id] = count
+            continue
+        while allowed[owner_id] < count and email_quota_fits(owner_id=owner_id, count=1):
+            allowed[owner_id] += 1
+    return allowed
 
 
 # Every schedule of a batch moved on in one statement (Django's bulk_update writes a CASE per

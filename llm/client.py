@@ -6,16 +6,18 @@ the failure record live in PostgreSQL), so a transient error surfaces at once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from decimal import Decimal
 
 import anthropic
+import httpx2
 from django.conf import settings
 
 from core.errors import ProviderError
 from llm import pricing
 
-__all__ = ["ClaudeClient", "Completion", "ProviderError"]
+__all__ = ["ClaudeClient", "Completion", "ProviderError", "ProviderTimedOut", "estimate_input_tokens"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,24 @@ class Completion:
     @property
     def cost_usd(self) -> Decimal:
         return pricing.cost_usd(model=self.model, input_tokens=self.input_tokens, output_tokens=self.output_tokens)
+
+
+def estimate_input_tokens(*, system: str, prompt: str) -> int:
+    """An upper estimate of a request's input tokens, without asking the API: one token per
+    three bytes of UTF-8 (English averages about four characters a token, CJK about one
+    character, three bytes) plus the message framing."""
+    return math.ceil(len((system + prompt).encode()) / 3) + 16
+
+
+class ProviderTimedOut(ProviderError):
+    """The request reached Claude but no answer came in time: Claude may have billed it.
+
+    Carries the worst case, the request's estimated input and every output token it allowed,
+    for the ledger (llm.services)."""
+
+    def __init__(self, message: str, *, model: str, input_tokens: int, output_tokens: int) -> None:
+        super().__init__(message, permanent=False)
+        self.usage = Completion(text="", model=model, input_tokens=input_tokens, output_tokens=output_tokens)
 
 
 # 408 request timeout, 409 conflict, 429 rate limited, 5xx and 529 overloaded: try again later.
@@ -56,7 +76,18 @@ class ClaudeClient:
                 system=system,
                 messages=[{"role": "user", "content": prompt}],
             )
-        except anthropic.APIConnectionError as exc:  # includes timeouts
+        except anthropic.APITimeoutError as exc:
+            # Only a read timeout comes after the whole request went out; a connect, pool or
+            # write timeout never reached the model.
+            if isinstance(exc.__cause__, httpx2.ReadTimeout):
+                raise ProviderTimedOut(
+                    "Claude did not answer in time",
+                    model=self.model,
+                    input_tokens=estimate_input_tokens(system=system, prompt=prompt),
+                    output_tokens=max_tokens,
+                ) from exc
+            raise ProviderError(f"Claude unreachable: {type(exc).__name__}", permanent=False) from exc
+        except anthropic.APIConnectionError as exc:
             raise ProviderError(f"Claude unreachable: {type(exc).__name__}", permanent=False) from exc
         except anthropic.APIStatusError as exc:
             transient = exc.status_code in _TRANSIENT_STATUSES or exc.status_code >= 500

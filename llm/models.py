@@ -5,7 +5,10 @@ from django.db import models
 
 
 class LlmUsage(models.Model):
-    """The ledger: one row per Claude call that returned, with its tokens and cost."""
+    """The ledger: one row per Claude call that was billed, with its tokens and cost.
+
+    `estimated`: the call timed out after it was sent, so its tokens are the worst case (the
+    request's estimated input and every output token it allowed), not Claude's count."""
 
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
@@ -14,6 +17,7 @@ class LlmUsage(models.Model):
     input_tokens = models.PositiveIntegerField()
     output_tokens = models.PositiveIntegerField()
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6)
+    estimated = models.BooleanField(default=False, db_default=False)
 
     class Meta:
         db_table = "llm_usage"

@@ -103,9 +103,9 @@ class NoteImportManager(models.Manager["NoteImport"]):
 class NoteImport(models.Model):
     """One uploaded file of notes and how far its import has got.
 
-    The file itself lives here too (`data`), so one database backup holds everything. The
-    column is stored EXTERNAL (uncompressed TOAST, migration 0002): substring() then reads only
-    the slices it asks for.
+    The file itself lives here too (`data`) until IMPORTS_FILE_RETENTION_HOURS after the import
+    ended, so one database backup holds everything. The column is stored EXTERNAL (uncompressed
+    TOAST, migration 0002): substring() then reads only the slices it asks for.
     """
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="note_imports")
@@ -129,13 +129,22 @@ class NoteImport(models.Model):
     created_at = models.DateTimeField(db_default=Now())
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # When the retention purge emptied `data` (IMPORTS_FILE_RETENTION_HOURS after the import
+    # ended); the row, its counts and its notes stay.
+    file_deleted_at = models.DateTimeField(null=True, blank=True)
 
     objects = NoteImportManager()
 
     class Meta:
         db_table = "notes_import"
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["owner", "-created_at"], name="notes_import_owner_created")]
+        indexes = [
+            models.Index(fields=["owner", "-created_at"], name="notes_import_owner_created"),
+            # The files still stored, by when their import ended: what the purge looks at.
+            models.Index(
+                fields=["finished_at"], condition=models.Q(file_deleted_at__isnull=True), name="notes_import_file_kept"
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"import {self.id} ({self.filename or self.format})"

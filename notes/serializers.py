@@ -119,6 +119,7 @@ class NoteImportOutputSerializer(serializers.ModelSerializer):
             "created_at",
             "started_at",
             "finished_at",
+            "file_deleted_at",
         ]
         read_only_fields = fields
 

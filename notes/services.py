@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,7 +15,9 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
+from rest_framework import status as http
 
+from core.errors import ApplicationError
 from jobs.services import job_defer, job_defer_bulk
 from jobs.webhooks import webhook_url_check
 from llm.client import ProviderError
@@ -21,6 +25,8 @@ from llm.services import LlmUnavailable, llm_complete
 from notes import enrichment, imports, tier1
 from notes.models import EnrichmentStatus, ImportStatus, Note, NoteImport
 from notes.selectors import note_enrichment_candidates
+
+logger = logging.getLogger(__name__)
 
 
 def _enrichment_defer(note: Note) -> None:
@@ -175,6 +181,7 @@ def note_import_create(
 
     if callback_url:
         webhook_url_check(callback_url)  # before copying megabytes for nothing
+    _note_import_pending_check(owner_id=owner.pk, size=_file_size(file))
     import_id = _note_import_store(owner_id=owner.pk, file=file, filename=filename, format=format)
     job_id = job_defer(
         note_import,
@@ -185,6 +192,47 @@ def note_import_create(
     )
     NoteImport.objects.filter(id=import_id).update(job_id=job_id)
     return NoteImport.objects.get(id=import_id)
+
+
+# Held to the end of the upload's transaction: one user's uploads are checked and stored one at
+# a time, so parallel uploads cannot all see room under the cap. Namespaced like every lock here.
+_PENDING_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+_PENDING_BYTES = (
+    "SELECT coalesce(sum(size), 0) FROM notes_import WHERE owner_id = %s AND status IN ('pending', 'running')"
+)
+PENDING_RETRY_AFTER_SECONDS = 60  # a hint: imports end at their own pace
+
+
+def _file_size(file: BinaryIO) -> int:
+    file.seek(0, io.SEEK_END)
+    size = file.tell()
+    file.seek(0)
+    return size
+
+
+def _note_import_pending_check(*, owner_id: int, size: int) -> None:
+    """Refuse an upload that would take the owner's unfinished (pending or running) uploads past
+    IMPORTS_PENDING_MAX_BYTES: 413 when the file alone is larger, else 429. Call inside the
+    transaction that stores the file: the lock it takes lasts until that commit."""
+    limit = settings.IMPORTS_PENDING_MAX_BYTES
+    if size > limit:
+        raise ApplicationError(
+            "File too large.",
+            status_code=http.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            extra={"file": [f"The file is {size} bytes; unfinished imports may hold at most {limit} bytes per user."]},
+        )
+    with connection.cursor() as cursor:
+        cursor.execute(_PENDING_LOCK, [f"note-import-pending:{owner_id}"])
+        cursor.execute(_PENDING_BYTES, [owner_id])
+        pending = cursor.fetchone()[0]
+    if pending + size > limit:
+        raise ApplicationError(
+            f"Your unfinished imports already hold {pending} bytes; with this file of {size} bytes they would"
+            f" pass the limit of {limit} bytes per user. Upload it once some of them have finished.",
+            status_code=http.HTTP_429_TOO_MANY_REQUESTS,
+            extra={"pending_bytes": pending, "limit_bytes": limit, "retry_after": PENDING_RETRY_AFTER_SECONDS},
+            headers={"Retry-After": str(PENDING_RETRY_AFTER_SECONDS)},
+        )
 
 
 def _copy_text(value: str) -> str:
@@ -228,6 +276,11 @@ def note_import_run(*, import_id: int, on_progress: Callable[[ImportProgress], N
         note_import = NoteImport.objects.select_for_update().get(id=import_id)
         if note_import.status == ImportStatus.DONE:
             return note_import
+        if note_import.file_deleted_at is not None:
+            raise imports.ImportFileError(
+                f"The file of this import was deleted on {note_import.file_deleted_at:%Y-%m-%d %H:%M} UTC,"
+                f" {settings.IMPORTS_FILE_RETENTION_HOURS:g} hours after the import ended; upload it again."
+            )
         note_import.status = ImportStatus.RUNNING
         note_import.started_at = note_import.started_at or timezone.now()
         note_import.failure_reason = ""
@@ -263,6 +316,36 @@ def note_import_failed(*, import_id: int, reason: str) -> None:
     NoteImport.objects.filter(id=import_id).exclude(status=ImportStatus.DONE).update(
         status=ImportStatus.FAILED, failure_reason=reason[:2000], finished_at=timezone.now()
     )
+
+
+# Batches in their own short transactions, skipping imports a run holds. Setting the column to
+# no bytes frees its TOAST chunks (reclaimed by vacuum); the row and its counts stay.
+_PURGE_FILES = """
+UPDATE notes_import SET data = ''::bytea, file_deleted_at = now() WHERE id IN (
+    SELECT id FROM notes_import
+     WHERE file_deleted_at IS NULL AND status IN ('done', 'failed')
+       AND finished_at < now() - make_interval(secs => %(seconds)s)
+     LIMIT %(batch)s FOR UPDATE SKIP LOCKED
+)
+"""
+
+
+def note_import_files_purge(*, batch_size: int | None = None, max_batches: int = 1000) -> int:
+    """Delete the stored files of imports that ended (done or failed) more than
+    IMPORTS_FILE_RETENTION_HOURS ago. Returns how many. Runs as `notes.purge_import_files`."""
+    batch = batch_size or settings.JOBS_RETENTION_BATCH_SIZE
+    params = {"seconds": settings.IMPORTS_FILE_RETENTION_HOURS * 3600, "batch": batch}
+    total = 0
+    with connection.cursor() as cursor:
+        for _ in range(max_batches):
+            with transaction.atomic():
+                cursor.execute(_PURGE_FILES, params)
+                total += cursor.rowcount
+            if cursor.rowcount < batch:
+                break
+    if total:
+        logger.info("Deleted the stored files of %s finished imports", total)
+    return total
 
 
 def _import_progress(note_import: NoteImport) -> ImportProgress:

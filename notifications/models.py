@@ -112,6 +112,7 @@ class DeliveryLog(models.Model):
     class Meta:
         db_table = "notification_delivery_logs"
         ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["created_at"], name="notif_log_created_idx")]  # retention
 
     def __str__(self) -> str:
         return f"attempt {self.attempt}: {self.outcome}"

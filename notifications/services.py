@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from procrastinate.contrib.django import app
 from rest_framework import status as http
 
 from core.errors import ApplicationError, ProviderError
+from core.quotas import quota_take
 from jobs.breaker import breaker_check, breaker_record_failure, breaker_record_success
 from jobs.ratelimit import rate_limit_wait
 from jobs.services import job_defer, job_defer_bulk
@@ -30,6 +32,8 @@ from notifications.models import (
     Recipient,
     Status,
 )
+
+logger = logging.getLogger(__name__)
 
 EMAIL_BREAKER = "notifications:smtp"
 EMAIL_RATE_LIMIT = "notifications:email"
@@ -55,6 +59,42 @@ def recipient_delete(*, recipient: Recipient) -> None:
 
 
 # --- Queueing ------------------------------------------------------------------------------
+def _email_quota_key(owner_id: int) -> str:
+    return f"email:{owner_id}"
+
+
+def email_quota_take(*, owner_id: int, count: int = 1) -> None:
+    """Count `count` e-mails against the owner's quota for today (UTC), all or nothing; raise 429
+    with the reason and Retry-After (the end of the day) when they do not fit.
+
+    Call inside the transaction that queues them: a request that rolls back gives them back, and
+    the counter's conditional upsert keeps parallel requests from passing the quota together."""
+    limit = settings.EMAIL_DAILY_QUOTA_PER_USER
+    if limit <= 0 or count <= 0:
+        return
+    taken = quota_take(key=_email_quota_key(owner_id), amount=count, limit=limit)
+    if not taken.allowed:
+        left = max(limit - int(taken.used), 0)
+        asked = "this e-mail" if count == 1 else f"these {count} e-mails"
+        raise ApplicationError(
+            f"The daily e-mail quota of {limit} per user is used up: {left} left today, not enough for"
+            f" {asked}. It resets at midnight UTC, in {taken.retry_after} seconds.",
+            status_code=http.HTTP_429_TOO_MANY_REQUESTS,
+            extra={"retry_after": taken.retry_after},
+            headers={"Retry-After": str(taken.retry_after)},
+        )
+
+
+def email_quota_fits(*, owner_id: int, count: int) -> bool:
+    """email_quota_take for callers that skip instead of answering 429 (the digest sweep)."""
+    try:
+        with transaction.atomic():
+            email_quota_take(owner_id=owner_id, count=count)
+    except ApplicationError:
+        return False
+    return True
+
+
 def _task():
     from notifications.tasks import notification_deliver  # tasks import services
 
@@ -74,6 +114,7 @@ def notification_send_email(
     callback_url: str | None = None,
 ) -> NotificationJob:
     """Write the notification and defer its job in one transaction; nothing waits on SMTP."""
+    email_quota_take(owner_id=owner.pk)
     notification = NotificationJob.objects.create(
         owner=owner,
         recipient=recipient,
@@ -107,6 +148,7 @@ def notification_send_bulk(
     scheduled_for: datetime | None = None,
 ) -> list[int]:
     """Many recipients: one multi-row INSERT, one bulk defer, one UPDATE linking them."""
+    email_quota_take(owner_id=owner.pk, count=len(recipients))
     return notifications_queue(
         [
             QueuedEmail(owner_id=owner.pk, recipient_id=recipient.pk, subject=subject, body=body)
@@ -130,7 +172,8 @@ def notifications_queue(
     emails: list[QueuedEmail], *, notification_type: str, priority: str, scheduled_for: datetime | None = None
 ) -> list[int]:
     """Queue many e-mails, each its own notification and job, in three statements whatever their
-    number. Call inside the caller's transaction (the rows and their jobs commit together)."""
+    number. Call inside the caller's transaction (the rows and their jobs commit together), after
+    counting them against their owners' quotas (email_quota_take)."""
     notifications = NotificationJob.objects.bulk_create(
         [
             NotificationJob(
@@ -195,6 +238,7 @@ def notification_retry(*, notification: NotificationJob) -> NotificationJob:
             f"Only failed notifications can be retried; this one is {notification.status}.",
             status_code=http.HTTP_409_CONFLICT,
         )
+    email_quota_take(owner_id=notification.owner_id)  # a retry sends again
     notification.status = Status.PENDING
     notification.error = ""
     notification.procrastinate_job_id = job_defer(
@@ -405,3 +449,51 @@ def notification_attempt_failed(*, notification_id: int, error: str, final: bool
         error=error[:2000],
         processed_at=timezone.now() if final else None,
     )
+
+
+# --- Retention (the periodic notifications.purge task) --------------------------------------
+# Batches in their own short transactions, skipping rows someone holds (as jobs_purge does). The
+# FK from the logs is deferred, so a batch deletes its notifications' logs in the same statement.
+# `created_at` bounds the scan (indexed; a notification is processed after it was created).
+_PURGE_NOTIFICATIONS = """
+WITH doomed AS (
+    SELECT id FROM notification_jobs
+     WHERE created_at < now() - make_interval(days => %(days)s)
+       AND status IN ('sent', 'failed', 'cancelled')
+       AND (processed_at IS NULL OR processed_at < now() - make_interval(days => %(days)s))
+     LIMIT %(batch)s FOR UPDATE SKIP LOCKED
+), logs AS (
+    DELETE FROM notification_delivery_logs WHERE notification_id IN (SELECT id FROM doomed)
+)
+DELETE FROM notification_jobs WHERE id IN (SELECT id FROM doomed)
+"""
+_PURGE_LOGS = """
+DELETE FROM notification_delivery_logs WHERE id IN (
+    SELECT id FROM notification_delivery_logs WHERE created_at < now() - make_interval(days => %(days)s)
+     LIMIT %(batch)s FOR UPDATE SKIP LOCKED
+)
+"""
+
+
+def notifications_purge(*, batch_size: int | None = None, max_batches: int = 1000) -> dict[str, int]:
+    """Delete finished notification jobs (sent, failed, cancelled) older than
+    NOTIFICATIONS_RETENTION_DAYS with their logs, and delivery logs older than
+    NOTIFICATIONS_DELIVERY_LOG_RETENTION_DAYS. Waiting and running notifications stay."""
+    batch = batch_size or settings.JOBS_RETENTION_BATCH_SIZE
+    deleted: dict[str, int] = {}
+    with connection.cursor() as cursor:
+        for name, statement, days in (
+            ("notifications", _PURGE_NOTIFICATIONS, settings.NOTIFICATIONS_RETENTION_DAYS),
+            ("delivery_logs", _PURGE_LOGS, settings.NOTIFICATIONS_DELIVERY_LOG_RETENTION_DAYS),
+        ):
+            total = 0
+            for _ in range(max_batches):
+                with transaction.atomic():
+                    cursor.execute(statement, {"days": days, "batch": batch})
+                    total += cursor.rowcount
+                if cursor.rowcount < batch:
+                    break
+            deleted[name] = total
+    if any(deleted.values()):
+        logger.info("Purged old notifications: %s", deleted)
+    return deleted
