@@ -78,3 +78,10 @@ class QueueSerializer(serializers.Serializer):
 
 class MetricsQuerySerializer(serializers.Serializer):
     hours = serializers.IntegerField(min_value=1, max_value=720, default=24)
+
+
+class WebhookSecretSerializer(serializers.Serializer):
+    secret = serializers.CharField(
+        help_text="HMAC-SHA256 key of your completion webhooks' X-Secondbrain-Signature (see the README)."
+    )
+    created_at = serializers.DateTimeField(help_text="When this secret was made (first use or last rotation).")

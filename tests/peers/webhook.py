@@ -10,6 +10,7 @@ at it to make a name resolve to 127.0.0.1 without touching /etc/hosts or a name 
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections import deque
@@ -45,8 +46,9 @@ class WebhookReceiver:
     - `endless_body_bytes`: 200 without Content-Length and that many body bytes (think: endless).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, certfile: str | None = None, keyfile: str | None = None) -> None:
         self.posts: list[ReceivedPost] = []
+        self.server_names: list[str | None] = []  # TLS SNI of each connection (https only)
         self.statuses: deque[int] = deque()  # answers to give, in order; then 200
         self.redirect_to: str | None = None
         self.drip_seconds: float | None = None
@@ -104,10 +106,17 @@ class WebhookReceiver:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
+        self.scheme = "http"
+        if certfile is not None:  # https: the handshake happens as each connection is accepted
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certfile, keyfile)
+            context.sni_callback = lambda sock, name, ctx: self.server_names.append(name)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self.scheme = "https"
         self._thread = threading.Thread(target=self._server.serve_forever, name="webhook-receiver", daemon=True)
 
     def url(self, path: str = "/hook", *, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def start(self) -> WebhookReceiver:
         self._thread.start()
@@ -116,6 +125,36 @@ class WebhookReceiver:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def self_signed_certificate(directory: str, host: str) -> tuple[str, str]:
+    """A certificate for `host` and its key (files in `directory`), made with the openssl tool."""
+    import subprocess
+
+    certfile, keyfile = f"{directory}/cert.pem", f"{directory}/key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            keyfile,
+            "-out",
+            certfile,
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={host}",
+            "-addext",
+            f"subjectAltName=DNS:{host}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return certfile, keyfile
 
 
 @dataclass
