@@ -6,7 +6,7 @@ with DEBUG off, SECRET_KEY must be set to a real secret.
 
 from __future__ import annotations
 
-import hashlib
+import ipaddress
 import re
 from pathlib import Path
 
@@ -333,14 +333,22 @@ JOBS_RETENTION_BATCH_SIZE = env.int("JOBS_RETENTION_BATCH_SIZE", default=1000)
 JOBS_RESULT_TTL_SECONDS = env.int("JOBS_RESULT_TTL_SECONDS", default=24 * 3600)
 # Rate-limited jobs wait in place when the next token is this close, else they are postponed.
 JOBS_RATE_LIMIT_INLINE_WAIT_SECONDS = env.float("JOBS_RATE_LIMIT_INLINE_WAIT_SECONDS", default=1.0)
-# Completion webhooks: only these hosts may be called, signed with HMAC-SHA256 of this secret.
+# Completion webhooks (jobs/webhooks.py): only these hosts may be called ("a.example.com", or
+# ".example.com" for its subdomains), over https on 443 or a listed port, and only at public
+# addresses unless private ones are allowed (development, tests) or their network is listed.
 JOBS_WEBHOOK_ALLOWED_HOSTS = env.list("JOBS_WEBHOOK_ALLOWED_HOSTS", default=[])
-# Without JOBS_WEBHOOK_SECRET, a secret derived from SECRET_KEY is used.
-JOBS_WEBHOOK_SECRET = (
-    env.str("JOBS_WEBHOOK_SECRET", default="")
-    or hashlib.sha256(f"secondbrain-webhooks:{SECRET_KEY}".encode()).hexdigest()
-)
+JOBS_WEBHOOK_ALLOW_HTTP = env.bool("JOBS_WEBHOOK_ALLOW_HTTP", default=False)
+JOBS_WEBHOOK_ALLOWED_PORTS = env.list("JOBS_WEBHOOK_ALLOWED_PORTS", cast=int, default=[])
+JOBS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = env.bool("JOBS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES", default=False)
+JOBS_WEBHOOK_ALLOWED_NETWORKS = env.list("JOBS_WEBHOOK_ALLOWED_NETWORKS", default=[])
+for _network in JOBS_WEBHOOK_ALLOWED_NETWORKS:
+    try:
+        ipaddress.ip_network(_network, strict=False)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(f"JOBS_WEBHOOK_ALLOWED_NETWORKS: {_exc}") from None
+# One delivery in all (lookup, connect, TLS, request, answer), and the most of an answer's body read.
 JOBS_WEBHOOK_TIMEOUT_SECONDS = env.float("JOBS_WEBHOOK_TIMEOUT_SECONDS", default=5.0)
+JOBS_WEBHOOK_MAX_RESPONSE_BYTES = env.int("JOBS_WEBHOOK_MAX_RESPONSE_BYTES", default=65536)
 # GET /api/jobs/{id}/stream/ (Server-Sent Events): keep-alive comment interval, and the longest a
 # stream stays open (the browser's EventSource then reconnects and gets the current state).
 JOBS_STREAM_KEEPALIVE_SECONDS = env.float("JOBS_STREAM_KEEPALIVE_SECONDS", default=15.0)

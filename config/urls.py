@@ -7,6 +7,7 @@ from rest_framework.routers import SimpleRouter
 
 from core.apis import HealthApi, TokenApi
 from digests.apis import DigestScheduleViewSet, DigestViewSet
+from jobs.apis import WebhookSecretApi, WebhookSecretRotateApi
 from jobs.prometheus import metrics_view
 from notifications.apis import RecipientViewSet
 
@@ -24,6 +25,8 @@ urlpatterns = [
     path("api/notes/", include("notes.urls")),
     path("api/notifications/", include("notifications.urls")),
     path("api/jobs/", include("jobs.urls")),
+    path("api/webhooks/secret/", WebhookSecretApi.as_view(), name="webhook-secret"),
+    path("api/webhooks/secret/rotate/", WebhookSecretRotateApi.as_view(), name="webhook-secret-rotate"),
     path("api/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),

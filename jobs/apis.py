@@ -26,6 +26,7 @@ from jobs.serializers import (
     MetricsQuerySerializer,
     QueueSerializer,
     RetryRefusedSerializer,
+    WebhookSecretSerializer,
 )
 from jobs.stream import LIMIT_RETRY_AFTER_SECONDS, job_event_stream, job_stream_open, sse_event
 from jobs.stream_hub import StreamLimitReached, StreamUnavailable
@@ -141,6 +142,21 @@ class JobMetricsApi(APIView):
         query.is_valid(raise_exception=True)
         owner_id = None if request.user.is_staff else request.user.pk
         return Response(selectors.job_metrics(hours=query.validated_data["hours"], owner_id=owner_id))
+
+
+class WebhookSecretApi(APIView):
+    @extend_schema(responses={200: WebhookSecretSerializer})
+    def get(self, request: Request) -> Response:
+        """Your secret for verifying completion webhooks (made on first read)."""
+        return Response(WebhookSecretSerializer(services.webhook_secret_get(user_id=request.user.pk)).data)
+
+
+class WebhookSecretRotateApi(APIView):
+    @extend_schema(request=None, responses={200: WebhookSecretSerializer})
+    def post(self, request: Request) -> Response:
+        """Replace your webhook secret. Every delivery sent from now on, including retries of
+        deliveries queued before, is signed with the new one; the old one stops at once."""
+        return Response(WebhookSecretSerializer(services.webhook_secret_rotate(user_id=request.user.pk)).data)
 
 
 class EventStreamRenderer(renderers.BaseRenderer):

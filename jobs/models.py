@@ -102,3 +102,21 @@ class PausedQueue(models.Model):
 
     def __str__(self) -> str:
         return self.queue_name
+
+
+class WebhookSecret(models.Model):
+    """A user's key for signing their completion webhooks, so a receiver of one user's webhooks
+    cannot forge deliveries to another's. Made on first use; rotating replaces it at once (every
+    delivery sent afterwards, retries included, is signed with the new one)."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, primary_key=True, on_delete=models.CASCADE, related_name="webhook_secret"
+    )
+    secret = models.CharField(max_length=100)
+    created_at = models.DateTimeField()  # when this secret was made: the first use or the last rotation
+
+    class Meta:
+        db_table = "jobs_webhook_secrets"
+
+    def __str__(self) -> str:
+        return f"webhook secret of user {self.user_id}"

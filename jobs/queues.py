@@ -7,5 +7,8 @@ NOTIFICATIONS = "notifications"
 DIGESTS = "digests"
 IMPORTS = "imports"
 MAINTENANCE = "maintenance"
+# Completion webhooks: their receivers are other people's servers, so a slow one must not hold
+# up the stalled-job rescue and the purge on `maintenance`.
+WEBHOOKS = "webhooks"
 
-ALL = (ENRICHMENT, NOTIFICATIONS, DIGESTS, IMPORTS, MAINTENANCE)
+ALL = (ENRICHMENT, NOTIFICATIONS, DIGESTS, IMPORTS, MAINTENANCE, WEBHOOKS)

@@ -89,3 +89,10 @@ class RetryRefusedSerializer(serializers.Serializer):
         allow_null=True,
         help_text="The job already waiting with the same queueing lock, when that is the reason.",
     )
+
+
+class WebhookSecretSerializer(serializers.Serializer):
+    secret = serializers.CharField(
+        help_text="HMAC-SHA256 key of your completion webhooks' X-Secondbrain-Signature (see the README)."
+    )
+    created_at = serializers.DateTimeField(help_text="When this secret was made (first use or last rotation).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from datetime import datetime
 from typing import Any
 
@@ -20,10 +21,10 @@ from procrastinate.manager import JobManager
 from procrastinate.tasks import Task
 from psycopg.types.json import Jsonb
 
-from core.errors import ApplicationError
+from core.errors import ApplicationError, ProviderError
 from jobs import queues
 from jobs.connector import is_connection_error
-from jobs.models import JobInfo, PausedQueue
+from jobs.models import JobInfo, PausedQueue, WebhookSecret
 from jobs.webhooks import webhook_post, webhook_url_check
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ def job_defer(
     - `owner_id`: the user the job works for (the jobs API shows it to them).
     - `dedup_key` with `dedup_seconds`: a second defer with the same key inside the window
       returns the first job's id instead of creating a job (whatever that job's state).
-    - `callback_url`: POSTed the job's final status and result when it ends (see webhooks.py).
+    - `callback_url`: POSTed the job's final status and result when it ends (see webhooks.py),
+      signed with the owner's secret: it needs `owner_id`.
     - `queueing_lock`: a job already waiting with the same lock makes this a no-op (returns
       None); that waiting job reads the latest rows when it runs.
     - `lock`: jobs sharing it never run at the same time.
@@ -100,6 +102,8 @@ def job_defer(
     if dedup_key and not (dedup_seconds and dedup_seconds > 0):
         raise ValueError("dedup_key needs a positive dedup_seconds (the deduplication window)")
     if callback_url:
+        if owner_id is None:
+            raise ValueError("callback_url needs an owner_id: the owner's secret signs the deliveries")
         webhook_url_check(callback_url)
     options = {"queueing_lock": queueing_lock, "lock": lock, "priority": priority, "schedule_at": schedule_at}
     job = task.configure(**{k: v for k, v in options.items() if v is not None}).make_new_job(**task_kwargs)
@@ -429,14 +433,20 @@ def jobs_purge(*, batch_size: int | None = None, max_batches: int = 1000) -> dic
     return deleted
 
 
-def webhook_deliver(*, job_id: int, status: str) -> int:
-    """POST a finished job's status and result to its callback URL. Returns the HTTP status."""
+def webhook_deliver(*, job_id: int, status: str, delivery_id: int) -> int:
+    """POST a finished job's status and result to its callback URL, signed with its owner's
+    secret as it is now (a delivery queued before a rotation is signed with the new secret).
+    Returns the HTTP status."""
     info = JobInfo.objects.select_related("job").filter(job_id=job_id).first()
     if info is None or not info.callback_url:
         return 0  # the job is gone (retention) or has no callback
+    if info.owner_id is None:
+        # Only jobs deferred before secrets were per user: nobody's key may sign for them.
+        raise ProviderError("the job has no owner whose secret could sign its callback", permanent=True)
     job = info.job
     expired = info.result_expires_at is not None and info.result_expires_at < timezone.now()
     payload = {
+        "delivery_id": delivery_id,
         "job_id": job_id,
         "task": job.task_name,
         "queue": job.queue_name,
@@ -445,4 +455,27 @@ def webhook_deliver(*, job_id: int, status: str) -> int:
         "result": None if expired else info.result,
         "error": info.error or None,
     }
-    return webhook_post(url=info.callback_url, payload=payload)
+    secret = webhook_secret_get(user_id=info.owner_id).secret
+    return webhook_post(url=info.callback_url, payload=payload, secret=secret, delivery_id=delivery_id)
+
+
+def _new_webhook_secret() -> str:
+    return "whsec_" + secrets.token_hex(32)
+
+
+def webhook_secret_get(*, user_id: int) -> WebhookSecret:
+    """The user's webhook signing secret, made on first use (concurrent first uses get one)."""
+    secret, _ = WebhookSecret.objects.get_or_create(
+        user_id=user_id, defaults={"secret": _new_webhook_secret(), "created_at": timezone.now()}
+    )
+    return secret
+
+
+@transaction.atomic
+def webhook_secret_rotate(*, user_id: int) -> WebhookSecret:
+    """Replace the user's signing secret. Every delivery sent from now on is signed with the new
+    one, including retries of deliveries queued before; the old one stops working at once."""
+    secret, _ = WebhookSecret.objects.update_or_create(
+        user_id=user_id, defaults={"secret": _new_webhook_secret(), "created_at": timezone.now()}
+    )
+    return secret

@@ -33,7 +33,16 @@ def purge_finished_jobs(timestamp: int | None = None) -> dict[str, int]:
     return services.jobs_purge()
 
 
-# Deferred by the database when a job with a callback URL ends (see jobs/webhooks.py).
-@job_task(name="jobs.webhook_deliver", queue=queues.MAINTENANCE, retries=5, retry_base_seconds=2)
-def webhook_deliver(*, job_id: int, status: str) -> int:
-    return services.webhook_deliver(job_id=job_id, status=status)
+# Deferred by the database when a job with a callback URL ends (see jobs/webhooks.py), on the
+# `webhooks` queue (the trigger names it, migration 0006). Each POST has its own total deadline;
+# the time limit is the backstop for everything around it (the database, a stuck lookup thread).
+@job_task(
+    name="jobs.webhook_deliver",
+    queue=queues.WEBHOOKS,
+    retries=5,
+    retry_base_seconds=2,
+    time_limit=settings.JOBS_WEBHOOK_TIMEOUT_SECONDS + 10,
+    pass_context=True,
+)
+def webhook_deliver(context: JobContext, *, job_id: int, status: str) -> int:
+    return services.webhook_deliver(job_id=job_id, status=status, delivery_id=context.job.id)

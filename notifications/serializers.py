@@ -5,7 +5,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from core.fields import StrictCharField, TimeZoneField
-from jobs.webhooks import webhook_host_allowed
+from jobs.webhooks import webhook_url_problem
 from notifications.models import DeliveryLog, DeliveryMethod, NotificationJob, NotificationType, Priority, Recipient
 
 
@@ -72,12 +72,14 @@ class SendEmailSerializer(_SendBase):
     callback_url = serializers.URLField(
         max_length=2000,
         required=False,
-        help_text="POSTed the job's final status when it ends; its host must be in JOBS_WEBHOOK_ALLOWED_HOSTS.",
+        help_text="POSTed the job's final status when it ends: https, on a host in JOBS_WEBHOOK_ALLOWED_HOSTS"
+        " that resolves to public addresses only (see the README's completion webhooks).",
     )
 
     def validate_callback_url(self, value: str) -> str:
-        if not webhook_host_allowed(value):
-            raise serializers.ValidationError("Must be an http(s) URL on a host listed in JOBS_WEBHOOK_ALLOWED_HOSTS.")
+        problem = webhook_url_problem(value)
+        if problem is not None:
+            raise serializers.ValidationError(problem)
         return value
 
     def validate_recipient_id(self, value: int) -> Recipient:

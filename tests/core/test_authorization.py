@@ -82,6 +82,12 @@ CREATES: dict[str, Callable[[dict], dict] | None] = {
         "delivery_time": "8:00",
     },
 }
+# The caller's own settings, no id in the path: each user reaches only theirs
+# (tests/jobs/test_webhooks.py::test_each_owner_signs_with_a_secret_of_their_own).
+OWN_SETTINGS = {
+    "GET /api/webhooks/secret/",
+    "POST /api/webhooks/secret/rotate/",
+}
 STAFF_ONLY = {
     "GET /api/jobs/queues/": None,
     "POST /api/jobs/queues/{name}/pause/": "jobs.pause_queue",
@@ -120,7 +126,7 @@ def test_every_api_route_is_in_the_schema_and_classified():
     missing = _api_routes() - paths - {"/api/docs/"}  # the docs page is HTML around the schema
     assert not missing, f"routes missing from the OpenAPI schema: {missing}"
 
-    classes = [PUBLIC, set(OWNED), LISTS, set(CREATES), set(STAFF_ONLY)]
+    classes = [PUBLIC, set(OWNED), LISTS, set(CREATES), OWN_SETTINGS, set(STAFF_ONLY)]
     classified = set().union(*classes)
     assert sum(len(c) for c in classes) == len(classified), "an operation is in two classes"
     assert set(operations) == classified, (
@@ -142,7 +148,7 @@ def _request(client: APIClient, label: str, path_values: dict | None = None, bod
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("label", sorted(set(OWNED) | LISTS | set(CREATES) | set(STAFF_ONLY)))
+@pytest.mark.parametrize("label", sorted(set(OWNED) | LISTS | set(CREATES) | OWN_SETTINGS | set(STAFF_ONLY)))
 def test_anonymous_gets_401(label):
     response = _request(APIClient(), label, {"name": "imports"}, body={})
     assert response.status_code == 401, response.content
