@@ -6,8 +6,8 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
-from django.utils import timezone
 
+from core.clock import db_now
 from digests import schedule as rules
 from digests.models import Digest, DigestSchedule
 from digests.selectors import digest_notes_horizon, digest_schedules_unsent_notes, notes_in_period
@@ -34,7 +34,7 @@ def _compute_next(schedule: DigestSchedule, *, now: datetime) -> datetime:
 @transaction.atomic
 def digest_schedule_create(*, owner: AbstractBaseUser, now: datetime | None = None, **fields: Any) -> DigestSchedule:
     schedule = DigestSchedule(owner=owner, **fields)
-    schedule.next_digest_scheduled = _compute_next(schedule, now=now or timezone.now())
+    schedule.next_digest_scheduled = _compute_next(schedule, now=now or db_now())
     schedule.save()
     return schedule
 
@@ -45,7 +45,7 @@ def digest_schedule_update(*, schedule: DigestSchedule, now: datetime | None = N
         setattr(schedule, name, value)
     if schedule.frequency == rules.DAILY:
         schedule.delivery_day = None
-    schedule.next_digest_scheduled = _compute_next(schedule, now=now or timezone.now())
+    schedule.next_digest_scheduled = _compute_next(schedule, now=now or db_now())
     schedule.save()
     return schedule
 
@@ -150,9 +150,10 @@ def digest_sweep(*, now: datetime | None = None, batch_size: int = SWEEP_BATCH) 
 
     Each batch is one transaction holding its schedules with SKIP LOCKED, so concurrent sweeps
     share the work without doing any of it twice, and a crash leaves every schedule either
-    untouched or fully advanced with its notification.
+    untouched or fully advanced with its notification. What is due is decided by the
+    database's clock, the one every worker shares.
     """
-    now = now or timezone.now()
+    now = now or db_now()
     queued = 0
     while True:
         with transaction.atomic():

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.db.models.functions import Now
 
 
 class LlmUsage(models.Model):
     """The ledger: one row per Claude call that returned, with its tokens and cost."""
 
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # The database's clock, as the budget's month boundary (llm/selectors.py).
+    created_at = models.DateTimeField(db_default=Now(), db_index=True)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     purpose = models.CharField(max_length=50)  # e.g. "note_enrichment", "weekly_digest"
     model = models.CharField(max_length=100)
