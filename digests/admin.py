@@ -9,7 +9,7 @@ class DigestScheduleAdmin(admin.ModelAdmin):
     list_display += ("last_digest_sent", "next_digest_scheduled")
     list_filter = ("frequency", "active")
     raw_id_fields = ("owner", "recipient")
-    readonly_fields = ("last_digest_sent", "next_digest_scheduled", "last_note_id")
+    readonly_fields = ("last_digest_sent", "next_digest_scheduled", "last_note_xid", "last_note_id")
 
 
 @admin.register(Digest)

@@ -26,7 +26,10 @@ class DigestSchedule(models.Model):
     max_notes = models.PositiveIntegerField(default=20)
     note_types = ArrayField(models.CharField(max_length=20), default=list, blank=True)  # empty: all
     tags = ArrayField(models.CharField(max_length=64), default=list, blank=True)  # empty: all
-    # The newest note already sent: the next digest takes notes after it.
+    # The cursor: the last note sent, as (its transaction's id, its id). Notes are taken in that
+    # order, and the cursor only moves over notes whose transaction is older than every one
+    # still in progress, so a note that commits late is never behind it (see selectors).
+    last_note_xid = models.BigIntegerField(default=0)
     last_note_id = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -40,6 +43,24 @@ class DigestSchedule(models.Model):
 
     def __str__(self) -> str:
         return f"{self.frequency} digest for {self.recipient_id}"
+
+
+class DigestNoteSentAhead(models.Model):
+    """A note a schedule has sent beyond its cursor (its transaction was younger than one still in
+    progress): it is not sent again, and the row goes once the cursor has passed it."""
+
+    schedule = models.ForeignKey(DigestSchedule, on_delete=models.CASCADE, related_name="+")
+    note_xid = models.BigIntegerField()
+    note_id = models.BigIntegerField()
+
+    class Meta:
+        db_table = "digest_notes_sent_ahead"
+        constraints = [
+            models.UniqueConstraint(fields=["schedule", "note_xid", "note_id"], name="digest_sent_ahead_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"note {self.note_id} sent ahead by schedule {self.schedule_id}"
 
 
 class Digest(models.Model):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -19,37 +20,57 @@ def digest_list(*, owner: AbstractBaseUser) -> QuerySet[Digest]:
     return Digest.objects.filter(owner=owner)
 
 
-# For each schedule, the ids of the owner's notes it has not sent yet: after its last sent note,
-# of its types and tags (empty means all), oldest first, at most max_notes. One query per batch.
-_UNSENT_NOTE_IDS = """
-SELECT schedule.id, note.id
+# For each schedule, the notes it has not sent yet: after its cursor (see DigestSchedule), not
+# sent ahead of it already, of its types and tags (empty means all), in the cursor's order, at
+# most max_notes. One query per batch.
+_UNSENT_NOTES = """
+SELECT schedule.id, note.id, note.created_xid
   FROM digest_schedules AS schedule
  CROSS JOIN LATERAL (
-       SELECT n.id
+       SELECT n.id, n.created_xid
          FROM notes AS n
         WHERE n.owner_id = schedule.owner_id
-          AND n.id > schedule.last_note_id
+          AND (n.created_xid, n.id) > (schedule.last_note_xid, schedule.last_note_id)
           AND (cardinality(schedule.note_types) = 0 OR n.note_type = ANY(schedule.note_types))
           AND (cardinality(schedule.tags) = 0 OR n.tags && schedule.tags OR n.ai_tags && schedule.tags)
-        ORDER BY n.id
+          AND NOT EXISTS (
+                  SELECT 1
+                    FROM digest_notes_sent_ahead AS ahead
+                   WHERE ahead.schedule_id = schedule.id AND ahead.note_xid = n.created_xid AND ahead.note_id = n.id
+              )
+        ORDER BY n.created_xid, n.id
         LIMIT schedule.max_notes
        ) AS note
  WHERE schedule.id = ANY(%s)
- ORDER BY schedule.id, note.id
+ ORDER BY schedule.id, note.created_xid, note.id
 """
 
 
-def digest_schedules_unsent_notes(*, schedule_ids: list[int]) -> dict[int, list[Note]]:
-    """{schedule id: the notes it has not sent yet, oldest first}, in two queries for any number."""
+@dataclass(frozen=True)
+class UnsentNote:
+    note: Note
+    xid: int  # the id of the transaction that created it
+
+
+def digest_notes_horizon() -> int:
+    """The oldest transaction still in progress: every note of an older one is committed (or
+    rolled back) for good, so a digest cursor may move over it without skipping a late note."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+        return cursor.fetchone()[0]
+
+
+def digest_schedules_unsent_notes(*, schedule_ids: list[int]) -> dict[int, list[UnsentNote]]:
+    """{schedule id: the notes it has not sent yet, in order}, in two queries for any number."""
     if not schedule_ids:
         return {}
     with connection.cursor() as cursor:
-        cursor.execute(_UNSENT_NOTE_IDS, [schedule_ids])
-        pairs = cursor.fetchall()
-    notes = Note.objects.only("id", "title", "content", "summary", "tags").in_bulk({note_id for _, note_id in pairs})
-    unsent: dict[int, list[Note]] = defaultdict(list)
-    for schedule_id, note_id in pairs:
-        unsent[schedule_id].append(notes[note_id])
+        cursor.execute(_UNSENT_NOTES, [schedule_ids])
+        rows = cursor.fetchall()
+    notes = Note.objects.only("id", "title", "content", "summary", "tags").in_bulk({note_id for _, note_id, _ in rows})
+    unsent: dict[int, list[UnsentNote]] = defaultdict(list)
+    for schedule_id, note_id, xid in rows:
+        unsent[schedule_id].append(UnsentNote(note=notes[note_id], xid=xid))
     return dict(unsent)
 
 

@@ -7,11 +7,11 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
-from django.utils import timezone
 
+from core.clock import db_now
 from digests import schedule as rules
 from digests.models import Digest, DigestSchedule
-from digests.selectors import digest_schedules_unsent_notes, notes_in_period
+from digests.selectors import digest_notes_horizon, digest_schedules_unsent_notes, notes_in_period
 from jobs.services import job_defer
 from llm.services import LlmUnavailable, llm_complete
 from notes.models import Note
@@ -35,7 +35,7 @@ def _compute_next(schedule: DigestSchedule, *, now: datetime) -> datetime:
 @transaction.atomic
 def digest_schedule_create(*, owner: AbstractBaseUser, now: datetime | None = None, **fields: Any) -> DigestSchedule:
     schedule = DigestSchedule(owner=owner, **fields)
-    schedule.next_digest_scheduled = _compute_next(schedule, now=now or timezone.now())
+    schedule.next_digest_scheduled = _compute_next(schedule, now=now or db_now())
     schedule.save()
     return schedule
 
@@ -46,7 +46,7 @@ def digest_schedule_update(*, schedule: DigestSchedule, now: datetime | None = N
         setattr(schedule, name, value)
     if schedule.frequency == rules.DAILY:
         schedule.delivery_day = None
-    schedule.next_digest_scheduled = _compute_next(schedule, now=now or timezone.now())
+    schedule.next_digest_scheduled = _compute_next(schedule, now=now or db_now())
     schedule.save()
     return schedule
 
@@ -69,13 +69,20 @@ def _digest_body(notes: list[Note]) -> str:
     return "\n".join(lines)
 
 
-def _digest_batch_run(due: list[DigestSchedule], *, now: datetime) -> int:
+def _digest_batch_run(due: list[DigestSchedule], *, now: datetime, horizon: int) -> int:
     """Call holding the schedules' row locks. Queues their digests and moves every schedule on,
-    in a handful of statements for the whole batch. Returns how many digests were queued."""
+    in a handful of statements for the whole batch. Returns how many digests were queued.
+
+    `horizon` is digest_notes_horizon(), read before the notes were: a note of an older
+    transaction moves the cursor; one of a younger transaction (committed while an older one
+    is still open, which may yet commit a note before it in the cursor's order) is sent and
+    recorded as sent ahead, and the cursor stays where the late note will find it.
+    """
     sending = [schedule.id for schedule in due if not schedule.recipient.is_muted(now=now)]
     unsent = digest_schedules_unsent_notes(schedule_ids=sending)
     allowed = _digests_within_quota(Counter(schedule.owner_id for schedule in due if unsent.get(schedule.id)))
     emails = []
+    ahead: list[tuple[int, int, int]] = []  # (schedule id, note xid, note id)
     for schedule in due:
         notes = unsent.get(schedule.id)
         if notes and allowed[schedule.owner_id] > 0:
@@ -85,11 +92,14 @@ def _digest_batch_run(due: list[DigestSchedule], *, now: datetime) -> int:
                     owner_id=schedule.owner_id,
                     recipient_id=schedule.recipient_id,
                     subject=f"Your {schedule.frequency} secondbrain digest",
-                    body=_digest_body(notes),
+                    body=_digest_body([unsent_note.note for unsent_note in notes]),
                 )
             )
             schedule.last_digest_sent = now
-            schedule.last_note_id = notes[-1].id
+            settled = [unsent_note for unsent_note in notes if unsent_note.xid < horizon]  # come first
+            if settled:
+                schedule.last_note_xid, schedule.last_note_id = settled[-1].xid, settled[-1].note.id
+            ahead += [(schedule.id, n.xid, n.note.id) for n in notes[len(settled) :]]
         # After a downtime this jumps over every missed period: one digest, not one per period.
         schedule.next_digest_scheduled = _compute_next(schedule, now=now)
         schedule.updated_at = now
@@ -102,10 +112,14 @@ def _digest_batch_run(due: list[DigestSchedule], *, now: datetime) -> int:
                 now,
                 [s.id for s in due],
                 [s.last_digest_sent for s in due],
+                [s.last_note_xid for s in due],
                 [s.last_note_id for s in due],
                 [s.next_digest_scheduled for s in due],
             ],
         )
+        cursor.execute(_PASSED, [[s.id for s in due]])
+        if ahead:
+            cursor.execute(_SENT_AHEAD, [list(column) for column in zip(*ahead, strict=True)])
     return len(emails)
 
 
@@ -128,11 +142,24 @@ def _digests_within_quota(wanted: Counter[int]) -> Counter[int]:
 # row and column, which grows with the square of the batch).
 _ADVANCE = """
 UPDATE digest_schedules AS s
-   SET last_digest_sent = v.last_digest_sent, last_note_id = v.last_note_id,
+   SET last_digest_sent = v.last_digest_sent, last_note_xid = v.last_note_xid, last_note_id = v.last_note_id,
        next_digest_scheduled = v.next_digest_scheduled, updated_at = %s
-  FROM unnest(%s::bigint[], %s::timestamptz[], %s::bigint[], %s::timestamptz[])
-       AS v (id, last_digest_sent, last_note_id, next_digest_scheduled)
+  FROM unnest(%s::bigint[], %s::timestamptz[], %s::bigint[], %s::bigint[], %s::timestamptz[])
+       AS v (id, last_digest_sent, last_note_xid, last_note_id, next_digest_scheduled)
  WHERE s.id = v.id
+"""
+# Notes sent ahead of their schedule's cursor are recorded; those the cursor has passed are
+# forgotten (run after _ADVANCE, so it reads the new cursors).
+_PASSED = """
+DELETE FROM digest_notes_sent_ahead AS ahead
+ USING digest_schedules AS s
+ WHERE s.id = ANY(%s::bigint[])
+   AND ahead.schedule_id = s.id
+   AND (ahead.note_xid, ahead.note_id) <= (s.last_note_xid, s.last_note_id)
+"""
+_SENT_AHEAD = """
+INSERT INTO digest_notes_sent_ahead (schedule_id, note_xid, note_id)
+SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[])
 """
 
 
@@ -141,19 +168,21 @@ def digest_sweep(*, now: datetime | None = None, batch_size: int = SWEEP_BATCH) 
 
     Each batch is one transaction holding its schedules with SKIP LOCKED, so concurrent sweeps
     share the work without doing any of it twice, and a crash leaves every schedule either
-    untouched or fully advanced with its notification.
+    untouched or fully advanced with its notification. What is due is decided by the
+    database's clock, the one every worker shares.
     """
-    now = now or timezone.now()
+    now = now or db_now()
     queued = 0
     while True:
         with transaction.atomic():
+            horizon = digest_notes_horizon()  # first: before this transaction holds an id of its own
             due = list(
                 DigestSchedule.objects.select_for_update(skip_locked=True, of=("self",))
                 .select_related("recipient")
                 .filter(active=True, next_digest_scheduled__lte=now)
                 .order_by("next_digest_scheduled", "id")[:batch_size]
             )
-            queued += _digest_batch_run(due, now=now)
+            queued += _digest_batch_run(due, now=now, horizon=horizon)
         if len(due) < batch_size:
             return queued
 

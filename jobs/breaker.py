@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import connection
-from django.utils import timezone
+from django.db.models import DateTimeField, Func
 
 from jobs.models import CircuitBreaker
 
@@ -31,18 +31,21 @@ class Verdict:
 # opened by another process is seen within this delay.
 CLEAN_CACHE_SECONDS = 1.0
 _clean_until: dict[str, float] = {}
+_CLOCK = Func(function="clock_timestamp", output_field=DateTimeField())  # the database's time
 
 
 def breaker_check(*, name: str, cooldown_seconds: float) -> Verdict:
     if _clean_until.get(name, 0.0) > time.monotonic():
         return Verdict(allowed=True, clean=True)
-    breaker = CircuitBreaker.objects.filter(name=name).first()
+    # Read with the database's time: `opened_until` is written with it, and every worker,
+    # whatever its own clock says, must see the breaker open for the same cooldown.
+    breaker = CircuitBreaker.objects.filter(name=name).annotate(db_now=_CLOCK).first()
     if breaker is None or breaker.state == State.CLOSED:
         clean = breaker is None or breaker.consecutive_failures == 0
         if clean:
             _clean_until[name] = time.monotonic() + CLEAN_CACHE_SECONDS
         return Verdict(allowed=True, clean=clean)
-    now = timezone.now()
+    now = breaker.db_now
     if breaker.opened_until and now < breaker.opened_until:
         return Verdict(allowed=False, retry_at=breaker.opened_until)
     # Cooldown over (or a probe that never reported back): one caller wins the probe.
@@ -57,7 +60,7 @@ def breaker_check(*, name: str, cooldown_seconds: float) -> Verdict:
 def breaker_record_success(*, name: str) -> None:
     # Callers skip this when their check saw a clean breaker, so the hot path stays read-only.
     CircuitBreaker.objects.filter(name=name).exclude(state=State.CLOSED, consecutive_failures=0).update(
-        state=State.CLOSED, consecutive_failures=0, opened_until=None, updated_at=timezone.now()
+        state=State.CLOSED, consecutive_failures=0, opened_until=None, updated_at=_CLOCK
     )
 
 

@@ -13,6 +13,9 @@
 A completion still waiting for its batch when the worker process dies leaves its job `doing`:
 it runs again, as after any crash. A graceful stop writes the batch before unregistering.
 
+A retry's time (a backoff, a rate-limit postponement) reaches the database as a wait, added to
+the database's clock: a worker whose clock is off by minutes still retries on time.
+
 While the database is unreachable (a restart, a failover), completions stay buffered and the
 writer keeps trying until it answers; a stopping worker waits FLUSH_TIMEOUT_SECONDS for that.
 The worker-row helpers at the end let a worker that outlived an outage put itself right
@@ -26,6 +29,7 @@ import asyncio
 import datetime
 import logging
 from collections.abc import Iterable
+from datetime import datetime
 
 from procrastinate import jobs as procrastinate_jobs
 from procrastinate import utils
@@ -90,6 +94,13 @@ UPDATE procrastinate_jobs AS job
 """
 
 
+# procrastinate_retry_job_v2 with the retry time taken from the database's clock.
+RETRY_JOB = """
+SELECT procrastinate_retry_job_v2(
+    %(job_id)s, now() + make_interval(secs => %(wait)s), %(new_priority)s, %(new_queue_name)s, %(new_lock)s
+)
+"""
+
 # The worker's own row, and its jobs (see jobs/worker.py: after a database outage).
 HEARTBEAT = "UPDATE procrastinate_workers SET last_heartbeat = now() WHERE id = %(worker_id)s RETURNING id"
 ADOPT_JOBS = """
@@ -137,6 +148,21 @@ class BatchingJobManager(JobManager):
         self._finished.append((job.id, status.value))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
+
+    async def retry_job(
+        self,
+        job: procrastinate_jobs.Job,
+        retry_at: datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        lock: str | None = None,
+    ) -> None:
+        # Procrastinate's decisions (`retry_in`, our `Postponed`) are "now + a wait" on this
+        # host's clock: take the wait back out and add it to the database's clock instead.
+        wait = 0.0 if retry_at is None else (retry_at - utils.utcnow()).total_seconds()
+        await self.connector.execute_query_async(
+            query=RETRY_JOB, job_id=job.id, wait=wait, new_priority=priority, new_queue_name=queue, new_lock=lock
+        )
 
     def pending_completion_ids(self) -> list[int]:
         """Jobs that ended in this process but are still `doing` in the database until written."""

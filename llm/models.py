@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.db.models.functions import Now
 
 
 class LlmUsage(models.Model):
@@ -10,7 +11,8 @@ class LlmUsage(models.Model):
     `estimated`: the call timed out after it was sent, so its tokens are the worst case (the
     request's estimated input and every output token it allowed), not Claude's count."""
 
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # The database's clock, as the budget's month boundary (llm/selectors.py).
+    created_at = models.DateTimeField(db_default=Now(), db_index=True)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     purpose = models.CharField(max_length=50)  # e.g. "note_enrichment", "weekly_digest"
     model = models.CharField(max_length=100)

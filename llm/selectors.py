@@ -1,19 +1,17 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from decimal import Decimal
 
 from django.db.models import Sum
-from django.utils import timezone
+from django.db.models.expressions import RawSQL
 
 from llm.models import LlmUsage
 
+# The budget's month is the database's (UTC), like the ledger's `created_at`: every worker
+# agrees on it whatever its own clock says.
+_MONTH_START = "date_trunc('month', now(), 'UTC')"
 
-def month_start(now: datetime | None = None) -> datetime:
-    now = now or timezone.now()
-    return now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
-
-def llm_spend_this_month(*, now: datetime | None = None) -> Decimal:
-    total = LlmUsage.objects.filter(created_at__gte=month_start(now)).aggregate(s=Sum("cost_usd"))
+def llm_spend_this_month() -> Decimal:
+    total = LlmUsage.objects.filter(created_at__gte=RawSQL(_MONTH_START, [])).aggregate(s=Sum("cost_usd"))
     return total["s"] or Decimal("0")

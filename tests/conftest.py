@@ -137,6 +137,27 @@ def start_worker_process(*args: str, env: dict[str, str] | None = None) -> subpr
     )
 
 
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"  # Debian's `faketime` package
+
+
+def skewed_clock_env(offset: str) -> dict[str, str]:
+    """Environment for a process whose clock is `offset` off the real one ("+10m", "-40d"), with
+    libfaketime preloaded; checked on a first process, so a test can never pass unskewed.
+    The monotonic clock is left alone (timeouts and asyncio keep working)."""
+    if not Path(LIBFAKETIME).exists():
+        pytest.skip("libfaketime is missing: apt-get install faketime")
+    env = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": offset, "DONT_FAKE_MONOTONIC": "1"}
+    seen = subprocess.run(
+        [sys.executable, "-c", "import time; print(time.time())"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert abs(float(seen.stdout) - time.time()) > 60, f"libfaketime did not move the clock by {offset}"
+    return env
+
+
 def wait_for(predicate, *, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -53,6 +53,11 @@ def fail_permanently(*, reason: str) -> None:
     raise ProviderError(reason, permanent=True)
 
 
+@job_task(name="tests.fail_transiently", queue=QUEUE_A, retries=2, retry_base_seconds=10)
+def fail_transiently(*, reason: str) -> None:
+    raise ProviderError(reason, permanent=False)
+
+
 @job_task(name="tests.stamp_a", queue=QUEUE_A, pass_context=True)
 def stamp_a(context: JobContext, *, n: int = 0, sleep: float = 0) -> None:
     """Records when it ran (progress_at, the database's clock), then takes `sleep` seconds."""
