@@ -279,6 +279,9 @@ NOTIFICATIONS_MAX_BODY_BYTES = env.int("NOTIFICATIONS_MAX_BODY_BYTES", default=1
 # Health warns above this failure rate (over the last 15 minutes) or backlog of due jobs.
 NOTIFICATIONS_WARN_FAILURE_RATE = env.float("NOTIFICATIONS_WARN_FAILURE_RATE", default=0.2)
 NOTIFICATIONS_WARN_BACKLOG = env.int("NOTIFICATIONS_WARN_BACKLOG", default=1000)
+# A send whose final dot left while the database went away before answering its COMMIT: how
+# long its job waits for the database to record it.
+NOTIFICATIONS_OUTCOME_WAIT_SECONDS = env.float("NOTIFICATIONS_OUTCOME_WAIT_SECONDS", default=60.0)
 
 # --- Digests --------------------------------------------------------------------------------
 DIGEST_SWEEP_CRON = env.str("DIGEST_SWEEP_CRON", default="* * * * *")
