@@ -317,7 +317,7 @@ def notification_deliver(*, notification_id: int, attempt: int) -> str:
         )
         outcome = DeliveryLog.Outcome.PERMANENT_FAILURE if exc.permanent else DeliveryLog.Outcome.TRANSIENT_FAILURE
         _log(notification_id, attempt, outcome, error=exc.detail, started=started)
-        if not exc.permanent:
+        if not exc.permanent and not isinstance(exc, CommitPointStalled):  # not the mail server's fault
             breaker_record_failure(
                 name=EMAIL_BREAKER,
                 threshold=settings.NOTIFICATIONS_BREAKER_THRESHOLD,
@@ -328,6 +328,29 @@ def notification_deliver(*, notification_id: int, attempt: int) -> str:
     if not verdict.clean:
         breaker_record_success(name=EMAIL_BREAKER)
     return Status.SENT
+
+
+class CommitPointStalled(ProviderError):
+    """The commit point stalled (its process was stopped, its host froze) for so long that the
+    server may have ended its session: its COMMIT would be lost, so no dot follows."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the commit point stalled for {seconds:.1f} s; not sending the final dot", permanent=False)
+
+
+def _check_session_alive(*, started: float) -> None:
+    """Call after the commit point's UPDATE, before its COMMIT. A session idle in its transaction
+    for DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS is ended by the server, which frees the row
+    for a rescue; a COMMIT written into it afterwards is lost while the dot still reaches the mail
+    server. So a commit point that took half that long, or whose server has hung up, stops here."""
+    elapsed = time.monotonic() - started
+    limit = settings.DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS / 2
+    if limit and elapsed > limit:
+        raise CommitPointStalled(elapsed)
+    pgconn = connection.connection.pgconn
+    pgconn.consume_input()  # raises when the server has closed the session
+    if pgconn.status != psycopg.pq.ConnStatus.OK:
+        raise CommitPointStalled(elapsed)
 
 
 def _mark_sent_with_the_dot(*, notification_id: int, message_id: str) -> Callable[[], None]:
@@ -341,6 +364,7 @@ def _mark_sent_with_the_dot(*, notification_id: int, message_id: str) -> Callabl
     same instant. What remains is the few microseconds between the two writes, where a kill
     loses the e-mail rather than sending it twice.
     """
+    started = time.monotonic()
     connection.set_autocommit(False)
     try:
         with connection.cursor() as cursor:
@@ -348,9 +372,13 @@ def _mark_sent_with_the_dot(*, notification_id: int, message_id: str) -> Callabl
             cursor.execute(_MARK_SENT, [notification_id, message_id])
             if cursor.rowcount != 1:
                 raise SendAborted
+        _check_session_alive(started=started)
     except BaseException:
-        connection.rollback()
-        connection.set_autocommit(True)
+        try:
+            connection.rollback()
+            connection.set_autocommit(True)
+        except DatabaseError:
+            connection.close()  # the session is gone: the next statement opens a fresh one
         raise
     pgconn = connection.connection.pgconn
     pgconn.send_query(b"COMMIT")
