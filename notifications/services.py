@@ -14,7 +14,7 @@ import psycopg.generators
 import psycopg.waiting
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 from procrastinate.contrib.django import app
 from rest_framework import status as http
@@ -434,9 +434,12 @@ def _record_sent(*, notification_id: int, message_id: str, attempt: int) -> bool
                 logger.error("Notification %s: %s (Message-ID %s)", notification_id, response, message_id)
             if NotificationJob.objects.filter(id=notification_id).exists():
                 _log(notification_id, attempt, DeliveryLog.Outcome.SENT, response=response)
-    except DatabaseError:
+    except (OperationalError, InterfaceError):  # the database is still away
         connection.close()
         return False
+    except DatabaseError:
+        # Not an outage (a bug, a schema change): retrying would never end.
+        logger.exception("Notification %s: sent, but the send could not be recorded", notification_id)
     return True
 
 
@@ -466,6 +469,7 @@ class _OutcomeRecorder:
             with self._lock:
                 if not self._pending:
                     self._thread = None
+                    connection.close()  # this thread's own
                     return
                 send = self._pending[0]
             if _record_sent(**send):
