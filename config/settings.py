@@ -99,9 +99,44 @@ DATABASES["default"].setdefault("OPTIONS", {})
 DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5))
 # A request that finds the database unreachable gets a 503 saying to retry after this long.
 DATABASE_RETRY_AFTER_SECONDS = env.int("DATABASE_RETRY_AFTER_SECONDS", default=5)
-# A killed process's backend notices the closed socket even while it waits on a lock, and
-# aborts instead of committing a statement nobody is waiting for any more.
-DATABASES["default"]["OPTIONS"].setdefault("options", "-c client_connection_check_interval=500")
+# Sessions of a host that died (power, network) or a process that hangs must not hold their
+# row locks for the kernel's two hours of TCP keepalive. Keepalives both ways: libpq's notice a
+# dead server, the server's (tcp_keepalives_*) a dead client host, after idle + interval x count
+# seconds. A session idle inside a transaction for DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS
+# is ended by the server (0: never), which frees its locks even when its host still answers.
+DATABASE_KEEPALIVES_IDLE_SECONDS = env.int("DATABASE_KEEPALIVES_IDLE_SECONDS", default=10)
+DATABASE_KEEPALIVES_INTERVAL_SECONDS = env.int("DATABASE_KEEPALIVES_INTERVAL_SECONDS", default=5)
+DATABASE_KEEPALIVES_COUNT = env.int("DATABASE_KEEPALIVES_COUNT", default=3)
+DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS = env.float("DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", default=20.0)
+for _name, _value in (
+    ("DATABASE_KEEPALIVES_IDLE_SECONDS", DATABASE_KEEPALIVES_IDLE_SECONDS),
+    ("DATABASE_KEEPALIVES_INTERVAL_SECONDS", DATABASE_KEEPALIVES_INTERVAL_SECONDS),
+    ("DATABASE_KEEPALIVES_COUNT", DATABASE_KEEPALIVES_COUNT),
+):
+    if _value < 1:
+        raise ImproperlyConfigured(f"{_name} must be at least 1 (got {_value})")
+if DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS < 0:
+    raise ImproperlyConfigured("DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS must be 0 (off) or more")
+DATABASES["default"]["OPTIONS"].update(
+    keepalives=1,
+    keepalives_idle=DATABASE_KEEPALIVES_IDLE_SECONDS,
+    keepalives_interval=DATABASE_KEEPALIVES_INTERVAL_SECONDS,
+    keepalives_count=DATABASE_KEEPALIVES_COUNT,
+)
+# Server settings of every session (web processes, a worker's pool and its jobs' connections),
+# as startup options after any the URL gives. client_connection_check_interval: a killed
+# process's backend notices the closed socket even while it waits on a lock, and aborts instead
+# of committing a statement nobody is waiting for any more.
+_SESSION_SETTINGS = {
+    "client_connection_check_interval": 500,
+    "idle_in_transaction_session_timeout": int(DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS * 1000),
+    "tcp_keepalives_idle": DATABASE_KEEPALIVES_IDLE_SECONDS,
+    "tcp_keepalives_interval": DATABASE_KEEPALIVES_INTERVAL_SECONDS,
+    "tcp_keepalives_count": DATABASE_KEEPALIVES_COUNT,
+}
+DATABASES["default"]["OPTIONS"]["options"] = " ".join(
+    [DATABASES["default"]["OPTIONS"].get("options", ""), *(f"-c {k}={v}" for k, v in _SESSION_SETTINGS.items())]
+).strip()
 # TLS to the database (libpq's sslmode and sslrootcert; also accepted as ?sslmode= in the URL).
 # The web processes, the workers' pool and the start-up check all connect with these.
 DATABASE_SSLMODE = env.str("DATABASE_SSLMODE", default="")
@@ -290,6 +325,9 @@ EMAIL_DAILY_QUOTA_PER_USER = env.int("EMAIL_DAILY_QUOTA_PER_USER", default=10_00
 # Finished notification jobs (sent, failed, cancelled) and delivery logs are deleted after these.
 NOTIFICATIONS_RETENTION_DAYS = env.int("NOTIFICATIONS_RETENTION_DAYS", default=90)
 NOTIFICATIONS_DELIVERY_LOG_RETENTION_DAYS = env.int("NOTIFICATIONS_DELIVERY_LOG_RETENTION_DAYS", default=30)
+# A send whose final dot left while the database went away before answering its COMMIT: how
+# long its job waits for the database to record it.
+NOTIFICATIONS_OUTCOME_WAIT_SECONDS = env.float("NOTIFICATIONS_OUTCOME_WAIT_SECONDS", default=60.0)
 
 # --- Digests --------------------------------------------------------------------------------
 DIGEST_SWEEP_CRON = env.str("DIGEST_SWEEP_CRON", default="* * * * *")

@@ -54,8 +54,18 @@ class _CommitBeforeDotMixin:
         except BaseException:
             self.close()  # no final dot: the server discards the message
             raise
+        _state.commit_point_passed = True
+        try:
+            self.send(b".\r\n")
+        except BaseException:
+            # The dot did not leave (the server reset the session): the server discards the
+            # message. The COMMIT's answer is still read, or the database connection stays busy
+            # with it and its next statement fails; the caller puts the row back for a retry.
+            if finish is not None:
+                finish()
+            self.close()
+            raise
         _state.committed = True
-        self.send(b".\r\n")
         if finish is not None:
             finish()
         reply = self.getreply()
@@ -108,6 +118,11 @@ def _is_permanent(exc: BaseException) -> bool:
     return code is not None and 500 <= code < 600
 
 
+def commit_point_passed() -> bool:
+    """Whether this thread's last send ran its commit point (the row may say `sent`)."""
+    return bool(getattr(_state, "commit_point_passed", False))
+
+
 def dot_sent() -> bool:
     """Whether this thread's last send wrote the final dot (the server then keeps the message)."""
     return bool(getattr(_state, "committed", False))
@@ -157,6 +172,7 @@ class EmailSender:
         commit_point: Callable[[], Callable[[], None] | None],
     ) -> SendResult:
         _state.committed = False
+        _state.commit_point_passed = False
         _state.reply = None
         uses_commit_point = False
         try:
@@ -174,7 +190,7 @@ class EmailSender:
                 message.send()
             except (smtplib.SMTPServerDisconnected, ConnectionError):
                 _drop_connection()
-                if not reused or _state.committed:
+                if not reused or _state.commit_point_passed:
                     raise
                 # The kept connection had died (the server closed it, or restarted) before
                 # this message's final dot: the server kept nothing. Send on a fresh one.

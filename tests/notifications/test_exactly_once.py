@@ -133,3 +133,46 @@ def test_two_workers_share_one_rate_limit_and_send_each_email_once(smtp):
     assert smtp.received_at[-1] - smtp.received_at[0] >= 1.8
     assert NotificationJob.objects.filter(id__in=ids, status="sent").count() == 60
     assert all("notifications.deliver" in output for output in outputs)  # both workers sent
+
+
+def test_a_connection_reset_before_the_final_dot_leaves_the_worker_able_to_send(smtp):
+    """The mail server resets the session after the message, before its final dot: the dot's
+    write fails with the COMMIT's answer still unread. The e-mail is not lost (it goes again,
+    once), and the worker's database connection stays usable for the next e-mail."""
+    owner = make_user("sam")
+    first = _send(owner, make_recipient(owner, email="first@example.com"), subject="First")
+    smtp.rcpt_delay = 1.0
+    env = smtp_env(smtp, PROCRASTINATE_LOG_LEVEL="INFO")
+    worker = start_worker_process("--queues", "notifications", "--concurrency", "1", env=env)
+    output = ""
+    try:
+        with psycopg.connect(database_url()) as blocker:
+            wait_for(
+                lambda: NotificationJob.objects.get(id=first.id).status == "processing",
+                timeout=40,
+                what="the worker to claim the notification",
+            )
+            smtp.rcpt_delay = 0.0
+            # Hold the row: the worker has written the whole message and waits at its commit point.
+            blocker.execute("SELECT 1 FROM notification_jobs WHERE id = %s FOR UPDATE", [first.id])
+            wait_for(lambda: _backend_waiting_on_a_lock(blocker), what="the worker to reach its commit point")
+            assert smtp.drop_connections() == 1
+            blocker.rollback()  # the commit point goes on: COMMIT, then a dot into a reset socket
+        second = _send(owner, make_recipient(owner, email="second@example.com"), subject="Second")
+        wait_for(
+            lambda: NotificationJob.objects.filter(id__in=[first.id, second.id], status="sent").count() == 2,
+            timeout=30,
+            what="both notifications sent",
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; sink: {smtp.notification_ids()}; worker:\n{_stop(worker)}") from None
+    finally:
+        output = _stop(worker)
+    assert sorted(smtp.notification_ids()) == sorted([str(first.id), str(second.id)]), output
+    # The first went again after the reset; the second on its first attempt, on a clean connection.
+    assert [log.outcome for log in NotificationJob.objects.get(id=first.id).delivery_logs.all()] == [
+        "transient_failure",
+        "sent",
+    ]
+    assert [log.outcome for log in NotificationJob.objects.get(id=second.id).delivery_logs.all()] == ["sent"]
+    assert "another command is already in progress" not in output, output
