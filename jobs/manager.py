@@ -29,7 +29,6 @@ import asyncio
 import datetime
 import logging
 from collections.abc import Iterable
-from datetime import datetime
 
 from procrastinate import jobs as procrastinate_jobs
 from procrastinate import utils
@@ -95,12 +94,6 @@ UPDATE procrastinate_jobs AS job
 
 
 # procrastinate_retry_job_v2 with the retry time taken from the database's clock.
-RETRY_JOB = """
-SELECT procrastinate_retry_job_v2(
-    %(job_id)s, now() + make_interval(secs => %(wait)s), %(new_priority)s, %(new_queue_name)s, %(new_lock)s
-)
-"""
-
 # The worker's own row, and its jobs (see jobs/worker.py: after a database outage).
 HEARTBEAT = "UPDATE procrastinate_workers SET last_heartbeat = now() WHERE id = %(worker_id)s RETURNING id"
 ADOPT_JOBS = """
@@ -113,9 +106,12 @@ REQUEUE_ORPHANS = "SELECT job_id, superseded_by FROM jobs_requeue_orphans_v1(%(w
 
 # procrastinate_retry_job_v2, with a job waiting with the same queueing lock superseding the
 # retried one (migration 0005); returns that job's id, NULL when the job was retried.
+# Procrastinate's decisions (`retry_in`, our `Postponed`) are "now + a wait" on this host's
+# clock: the wait is taken back out and added to the database's clock instead (one clock).
 RETRY_JOB = """
-SELECT jobs_retry_job_v1(%(job_id)s, %(retry_at)s, %(new_priority)s, %(new_queue_name)s, %(new_lock)s)
-    AS superseded_by
+SELECT jobs_retry_job_v1(
+    %(job_id)s, now() + make_interval(secs => %(wait)s), %(new_priority)s, %(new_queue_name)s, %(new_lock)s
+) AS superseded_by
 """
 
 
@@ -148,21 +144,6 @@ class BatchingJobManager(JobManager):
         self._finished.append((job.id, status.value))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
-
-    async def retry_job(
-        self,
-        job: procrastinate_jobs.Job,
-        retry_at: datetime | None = None,
-        priority: int | None = None,
-        queue: str | None = None,
-        lock: str | None = None,
-    ) -> None:
-        # Procrastinate's decisions (`retry_in`, our `Postponed`) are "now + a wait" on this
-        # host's clock: take the wait back out and add it to the database's clock instead.
-        wait = 0.0 if retry_at is None else (retry_at - utils.utcnow()).total_seconds()
-        await self.connector.execute_query_async(
-            query=RETRY_JOB, job_id=job.id, wait=wait, new_priority=priority, new_queue_name=queue, new_lock=lock
-        )
 
     def pending_completion_ids(self) -> list[int]:
         """Jobs that ended in this process but are still `doing` in the database until written."""
@@ -293,7 +274,7 @@ def _retry_params(
 ) -> dict:
     return {
         "job_id": job_id,
-        "retry_at": retry_at,
+        "wait": (retry_at - utils.utcnow()).total_seconds(),
         "new_priority": priority,
         "new_queue_name": queue,
         "new_lock": lock,

@@ -105,7 +105,7 @@ UPDATE procrastinate_jobs SET queue_name = 'maintenance'
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("jobs", "0004_claim_planning_and_autovacuum"),
+        ("jobs", "0005_queueing_lock_supersede"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
