@@ -51,6 +51,13 @@ class _CappedBackoff(AttemptWithBackoff):
 
 
 class WorkerPool(psycopg_pool.AsyncConnectionPool):
+    async def putconn(self, conn: psycopg.AsyncConnection) -> None:
+        # The time of return is noted here, not in a `reset` callback: with one, psycopg_pool
+        # returns connections through a background task, which a close() right after drops,
+        # leaving that connection (and its server session) open for good.
+        _returned_at[conn] = time.monotonic()
+        await super().putconn(conn)
+
     async def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         # psycopg_pool's own method with our attempt object (its backoff is not a parameter).
         await super()._add_connection(attempt or _CappedBackoff(timeout=self.reconnect_timeout), growing=growing)
@@ -84,14 +91,11 @@ async def _check_when_idle(conn: psycopg.AsyncConnection) -> None:
         await psycopg_pool.AsyncConnectionPool.check_connection(conn)
 
 
-async def _note_return(conn: psycopg.AsyncConnection) -> None:
-    _returned_at[conn] = time.monotonic()
-
-
-def _pool(**kwargs: Any) -> psycopg_pool.AsyncConnectionPool:
-    return WorkerPool(**{**kwargs, "check": _check_when_idle, "reset": _note_return})
+def worker_pool(**kwargs: Any) -> psycopg_pool.AsyncConnectionPool:
+    """The pool the worker's PsycopgConnector builds (its `pool_factory`)."""
+    return WorkerPool(**{**kwargs, "check": _check_when_idle})
 
 
 def worker_connector() -> PsycopgConnector:
     """What `manage.py procrastinate worker` runs on (Procrastinate's own, but for the pool)."""
-    return PsycopgConnector(pool_factory=_pool, kwargs=utils.connector_params("default"))
+    return PsycopgConnector(pool_factory=worker_pool, kwargs=utils.connector_params("default"))

@@ -5,7 +5,13 @@
   never two jobs of one lock, highest priority first: Procrastinate's own
   `procrastinate_fetch_job_v2` rules, with `LIMIT n` instead of `LIMIT 1`.
 - Completions: a finished job is written with the next batch (one UPDATE for every job that
-  finished while the previous batch was being written), not one statement per job.
+  finished while the previous batch was being written), not one statement per job. A batch
+  only ends jobs the writing worker still holds (`doing` under its id): a worker declared dead
+  and rescued whose old run ends later drops that end (logged), the new run's stays. When an
+  ended job had a `lock`, its successor must not wait for a poll: the worker is woken once the
+  batch commits, and the statement NOTIFYs the queues where a job of that lock waits.
+- `finish_job`, called directly (Procrastinate's public API), is Procrastinate's own: written
+  before it returns, refusing a job that is not `todo`/`doing` and an end status of `todo`.
 - Both commit with `synchronous_commit = off`: losing one in a database crash means a job runs
   again (it is still `doing`, and the stalled-job rescue retries it), never that one is lost.
   Deferring, which acknowledges a user's request, keeps synchronous commit.
@@ -28,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from procrastinate import jobs as procrastinate_jobs
 from procrastinate import utils
@@ -78,18 +85,42 @@ RETURNING job.id, job.queue_name, job.task_name, job.priority, job.lock, job.que
           job.scheduled_at, job.attempts, job.status, job.abort_requested, job.worker_id
 """
 
-# procrastinate_finish_job_v1 for many jobs at once.
+# procrastinate_finish_job_v1 for many jobs at once, each only while its worker still holds it.
+# The queues where a job waits for a lock one of these held hear of it (as of a new job).
 FINISH_JOBS = f"""
 WITH commit_mode AS ({_NOT_DURABLE}),
 finished AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::procrastinate_job_status[]) AS f (id, status)
+    SELECT *
+      FROM unnest(%(ids)s::bigint[], %(statuses)s::procrastinate_job_status[], %(worker_ids)s::bigint[],
+                  %(deletes)s::boolean[]) AS f (id, status, worker_id, delete_job)
+),
+deleted AS (
+    DELETE FROM procrastinate_jobs AS job
+     USING finished
+     WHERE job.id = finished.id AND finished.delete_job
+       AND job.status = 'doing' AND job.worker_id = finished.worker_id
+    RETURNING job.id, job.lock
+),
+updated AS (
+    UPDATE procrastinate_jobs AS job
+       SET status = finished.status, abort_requested = false, attempts = job.attempts + 1
+      FROM finished, commit_mode
+     WHERE job.id = finished.id AND NOT finished.delete_job
+       AND job.status = 'doing' AND job.worker_id = finished.worker_id
+    RETURNING job.id, job.lock
+),
+ended AS (SELECT * FROM deleted UNION ALL SELECT * FROM updated),
+woken AS (
+    SELECT pg_notify(channel, '{{"type": "job_inserted"}}')
+      FROM (SELECT DISTINCT 'procrastinate_queue_v1#' || waiting.queue_name AS channel
+              FROM procrastinate_jobs AS waiting JOIN ended ON waiting.lock = ended.lock
+             WHERE waiting.status = 'todo'
+            UNION ALL
+            SELECT 'procrastinate_any_queue_v1'
+             WHERE EXISTS (SELECT 1 FROM procrastinate_jobs AS waiting JOIN ended ON waiting.lock = ended.lock
+                            WHERE waiting.status = 'todo')) AS channels
 )
-UPDATE procrastinate_jobs AS job
-   SET status = finished.status,
-       abort_requested = false,
-       attempts = CASE job.status WHEN 'doing' THEN job.attempts + 1 ELSE job.attempts END
-  FROM finished, commit_mode
- WHERE job.id = finished.id AND job.status IN ('todo', 'doing')
+SELECT id, lock FROM ended WHERE (SELECT count(*) FROM woken) >= 0
 """
 
 
@@ -115,12 +146,23 @@ SELECT jobs_retry_job_v1(
 """
 
 
+class _End(NamedTuple):
+    """A job's end waiting for its batch: written only while `worker_id` still holds the job."""
+
+    job_id: int
+    status: str
+    worker_id: int
+    lock: str | None
+    delete: bool
+
+
 class BatchingJobManager(JobManager):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._finished: list[tuple[int, str]] = []
-        self._writing: list[tuple[int, str]] = []  # the batch being written right now
+        self._finished: list[_End] = []
+        self._writing: list[_End] = []  # the batch being written right now
         self._writer: asyncio.Task | None = None
+        self._lock_listeners: list[Callable[[], None]] = []
 
     async def fetch_jobs(
         self, queues: Iterable[str] | None, worker_id: int, limit: int
@@ -136,18 +178,25 @@ class BatchingJobManager(JobManager):
         jobs = await self.fetch_jobs(queues, worker_id, limit=1)
         return jobs[0] if jobs else None
 
-    async def finish_job(self, job: procrastinate_jobs.Job, status: procrastinate_jobs.Status, delete_job: bool):
-        if delete_job:
-            await super().finish_job(job=job, status=status, delete_job=delete_job)
-            return
+    def finish_job_later(
+        self, job: procrastinate_jobs.Job, status: procrastinate_jobs.Status, *, worker_id: int, delete_job: bool
+    ) -> None:
+        """A worker's end of a job it ran, written with the next batch if `worker_id` still holds
+        the job then (BatchingWorker calls it; `finish_job` is the direct, unbatched call)."""
         assert job.id is not None
-        self._finished.append((job.id, status.value))
+        self._finished.append(_End(job.id, status.value, worker_id, job.lock, delete_job))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
 
+    def on_lock_released(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` after a batch that ended a job with a lock commits (a worker's fetch
+        loop: the successor of that lock can be claimed now). Returns the unsubscribe call."""
+        self._lock_listeners.append(listener)
+        return lambda: self._lock_listeners.remove(listener)
+
     def pending_completion_ids(self) -> list[int]:
         """Jobs that ended in this process but are still `doing` in the database until written."""
-        return [job_id for job_id, _ in self._writing + self._finished]
+        return [end.job_id for end in self._writing + self._finished]
 
     async def flush_finished(self, timeout: float = FLUSH_TIMEOUT_SECONDS) -> None:
         """Write every completion still waiting for its batch (a graceful stop calls it). Gives up
@@ -178,8 +227,12 @@ class BatchingJobManager(JobManager):
             batch, self._finished = self._finished, []
             self._writing = batch
             try:
-                await self.connector.execute_query_async(
-                    query=FINISH_JOBS, ids=[job_id for job_id, _ in batch], statuses=[s for _, s in batch]
+                rows = await self.connector.execute_query_all_async(
+                    query=FINISH_JOBS,
+                    ids=[end.job_id for end in batch],
+                    statuses=[end.status for end in batch],
+                    worker_ids=[end.worker_id for end in batch],
+                    deletes=[end.delete for end in batch],
                 )
             except Exception as exc:
                 self._writing = []
@@ -197,6 +250,22 @@ class BatchingJobManager(JobManager):
             if failures:
                 logger.warning("Wrote finished jobs after %d failed attempt(s)", failures)
                 failures = 0
+            self._after_batch(batch, rows)
+
+    def _after_batch(self, batch: list[_End], rows: list[dict]) -> None:
+        ended = {row["id"] for row in rows}
+        stale = [end for end in batch if end.job_id not in ended]
+        if stale:
+            # Its worker was declared dead meanwhile (a pause, a network cut): the job was rescued,
+            # and it belongs to another run now (or has ended), whose outcome stands.
+            logger.warning(
+                "Dropped the end of %d job(s) no longer held by this worker: %s",
+                len(stale),
+                ", ".join(f"{end.job_id} ({end.status}, worker {end.worker_id})" for end in stale),
+            )
+        if any(row["lock"] is not None for row in rows):
+            for listener in list(self._lock_listeners):
+                listener()
 
     # --- The worker's row and its jobs --------------------------------------------------------
     async def heartbeat(self, worker_id: int) -> bool:
@@ -210,6 +279,11 @@ class BatchingJobManager(JobManager):
         left them without a worker, for the stalled-job rescue to take)."""
         if job_ids:
             await self.connector.execute_query_async(query=ADOPT_JOBS, worker_id=worker_id, ids=job_ids)
+            # Their ends waiting for a batch are now this id's to write.
+            adopted = set(job_ids)
+            self._finished = [
+                end._replace(worker_id=worker_id) if end.job_id in adopted else end for end in self._finished
+            ]
 
     async def requeue_orphans(self, worker_id: int, keep: list[int]) -> tuple[list[int], dict[int, int]]:
         """Put back to `todo` the jobs the database says `worker_id` runs but it does not know of

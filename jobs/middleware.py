@@ -40,9 +40,13 @@ logger = logging.getLogger(__name__)
 
 ABORT_POLL_SECONDS = 0.2
 
+# Only while this worker still holds the job: a run that outlived its worker's rescue (the job
+# now runs elsewhere) must not leave its result on the new run (jobs/manager.py drops its end).
 _STORE_RESULT = """
 INSERT INTO jobs_job_info (job_id, result, result_expires_at)
-VALUES (%(job_id)s, %(result)s, now() + make_interval(secs => %(ttl)s))
+SELECT %(job_id)s, %(result)s, now() + make_interval(secs => %(ttl)s)
+ WHERE EXISTS (SELECT 1 FROM procrastinate_jobs
+                WHERE id = %(job_id)s AND status = 'doing' AND worker_id = %(worker_id)s)
 ON CONFLICT (job_id) DO UPDATE SET result = EXCLUDED.result, result_expires_at = EXCLUDED.result_expires_at,
                                    error = ''
 """
@@ -96,7 +100,9 @@ async def job_middleware(call_next, context: JobContext, worker) -> Any:
         raise
     if result is not None:
         ttl = options.result_ttl if options.result_ttl is not None else settings.JOBS_RESULT_TTL_SECONDS
-        await connector.execute_query_async(_STORE_RESULT, job_id=job.id, result=Jsonb(_jsonable(result)), ttl=ttl)
+        await connector.execute_query_async(
+            _STORE_RESULT, job_id=job.id, result=Jsonb(_jsonable(result)), ttl=ttl, worker_id=worker.worker_id
+        )
     elif job.attempts:
         await connector.execute_query_async(_CLEAR_ERROR, job_id=job.id)
     return result

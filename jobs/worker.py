@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 from procrastinate import job_context, types, utils
+from procrastinate import jobs as procrastinate_jobs
 from procrastinate.worker import Worker
 
 from jobs.connector import is_connection_error
@@ -66,7 +67,15 @@ class BatchingWorker(Worker):
         loop = asyncio.get_running_loop()
         threads = 2 * self.concurrency + 4
         loop.set_default_executor(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="job"))
-        await super().run()
+        manager = self.app.job_manager
+        assert isinstance(manager, BatchingJobManager)
+        # The end of a job with a lock commits after its slot is free, so the claim that followed
+        # may have found its successor still blocked: claim again once it has committed.
+        unsubscribe = manager.on_lock_released(self._new_job_event.set)
+        try:
+            await super().run()
+        finally:
+            unsubscribe()
 
     def _log_extra(self, action: str, context, job_result, **kwargs: Any) -> types.JSONDict:
         # Procrastinate builds this dict (with a copy of the whole job) for every log call of
@@ -89,6 +98,10 @@ class BatchingWorker(Worker):
                     self._job_semaphore.release()
                 break
             await asyncio.sleep(0)  # let jobs finishing right now free their slots too
+            if not self.wait:
+                # It stops at the first empty claim: that claim must see the jobs that just ended
+                # (a lock they held no longer blocks its next job).
+                await manager.flush_finished()
             slots = 1
             while slots < self.concurrency and not self._job_semaphore.locked():
                 await self._job_semaphore.acquire()  # free: returns at once
@@ -128,7 +141,13 @@ class BatchingWorker(Worker):
             if self._check_own_jobs and await self._requeue_lost_jobs():
                 continue  # some went back to the queue: claim them (or others) now
             if not jobs:
-                break  # the queue is empty for now: wait for a NOTIFY or the next poll
+                if self.wait or not self._running_jobs:
+                    break  # the queue is empty for now: wait for a NOTIFY or the next poll
+                # wait=False stops once the queue is empty, but a running job may hold a lock
+                # (or defer a job): claim again when one of them ends.
+                await utils.wait_any(
+                    asyncio.wait(list(self._running_jobs), return_when=asyncio.FIRST_COMPLETED), self._stop_event.wait()
+                )
 
     def _start(self, job) -> None:
         context = job_context.JobContext(
@@ -263,7 +282,11 @@ class BatchingWorker(Worker):
 
     async def _persist_job_status(self, **kwargs: Any) -> None:
         """Write a job's end or its retry, waiting for a lost database (up to PERSIST_RETRY_SECONDS,
-        or until the worker stops); a job whose end is never written runs again."""
+        or until the worker stops); a job whose end is never written runs again. An end goes to
+        the next batch of completions, written only if this worker still holds the job then."""
+        if kwargs["retry_decision"] is None:
+            self._finish_later(kwargs["job"], kwargs["status"])
+            return
         backoff = _Backoff()
         deadline = time.monotonic() + PERSIST_RETRY_SECONDS
         while True:
@@ -275,6 +298,18 @@ class BatchingWorker(Worker):
                     raise
                 self._database_lost("recording the end of a job", exc)
             await asyncio.sleep(backoff.next_delay())
+
+    def _finish_later(self, job: procrastinate_jobs.Job, status: procrastinate_jobs.Status) -> None:
+        manager = self.app.job_manager
+        assert isinstance(manager, BatchingJobManager) and job.id is not None and self.worker_id is not None
+        delete_job = {
+            procrastinate_jobs.DeleteJobCondition.ALWAYS: True,
+            procrastinate_jobs.DeleteJobCondition.NEVER: False,
+            procrastinate_jobs.DeleteJobCondition.SUCCESSFUL: status == procrastinate_jobs.Status.SUCCEEDED,
+        }[self.delete_jobs]
+        # Its current id, not the job's: a worker that registered again took its jobs along.
+        manager.finish_job_later(job, status, worker_id=self.worker_id, delete_job=delete_job)
+        self._job_ids_to_abort.pop(job.id, None)
 
 
 def _is_missing_worker_row(exc: BaseException) -> bool:

@@ -148,3 +148,14 @@ async def long_async(context: JobContext, *, seconds: float) -> str:
     await job_progress_async(context, processed=0, stage="async")
     await asyncio.sleep(seconds)
     return "ran to the end"
+
+
+@job_task(name="tests.run_per_attempt", queue=QUEUE_A, pass_context=True)
+def run_per_attempt(context: JobContext, *, dir_path: str) -> dict:
+    """Says which run it is (its attempt number), in a file as it starts and in its result, and
+    waits for `release-<run>` before it ends: a test lets each run end when it wants."""
+    run = context.job.attempts
+    Path(dir_path, f"started-{run}").write_text(str(context.worker_name))
+    wait_for_file(str(Path(dir_path, f"release-{run}")), timeout=120)
+    Path(dir_path, f"finished-{run}").write_text("")
+    return {"run": run}

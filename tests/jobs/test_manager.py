@@ -1,0 +1,72 @@
+"""The job manager's public calls behave as Procrastinate documents them (jobs/manager.py): a
+direct `finish_job` is written before it returns and refuses what Procrastinate refuses. The
+worker's own ends go through batches instead (tests/jobs/test_stale_worker.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from procrastinate import exceptions
+from procrastinate.contrib.django import app
+from procrastinate.jobs import Status
+
+from jobs import services
+from tests.jobs import tasks_for_tests as tasks
+from tests.jobs.workers import job_attempts, job_status
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _with_claimed_job(action):
+    """Claim the one waiting job as a registered worker, then `await action(manager, job)`."""
+
+    async def run():
+        with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
+            async with worker_app.open_async():
+                manager = worker_app.job_manager
+                worker_id = await manager.register_worker()
+                job = await manager.fetch_job(queues=None, worker_id=worker_id)
+                assert job is not None
+                return await action(manager, job)
+
+    return asyncio.run(run())
+
+
+def test_a_direct_finish_job_is_written_before_it_returns():
+    job_id = services.job_defer(tasks.echo, value=1)
+
+    async def finish(manager, job):
+        await manager.finish_job(job=job, status=Status.SUCCEEDED, delete_job=False)
+        # Read on another connection, before this event loop runs anything else.
+        return await asyncio.to_thread(job_status, job_id)
+
+    assert _with_claimed_job(finish) == "succeeded"
+    assert job_attempts(job_id) == 1
+
+
+@pytest.mark.parametrize("delete_job", [False, True])
+def test_a_direct_finish_job_refuses_a_job_that_has_ended(delete_job):
+    job_id = services.job_defer(tasks.echo, value=1)
+
+    async def finish_twice(manager, job):
+        await manager.finish_job(job=job, status=Status.FAILED, delete_job=False)
+        with pytest.raises(exceptions.ConnectorException) as raised:
+            await manager.finish_job(job=job, status=Status.FAILED, delete_job=delete_job)
+        return str(raised.value.__cause__)
+
+    assert 'not in "doing" or "todo" status' in _with_claimed_job(finish_twice)
+    assert job_status(job_id) == "failed"
+
+
+@pytest.mark.parametrize("delete_job", [False, True])
+def test_a_direct_finish_job_refuses_todo_as_an_end(delete_job):
+    job_id = services.job_defer(tasks.echo, value=1)
+
+    async def finish_as_todo(manager, job):
+        with pytest.raises(exceptions.ConnectorException) as raised:
+            await manager.finish_job(job=job, status=Status.TODO, delete_job=delete_job)
+        return str(raised.value.__cause__)
+
+    assert 'End status should be either "succeeded", "failed" or "aborted"' in _with_claimed_job(finish_as_todo)
+    assert job_status(job_id) == "doing"

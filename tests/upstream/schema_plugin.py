@@ -1,0 +1,38 @@
+"""pytest plugin for the upstream suite: the template database Procrastinate's conftest builds
+(fixture `setup_db`) also gets our engine's schema (the `jobs` app's migrations: paused queues,
+job info, statement-level triggers, the claim's helper function), as `manage.py migrate` gives
+a real deployment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+MIGRATE = """
+import django
+from django.conf import settings
+settings.configure(
+    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "NAME": sys.argv[1]}},
+    INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "procrastinate.contrib.django", "jobs"],
+    USE_TZ=True,
+    PROCRASTINATE_AUTODISCOVER_MODULE_NAME="no_tasks_module",  # jobs/tasks.py needs our settings
+)
+django.setup()
+from django.core.management import call_command
+call_command("migrate", "procrastinate", fake=True, verbosity=0)  # the schema is already there
+call_command("migrate", "jobs", verbosity=0)
+"""
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    result = yield
+    if fixturedef.argname == "setup_db":
+        repo = os.environ["SECONDBRAIN_ENGINE_REPO"]
+        env = {**os.environ, "PYTHONPATH": repo}
+        env.pop("SECONDBRAIN_ENGINE_REPO")  # plain Django here: its `jobs` app from the repo
+        subprocess.run([sys.executable, "-c", "import sys\n" + MIGRATE, result], env=env, check=True)
+    return result

@@ -1,0 +1,50 @@
+"""Puts our job engine (jobs/manager.py, jobs/worker.py, jobs/connector.py) in place of
+Procrastinate's job manager, worker and psycopg pool, for Procrastinate's own test suite.
+
+The repository is not put on sys.path: its `tests` package would hide Procrastinate's. Only its
+`jobs` package is loaded, from SECONDBRAIN_ENGINE_REPO.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+
+def _load_jobs_package(repo: Path) -> None:
+    if "jobs" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "jobs", repo / "jobs" / "__init__.py", submodule_search_locations=[str(repo / "jobs")]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["jobs"] = module
+    spec.loader.exec_module(module)
+
+
+def install() -> None:
+    _load_jobs_package(Path(os.environ["SECONDBRAIN_ENGINE_REPO"]))
+
+    import procrastinate.manager
+    import procrastinate.worker
+    from procrastinate import psycopg_connector
+
+    from jobs import connector
+    from jobs.manager import BatchingJobManager
+    from jobs.worker import BatchingWorker
+
+    # App() and the tests build them through these module attributes.
+    procrastinate.manager.JobManager = BatchingJobManager
+    procrastinate.worker.Worker = BatchingWorker
+
+    # (Named `_pool` before it was public: lets the suite compare with older engines.)
+    worker_pool = getattr(connector, "worker_pool", None) or getattr(connector, "_pool")  # noqa: B009
+    original_init = psycopg_connector.PsycopgConnector.__init__
+
+    def init(self, *args, pool_factory=None, **kwargs):
+        original_init(self, *args, pool_factory=pool_factory or worker_pool, **kwargs)
+
+    psycopg_connector.PsycopgConnector.__init__ = init
