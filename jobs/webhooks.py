@@ -128,7 +128,7 @@ def _parse_address(text: str) -> _IPAddress:
     return address
 
 
-def webhook_addresses(target: CallbackTarget, *, timeout: float | None = None) -> list[_IPAddress]:
+def webhook_addresses(target: CallbackTarget, *, timeout: float) -> list[_IPAddress]:
     """The addresses to connect to for `target`, every one of them allowed.
 
     Raises CallbackRefused if any is not (a name with one private address among public ones is
@@ -150,11 +150,9 @@ def webhook_addresses(target: CallbackTarget, *, timeout: float | None = None) -
     return addresses
 
 
-def _resolve(host: str, timeout: float | None) -> list[str]:
+def _resolve(host: str, timeout: float) -> list[str]:
     """`webhook_resolve(host)`, given up after `timeout` (getaddrinfo has no timeout of its own;
     the lookup thread is left to finish on its own)."""
-    if timeout is None:
-        return webhook_resolve(host)
     outcome: dict[str, object] = {}
 
     def lookup() -> None:
@@ -166,8 +164,11 @@ def _resolve(host: str, timeout: float | None) -> list[str]:
     thread = threading.Thread(target=lookup, name="webhook-resolve", daemon=True)
     thread.start()
     thread.join(max(timeout, 0))
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
+    error = outcome.get("error")
+    if isinstance(error, UnicodeError | ValueError):  # no IDNA form (a label over 63 characters), a NUL
+        raise CallbackRefused("Its host is not a valid host name.") from error
+    if error is not None:
+        raise error  # type: ignore[misc]
     if "addresses" not in outcome:
         raise TimeoutError(f"resolving {host} passed the delivery deadline")
     return outcome["addresses"]  # type: ignore[return-value]

@@ -404,6 +404,7 @@ def test_a_host_removed_from_the_allow_list_is_not_called_at_delivery(receiver, 
         ("https://h.example.test:99999/", "port"),
         ("https://h.example.test:8443/", "port"),
         ("https://h.example.test:0/", "port"),
+        ("https://" + "a" * 64 + ".example.test/", "not a valid host name"),  # no IDNA form: not a 500
     ],
 )
 def test_a_url_outside_the_rules_is_refused_at_defer_time(receiver, url, reason):
