@@ -191,8 +191,12 @@ class _CachedScrape:
                 self._taken_at = time.monotonic()
             return self._text
 
+    def clear(self) -> None:
+        with self._lock:
+            self._taken_at = float("-inf")
 
-_SCRAPE = _CachedScrape()
+
+SCRAPES = _CachedScrape()
 
 
 def _refusal(request: HttpRequest) -> HttpResponse | None:
@@ -216,5 +220,5 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     refusal = _refusal(request)
     if refusal is not None:
         return refusal
-    body = _SCRAPE.text(max_age_seconds=settings.METRICS_CACHE_SECONDS)
+    body = SCRAPES.text(max_age_seconds=settings.METRICS_CACHE_SECONDS)
     return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

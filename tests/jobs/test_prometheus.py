@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jobs.breaker import breaker_record_failure
 from jobs.models import CircuitBreaker, PausedQueue
-from jobs.prometheus import SecondbrainCollector
+from jobs.prometheus import SCRAPES, SecondbrainCollector
 from llm.models import LlmUsage
 from notifications.models import DeliveryLog, NotificationJob
 from notifications.services import EMAIL_BREAKER
@@ -26,6 +26,7 @@ def _public_uncached_metrics(settings) -> None:
     """These tests read the numbers: no token, and every scrape collects afresh."""
     settings.METRICS_PUBLIC = True
     settings.METRICS_CACHE_SECONDS = 0
+    SCRAPES.clear()  # no collection of an earlier test is served
 
 
 def scrape(client, **headers) -> dict[tuple[str, frozenset], float]:
