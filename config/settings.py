@@ -396,7 +396,13 @@ JOBS_STREAM_MAX_SECONDS = env.float("JOBS_STREAM_MAX_SECONDS", default=3600.0)
 JOBS_STREAM_MAX_PER_USER = env.int("JOBS_STREAM_MAX_PER_USER", default=10)
 JOBS_STREAM_MAX_PER_PROCESS = env.int("JOBS_STREAM_MAX_PER_PROCESS", default=1000)
 # GET /metrics (Prometheus): when set, scrapers must send "Authorization: Bearer <token>".
+# Without a token /metrics answers 403 unless DEBUG is on or METRICS_PUBLIC says so: the
+# numbers (users' volumes, spend, workers) are not for anyone who finds the URL.
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+METRICS_PUBLIC = env.bool("METRICS_PUBLIC", default=False)
+# One collection per web process serves every scrape within this many seconds (0: none kept),
+# so parallel or frequent scrapes cost the database one set of aggregates.
+METRICS_CACHE_SECONDS = env.float("METRICS_CACHE_SECONDS", default=5.0)
 
 # --- Bulk note import ------------------------------------------------------------------------
 IMPORTS_MAX_UPLOAD_BYTES = env.int("IMPORTS_MAX_UPLOAD_BYTES", default=50 * 1024 * 1024)

@@ -6,12 +6,15 @@ all web processes report the same numbers and nothing is kept in process memory.
 histogram covers the runs that ended in the last JOB_DURATION_WINDOW_SECONDS, so it can go down
 as runs leave the window (use it for quantiles, not rate()).
 
-With settings.METRICS_TOKEN set, a scrape needs `Authorization: Bearer <token>`.
+With settings.METRICS_TOKEN set, a scrape needs `Authorization: Bearer <token>`; without one
+it is refused (403) unless DEBUG or METRICS_PUBLIC is on. One collection per process serves
+every scrape within METRICS_CACHE_SECONDS: fifty scrapers at once cost one set of aggregates.
 """
 
 from __future__ import annotations
 
-import hmac
+import threading
+import time
 from collections.abc import Iterator
 
 from django.conf import settings
@@ -29,6 +32,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from core.operators import metrics_token_given
 from jobs import queues, selectors
 from jobs.models import CircuitBreaker, PausedQueue
 from llm.models import LlmUsage
@@ -171,18 +175,50 @@ REGISTRY = CollectorRegistry(auto_describe=False)
 REGISTRY.register(SecondbrainCollector())
 
 
-def _authorized(request: HttpRequest) -> bool:
-    token = settings.METRICS_TOKEN
-    if not token:
-        return True
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+class _CachedScrape:
+    """The last collection's text and when it was taken. The lock makes concurrent scrapes
+    wait for the collection in progress instead of each running its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken_at = float("-inf")
+        self._text = b""
+
+    def text(self, *, max_age_seconds: float) -> bytes:
+        with self._lock:
+            if time.monotonic() - self._taken_at >= max_age_seconds:
+                self._text = generate_latest(REGISTRY)
+                self._taken_at = time.monotonic()
+            return self._text
+
+    def clear(self) -> None:
+        with self._lock:
+            self._taken_at = float("-inf")
+
+
+SCRAPES = _CachedScrape()
+
+
+def _refusal(request: HttpRequest) -> HttpResponse | None:
+    if settings.METRICS_TOKEN:
+        if metrics_token_given(request):
+            return None
+        response = HttpResponse("A valid bearer token is required.\n", status=401, content_type="text/plain")
+        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
+    if settings.DEBUG or settings.METRICS_PUBLIC:
+        return None
+    return HttpResponse(
+        "Metrics are not public: set METRICS_TOKEN (and send it as a bearer token), or METRICS_PUBLIC=true.\n",
+        status=403,
+        content_type="text/plain",
+    )
 
 
 @require_safe
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    if not _authorized(request):
-        response = HttpResponse("A valid bearer token is required.\n", status=401, content_type="text/plain")
-        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
-        return response
-    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    refusal = _refusal(request)
+    if refusal is not None:
+        return refusal
+    body = SCRAPES.text(max_age_seconds=settings.METRICS_CACHE_SECONDS)
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

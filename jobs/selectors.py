@@ -28,6 +28,18 @@ def job_counts_by_queue() -> dict[str, dict[str, int]]:
     return dict(counts)
 
 
+def live_worker_exists(*, stalled_after_seconds: float) -> bool:
+    """Whether any worker's heartbeat is recent: one probe of the heartbeat index, whatever
+    the number of workers or jobs (the anonymous health check)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT EXISTS (SELECT FROM procrastinate_workers"
+            " WHERE last_heartbeat >= now() - make_interval(secs => %s))",
+            [stalled_after_seconds],
+        )
+        return cursor.fetchone()[0]
+
+
 def live_workers(*, stalled_after_seconds: float) -> list[dict]:
     """Workers whose last heartbeat is recent enough to count them alive, and how many jobs
     each is running."""

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import threading
 from decimal import Decimal
 
 import pytest
 from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs.breaker import breaker_record_failure
 from jobs.models import CircuitBreaker, PausedQueue
+from jobs.prometheus import SCRAPES, SecondbrainCollector
 from llm.models import LlmUsage
 from notifications.models import DeliveryLog, NotificationJob
 from notifications.services import EMAIL_BREAKER
@@ -15,6 +19,14 @@ from tests.factories import make_recipient, make_user
 from tests.jobs.test_dashboard import make_job
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _public_uncached_metrics(settings) -> None:
+    """These tests read the numbers: no token, and every scrape collects afresh."""
+    settings.METRICS_PUBLIC = True
+    settings.METRICS_CACHE_SECONDS = 0
+    SCRAPES.clear()  # no collection of an earlier test is served
 
 
 def scrape(client, **headers) -> dict[tuple[str, frozenset], float]:
@@ -151,3 +163,60 @@ def test_the_token_is_required_when_set(client, settings):
 def test_only_get_and_head(client):
     assert client.head("/metrics").status_code == 200
     assert client.post("/metrics").status_code == 405
+
+
+def test_without_a_token_metrics_are_refused_unless_debug_or_public(client, settings):
+    settings.DEBUG = False
+    settings.METRICS_TOKEN = ""
+    settings.METRICS_PUBLIC = False
+    response = client.get("/metrics")
+    assert response.status_code == 403
+    assert b"METRICS_TOKEN" in response.content
+    settings.METRICS_PUBLIC = True
+    assert client.get("/metrics").status_code == 200
+    settings.METRICS_PUBLIC = False
+    settings.DEBUG = True
+    assert client.get("/metrics").status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_fifty_parallel_scrapes_collect_once(settings):
+    settings.METRICS_CACHE_SECONDS = 30
+    owner = make_user("scraped")
+    notification = NotificationJob.objects.create(owner=owner, recipient=make_recipient(owner), status="sent")
+    DeliveryLog.objects.bulk_create(
+        [DeliveryLog(notification=notification, attempt=i, outcome="sent") for i in range(1, 1001)]
+    )
+    with CaptureQueriesContext(connection) as one_collection:
+        collected = SecondbrainCollector()
+        assert list(collected.collect())
+    lock = threading.Lock()
+    queries: list[str] = []
+    bodies: list[bytes] = []
+    start = threading.Barrier(50)
+
+    def count(execute, sql, params, many, context):
+        with lock:
+            queries.append(sql)
+        return execute(sql, params, many, context)
+
+    def scrape_once() -> None:
+        try:
+            start.wait(timeout=30)
+            with connection.execute_wrapper(count):
+                response = Client().get("/metrics")
+            assert response.status_code == 200
+            with lock:
+                bodies.append(response.content)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=scrape_once) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert len(bodies) == 50 and len(set(bodies)) == 1
+    assert b'secondbrain_email_deliveries_total{outcome="sent"} 1000.0' in bodies[0]
+    assert len(queries) == len(one_collection), f"{len(queries)} queries for 50 scrapes"

@@ -4,11 +4,10 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from notifications import services
 from notifications.models import DeliveryLog, NotificationJob
-from tests.conftest import jobs
+from tests.conftest import client_for, jobs
 from tests.factories import make_recipient, make_user
 
 pytestmark = pytest.mark.django_db
@@ -103,8 +102,6 @@ def test_admin_retry_and_cancel_need_the_job_permissions():
 
 
 def test_bulk_send_costs_the_same_queries_for_ten_or_two_thousand_recipients(django_assert_max_num_queries, user):
-    from tests.conftest import client_for
-
     api = client_for(user)
     few = [make_recipient(user, email=f"a{i}@example.com").id for i in range(10)]
     many = [r.id for r in _bulk_recipients(user, 2000)]
@@ -139,7 +136,7 @@ def test_health_warns_on_failure_rate_and_backlog(settings):
     NotificationJob.objects.filter(id=sent[2].id).update(status="sent", processed_at=timezone.now())
     for _ in range(3):
         _send(owner, recipient)
-    body = APIClient().get("/api/health/").json()
+    body = client_for(make_user("olga", is_staff=True)).get("/api/health/").json()
     assert body["notifications"]["failure_rate_15m"] == pytest.approx(0.6667, abs=1e-3)
     assert body["notifications"]["backlog"] == 3
     assert any("failure rate" in w for w in body["warnings"])
