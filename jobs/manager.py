@@ -15,6 +15,9 @@
 - Both commit with `synchronous_commit = off`: losing one in a database crash means a job runs
   again (it is still `doing`, and the stalled-job rescue retries it), never that one is lost.
   Deferring, which acknowledges a user's request, keeps synchronous commit.
+- Retries: a job going back to `todo` while a newer job of its queueing lock waits there is
+  superseded by it (ends `cancelled` with the reason) instead of failing on the unique index
+  and staying `doing` (migration 0005, README "Queueing locks and retries").
 
 A completion still waiting for its batch when the worker process dies leaves its job `doing`:
 it runs again, as after any crash. A graceful stop writes the batch before unregistering.

@@ -8,6 +8,7 @@ stopped, the worker crashed, the API answered 500. Here each path runs with real
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,10 +18,11 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from procrastinate.contrib.django import app
 
 from jobs import queues
 from jobs.models import JobInfo
-from jobs.services import job_defer
+from jobs.services import job_defer, jobs_retry_stalled
 from jobs.tasks import retry_stalled_jobs
 from notes import services as note_services
 from notes.models import Note
@@ -95,6 +97,22 @@ def test_the_rescue_supersedes_a_job_whose_queueing_lock_has_a_job_waiting_and_r
     assert job_status(superseded) == "cancelled"
     assert f"Superseded by job {waiting}" in _info_error(superseded)
     assert job_status(waiting) == "todo"
+
+
+def test_the_rescue_reports_each_job_as_retried_or_superseded():
+    superseded = echo.configure(queueing_lock="report:8").defer(value="old")
+    free = echo.defer(value="free")
+    for job_id in (superseded, free):
+        query("UPDATE procrastinate_jobs SET status = 'doing', worker_id = NULL WHERE id = %s", [job_id])
+    waiting = echo.configure(queueing_lock="report:8").defer(value="new")
+
+    async def rescue() -> dict[str, list]:
+        with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
+            async with worker_app.open_async():
+                return await jobs_retry_stalled(job_manager=worker_app.job_manager, seconds_since_heartbeat=30)
+
+    report = asyncio.run(rescue())
+    assert report == {"retried": [free], "superseded": [{"job_id": superseded, "by_job_id": waiting}], "skipped": []}
 
 
 # --- Re-queueing after an outage ------------------------------------------------------------
