@@ -118,11 +118,6 @@ def _is_permanent(exc: BaseException) -> bool:
     return code is not None and 500 <= code < 600
 
 
-def commit_point_passed() -> bool:
-    """Whether this thread's last send ran its commit point (the row may say `sent`)."""
-    return bool(getattr(_state, "commit_point_passed", False))
-
-
 def dot_sent() -> bool:
     """Whether this thread's last send wrote the final dot (the server then keeps the message)."""
     return bool(getattr(_state, "committed", False))

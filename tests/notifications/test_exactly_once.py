@@ -152,10 +152,10 @@ def test_a_connection_reset_before_the_final_dot_leaves_the_worker_able_to_send(
                 timeout=40,
                 what="the worker to claim the notification",
             )
-            smtp.rcpt_delay = 0.0
             # Hold the row: the worker has written the whole message and waits at its commit point.
             blocker.execute("SELECT 1 FROM notification_jobs WHERE id = %s FOR UPDATE", [first.id])
             wait_for(lambda: _backend_waiting_on_a_lock(blocker), what="the worker to reach its commit point")
+            smtp.rcpt_delay = 0.0
             assert smtp.drop_connections() == 1
             blocker.rollback()  # the commit point goes on: COMMIT, then a dot into a reset socket
         second = _send(owner, make_recipient(owner, email="second@example.com"), subject="Second")
