@@ -166,6 +166,7 @@ class BatchingJobManager(JobManager):
         self._writing: list[_End] = []  # the batch being written right now
         self._writer: asyncio.Task | None = None
         self._lock_listeners: list[Callable[[], None]] = []
+        self._adopted: dict[int, int] = {}  # job id -> the worker id that took it back
 
     async def fetch_jobs(
         self, queues: Iterable[str] | None, worker_id: int, limit: int
@@ -234,7 +235,7 @@ class BatchingJobManager(JobManager):
                     query=FINISH_JOBS,
                     ids=[end.job_id for end in batch],
                     statuses=[end.status for end in batch],
-                    worker_ids=[end.worker_id for end in batch],
+                    worker_ids=[self._adopted.get(end.job_id, end.worker_id) for end in batch],
                     deletes=[end.delete for end in batch],
                 )
             except Exception as exc:
@@ -250,6 +251,8 @@ class BatchingJobManager(JobManager):
                 await asyncio.sleep(min(WRITE_RETRY_MAX_DELAY, 0.05 * 2**failures))
                 continue
             self._writing = []
+            for end in batch:
+                self._adopted.pop(end.job_id, None)
             if failures:
                 logger.warning("Wrote finished jobs after %d failed attempt(s)", failures)
                 failures = 0
@@ -282,11 +285,8 @@ class BatchingJobManager(JobManager):
         left them without a worker, for the stalled-job rescue to take)."""
         if job_ids:
             await self.connector.execute_query_async(query=ADOPT_JOBS, worker_id=worker_id, ids=job_ids)
-            # Their ends waiting for a batch are now this id's to write.
-            adopted = set(job_ids)
-            self._finished = [
-                end._replace(worker_id=worker_id) if end.job_id in adopted else end for end in self._finished
-            ]
+            # Their ends waiting for a batch (or being written, or retried) are this id's now.
+            self._adopted.update(dict.fromkeys(job_ids, worker_id))
 
     async def requeue_orphans(self, worker_id: int, keep: list[int]) -> tuple[list[int], dict[int, int]]:
         """Put back to `todo` the jobs the database says `worker_id` runs but it does not know of

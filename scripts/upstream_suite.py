@@ -52,6 +52,9 @@ def main(argv: list[str]) -> int:
         "PGHOST": "127.0.0.1",
         "PGPORT": port,
         "PGUSER": "postgres",
+        # The acceptance tests run `procrastinate ...`: the virtualenv's own (not resolved: a
+        # virtualenv's python is a link to the base interpreter).
+        "PATH": os.pathsep.join([str(Path(options.python).parent), os.environ.get("PATH", "")]),
         "PYTHONPATH": os.pathsep.join([str(BASE_DIR / "tests" / "upstream"), str(SCRATCH)]),
     }
     plugins = []
