@@ -59,3 +59,16 @@ def event_times(job_id: int, event_type: str) -> list[datetime]:
         "SELECT at FROM procrastinate_events WHERE job_id = %s AND type = %s ORDER BY id", [job_id, event_type]
     )
     return [row[0] for row in rows]
+
+
+def retry_delay(job_id: int) -> float:
+    """Seconds between a job's last retry decision and the time it was put back for: measured
+    on the database's clock from the `deferred_for_retry` event, so a slow machine between the
+    decision and this read does not shorten it."""
+    return query(
+        "SELECT extract(epoch FROM job.scheduled_at - event.at)::float FROM procrastinate_jobs AS job"
+        " CROSS JOIN LATERAL (SELECT at FROM procrastinate_events WHERE job_id = job.id"
+        "                      AND type = 'deferred_for_retry' ORDER BY id DESC LIMIT 1) AS event"
+        " WHERE job.id = %s",
+        [job_id],
+    )[0][0]

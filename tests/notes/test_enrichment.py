@@ -19,6 +19,7 @@ from tests.complexity import assert_linear_on_hostile_text
 from tests.conftest import jobs as all_jobs
 from tests.conftest import run_worker
 from tests.factories import make_user
+from tests.jobs.workers import retry_delay
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -144,7 +145,8 @@ def test_transient_errors_are_retried_with_exponential_backoff(owner, claude, st
         run_worker()
         assert Note.objects.get(id=note.id).enrichment_status == "pending"
         assert jobs()[0]["status"] == "todo"
-        delays.append(_fast_forward(job["id"]).total_seconds())
+        delays.append(retry_delay(job["id"]))
+        _fast_forward(job["id"])
     run_worker()
 
     assert [round(d) for d in delays] == [2, 4, 8]
