@@ -31,12 +31,14 @@ def owner(transactional_db):
 
 
 def _fast_forward(job_id: int) -> timedelta:
-    """Make a job scheduled for later runnable now; return how far ahead it was scheduled."""
+    """Make a job scheduled for later runnable now; return how far ahead of its retry it was
+    scheduled (from the retry's event, not from now: the worker may have run other jobs since)."""
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE procrastinate_jobs SET scheduled_at = now() WHERE id = %s"
-            " RETURNING (SELECT scheduled_at FROM procrastinate_jobs WHERE id = %s) - now()",
-            [job_id, job_id],
+            " RETURNING (SELECT scheduled_at FROM procrastinate_jobs WHERE id = %s)"
+            " - (SELECT max(at) FROM procrastinate_events WHERE job_id = %s AND type = 'deferred_for_retry')",
+            [job_id, job_id, job_id],
         )
         return cursor.fetchone()[0]
 
