@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
 from core.models import IdempotencyKey
 
@@ -77,9 +79,21 @@ DELETE FROM core_quota_counters WHERE id IN (
 """
 
 
+# The purges of the domain apps, run by core.purge_expired: each app registers its own in its
+# AppConfig.ready(), by dotted path (imported when the purge runs), so core imports none of them
+# and one periodic job does every purge.
+_APP_PURGES: dict[str, str] = {}
+
+
+def purge_register(name: str, purge_path: str) -> None:
+    """Run the function at `purge_path` (batched, returning {what: rows}) with every
+    core.purge_expired."""
+    _APP_PURGES[name] = purge_path
+
+
 def expired_rows_purge(*, batch_size: int = 1000, max_batches: int = 1000) -> dict[str, int]:
-    """Delete expired idempotency keys, expired database-cache rows (old throttle counters) and
-    the quota counters of past days.
+    """Delete expired idempotency keys, expired database-cache rows (old throttle counters), the
+    quota counters of past days, and whatever the apps registered (purge_register).
 
     Expired keys are already ignored when looked up; this only keeps the tables small. Runs
     periodically as `core.purge_expired` (JOBS_RETENTION_CRON)."""
@@ -98,6 +112,16 @@ def expired_rows_purge(*, batch_size: int = 1000, max_batches: int = 1000) -> di
                 if cursor.rowcount < batch_size:
                     break
             deleted[name] = total
+    failed: list[Exception] = []
+    for app_name, purge_path in _APP_PURGES.items():
+        try:
+            purge: Callable[[], dict[str, int]] = import_string(purge_path)
+            deleted.update({f"{app_name}.{what}": count for what, count in purge().items()})
+        except Exception as exc:  # one app's failure does not keep the others' rows
+            logger.exception("The purge of %s failed", app_name)
+            failed.append(exc)
     if any(deleted.values()):
         logger.info("Purged expired rows: %s", deleted)
+    if failed:
+        raise failed[0]
     return deleted

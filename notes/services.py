@@ -330,9 +330,9 @@ UPDATE notes_import SET data = ''::bytea, file_deleted_at = now() WHERE id IN (
 """
 
 
-def note_import_files_purge(*, batch_size: int | None = None, max_batches: int = 1000) -> int:
+def note_import_files_purge(*, batch_size: int | None = None, max_batches: int = 1000) -> dict[str, int]:
     """Delete the stored files of imports that ended (done or failed) more than
-    IMPORTS_FILE_RETENTION_HOURS ago. Returns how many. Runs as `notes.purge_import_files`."""
+    IMPORTS_FILE_RETENTION_HOURS ago. Run by the periodic core.purge_expired (notes/apps.py)."""
     batch = batch_size or settings.JOBS_RETENTION_BATCH_SIZE
     params = {"seconds": settings.IMPORTS_FILE_RETENTION_HOURS * 3600, "batch": batch}
     total = 0
@@ -345,7 +345,7 @@ def note_import_files_purge(*, batch_size: int | None = None, max_batches: int =
                 break
     if total:
         logger.info("Deleted the stored files of %s finished imports", total)
-    return total
+    return {"import_files": total}
 
 
 def _import_progress(note_import: NoteImport) -> ImportProgress:

@@ -2,9 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.conf import settings
 from procrastinate import JobContext
-from procrastinate.contrib.django import app
 
 from jobs import queues
 from jobs.progress import job_progress
@@ -58,11 +56,3 @@ def note_import(context: JobContext, *, import_id: int) -> dict[str, Any]:
         "duplicates": note_import.duplicates,
         "skipped": note_import.skipped,
     }
-
-
-# On the purge schedule of jobs and core (JOBS_RETENTION_CRON), registered here so that `jobs`
-# never imports this app.
-@app.periodic(cron=settings.JOBS_RETENTION_CRON, periodic_id="purge-import-files")
-@job_task(name="notes.purge_import_files", queue=queues.MAINTENANCE, queueing_lock="notes.purge_import_files")
-def note_import_files_purge(timestamp: int | None = None) -> int:
-    return services.note_import_files_purge()

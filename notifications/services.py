@@ -555,7 +555,7 @@ def notification_attempt_failed(*, notification_id: int, error: str, final: bool
     )
 
 
-# --- Retention (the periodic notifications.purge task) --------------------------------------
+# --- Retention (run by the periodic core.purge_expired, see notifications/apps.py) ----------
 # Batches in their own short transactions, skipping rows someone holds (as jobs_purge does). The
 # FK from the logs is deferred, so a batch deletes its notifications' logs in the same statement.
 # `created_at` bounds the scan (indexed; a notification is processed after it was created).

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-from django.conf import settings
 from procrastinate import JobContext
-from procrastinate.contrib.django import app
 
 from core.errors import ProviderError
 from jobs import queues
@@ -27,11 +25,3 @@ def notification_deliver(context: JobContext, *, notification_id: int) -> str:
             notification_id=notification_id, error=exc.detail, final=not will_retry(context, exc)
         )
         raise
-
-
-# On the purge schedule of jobs and core (JOBS_RETENTION_CRON), registered here so that `jobs`
-# never imports this app.
-@app.periodic(cron=settings.JOBS_RETENTION_CRON, periodic_id="purge-notifications")
-@job_task(name="notifications.purge", queue=queues.MAINTENANCE, queueing_lock="notifications.purge")
-def notifications_purge(timestamp: int | None = None) -> dict[str, int]:
-    return services.notifications_purge()

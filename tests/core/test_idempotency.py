@@ -286,12 +286,13 @@ def test_the_purge_deletes_expired_keys_and_cache_rows_only(user, api):
             "INSERT INTO core_cache (cache_key, value, expires) VALUES"
             " ('gone', 'x', now() - interval '1 minute'), ('live', 'x', now() + interval '1 minute')"
         )
-    assert expired_rows_purge(batch_size=1) == {"idempotency_keys": 2, "cache": 1}
+    deleted = expired_rows_purge(batch_size=1)
+    assert (deleted["idempotency_keys"], deleted["cache"]) == (2, 1)
     assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["c"]
     with connection.cursor() as cursor:
         cursor.execute("SELECT cache_key FROM core_cache WHERE cache_key IN ('gone', 'live')")
         assert cursor.fetchall() == [("live",)]
-    assert expired_rows_purge() == {"idempotency_keys": 0, "cache": 0}
+    assert not any(expired_rows_purge().values())
 
 
 @pytest.mark.django_db

@@ -34,12 +34,12 @@ def _ended_hours_ago(import_id: int, hours: float) -> None:
 
 
 def _purge_with_a_real_worker() -> None:
-    from notes.tasks import note_import_files_purge
+    from core.tasks import purge_expired_rows
 
     with contextlib.suppress(AlreadyEnqueued):  # a worker that ran before deferred the periodic run
-        note_import_files_purge.defer()
+        purge_expired_rows.defer()
     run_worker(queues=["maintenance"])
-    statuses = [j["status"] for j in jobs("notes.purge_import_files")]
+    statuses = [j["status"] for j in jobs("core.purge_expired")]
     assert statuses and set(statuses) == {"succeeded"}
 
 

@@ -1,6 +1,7 @@
-"""Retention of notification jobs and delivery logs: the periodic `notifications.purge` task,
-run by a real worker, deletes finished notifications and old delivery logs past their age, in
-batches, and never a notification that is still waiting or being delivered."""
+"""Retention of notification jobs and delivery logs: the periodic `core.purge_expired` task, run
+by a real worker, runs the purge the notifications app registered. It deletes finished
+notifications and old delivery logs past their age, in batches, and never a notification that
+is still waiting or being delivered."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from datetime import timedelta
 
 import pytest
 from django.utils import timezone
-from procrastinate.contrib.django import app
 from procrastinate.exceptions import AlreadyEnqueued
 
 from notifications.models import DeliveryLog, NotificationJob
@@ -38,13 +38,13 @@ def _log(notification: NotificationJob, *, age_days: float) -> DeliveryLog:
 
 
 def _purge_with_a_real_worker() -> None:
-    from notifications.tasks import notifications_purge
+    from core.tasks import purge_expired_rows
 
     with contextlib.suppress(AlreadyEnqueued):  # a worker that ran before deferred the periodic run
-        notifications_purge.defer()
+        purge_expired_rows.defer()
     run_worker(queues=["maintenance"])
     # The worker may also have deferred the periodic run that was due: each ran to the end.
-    statuses = [j["status"] for j in jobs("notifications.purge")]
+    statuses = [j["status"] for j in jobs("core.purge_expired")]
     assert statuses and set(statuses) == {"succeeded"}
 
 
@@ -77,9 +77,14 @@ def test_finished_notifications_and_old_delivery_logs_are_purged_in_batches(sett
     assert old_log.id not in logs and pending_old_log.id not in logs
 
 
-def test_the_purge_is_a_periodic_task_on_the_retention_schedule(settings):
-    periodic = {task.periodic_id: task for task in app.periodic_registry.periodic_tasks.values()}
-    task = periodic["purge-notifications"]
-    assert task.task.name == "notifications.purge"
-    assert task.cron == settings.JOBS_RETENTION_CRON
-    assert task.task.queue == "maintenance"
+def test_the_purge_is_registered_with_the_periodic_purge():
+    from core.services import expired_rows_purge
+
+    assert expired_rows_purge() == {
+        "idempotency_keys": 0,
+        "cache": 0,
+        "quota_counters": 0,
+        "notifications.notifications": 0,
+        "notifications.delivery_logs": 0,
+        "notes.import_files": 0,
+    }
