@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 BACKOFF_MIN_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
+LOCK_TIMEOUT_MS = 5000
 
 # The same key as before the hub: a process streaming a job holds it shared; the last process
 # out (the one that gets it exclusively) resets `watched`.
@@ -52,8 +53,10 @@ _SLOT_KEY = "hashtextextended('secondbrain-job-stream-user:' || %(user_id)s::tex
 # LIMIT 1 stops at the first slot whose lock is free: the others are not tried.
 _TAKE_SLOT = f"SELECT s FROM unnest(%(slots)s::int[]) AS s WHERE pg_try_advisory_lock({_SLOT_KEY}) LIMIT 1"
 _FREE_SLOT = f"SELECT pg_advisory_unlock({_SLOT_KEY}) FROM (SELECT %(slot)s::int AS s) AS slot"
+# Only a job this connection can see: a job whose transaction has not committed yet has its
+# jobs_job_info row uncommitted too, and upserting that row would wait for that transaction.
 _WATCH = """
-INSERT INTO jobs_job_info (job_id, watched) VALUES (%(job_id)s, true)
+INSERT INTO jobs_job_info (job_id, watched) SELECT id, true FROM procrastinate_jobs WHERE id = %(job_id)s
 ON CONFLICT (job_id) DO UPDATE SET watched = true
 """
 _UNWATCH = "UPDATE jobs_job_info SET watched = false WHERE job_id = %(job_id)s AND watched"
@@ -154,9 +157,14 @@ class StreamHub:
                     await self._take(conn, sub, max_per_user=max_per_user)
                     cursor = await conn.execute(_STATE, {"job_id": job_id})
                     sub.state = await cursor.fetchone()
-                except psycopg.Error:
-                    self._lose("a statement failed")
-                    raise StreamUnavailable(self._retry_at - time.monotonic()) from None
+                except psycopg.Error as exc:
+                    if conn.broken or conn.closed:
+                        self._lose(str(exc).strip() or type(exc).__name__)
+                        raise StreamUnavailable(self._retry_at - time.monotonic()) from None
+                    # A statement failed (e.g. lock_timeout), the connection is fine: undo this one.
+                    logger.warning("Could not open the stream of job %s: %s", job_id, exc)
+                    await self._forget(conn, sub)
+                    raise StreamUnavailable(1.0) from None
                 finally:
                     self._start_reader()
         except BaseException:
@@ -201,33 +209,36 @@ class StreamHub:
 
     async def _release(self, sub: Subscription) -> None:
         async with self._lock:
-            subscribers = self._by_job.get(sub.job_id)
-            if subscribers is None or sub not in subscribers:
-                return  # the connection was lost meanwhile: PostgreSQL released everything
-            subscribers.discard(sub)
-            last = not subscribers
-            if last:
-                del self._by_job[sub.job_id]
-            if sub.slot is not None:
-                self._slots.get(sub.user_id, set()).discard(sub.slot)
             conn = self._conn
             if conn is None:
-                return
+                return  # the connection was lost meanwhile: PostgreSQL released everything
             await self._stop_reader()
-            try:
-                if sub.slot is not None:
-                    await conn.execute(_FREE_SLOT, {"user_id": sub.user_id, "slot": sub.slot})
-                if last:
-                    await self._unwatch(conn, sub.job_id)
-            except psycopg.Error:
-                # Closing the connection releases its locks; `watched` left true only costs NOTIFYs.
-                logger.warning("Could not release the stream of job %s", sub.job_id, exc_info=True)
-                self._lose("a statement failed")
-                return
+            await self._forget(conn, sub)
             if not self._by_job:
                 await self._close()  # the last stream of this process
             else:
                 self._start_reader()
+
+    async def _forget(self, conn: psycopg.AsyncConnection, sub: Subscription) -> None:
+        """Undo what the subscription took. Call holding the lock, with the reader stopped."""
+        subscribers = self._by_job.get(sub.job_id)
+        last = False
+        if subscribers is not None and sub in subscribers:
+            subscribers.discard(sub)
+            last = not subscribers
+            if last:
+                del self._by_job[sub.job_id]
+        if sub.slot is not None:
+            self._slots.get(sub.user_id, set()).discard(sub.slot)
+        try:
+            if sub.slot is not None:
+                await conn.execute(_FREE_SLOT, {"user_id": sub.user_id, "slot": sub.slot})
+            if last:
+                await self._unwatch(conn, sub.job_id)
+        except psycopg.Error:
+            # Closing the connection releases its locks; `watched` left true only costs NOTIFYs.
+            logger.warning("Could not release the stream of job %s", sub.job_id, exc_info=True)
+            self._lose("a statement failed")
 
     async def _unwatch(self, conn: psycopg.AsyncConnection, job_id: int) -> None:
         params = {"job_id": job_id}
@@ -249,6 +260,8 @@ class StreamHub:
         params = connection.get_connection_params()  # Django's settings, TLS and timeouts included
         for django_only in ("cursor_factory", "context", "prepare_threshold"):
             params.pop(django_only, None)
+        # Every stream of the process waits while one statement does: none may wait long on a lock.
+        params["options"] = f"{params.get('options', '')} -c lock_timeout={LOCK_TIMEOUT_MS}".strip()
         try:
             self._conn = await psycopg.AsyncConnection.connect(**params, autocommit=True)
         except psycopg.Error as exc:

@@ -315,3 +315,36 @@ def test_a_stream_without_credentials_is_401(asgi_server):
     assert client.status == 401
     client.close()
     assert not _watched(job_id)
+
+
+def test_a_dropped_listening_connection_ends_the_streams_and_the_next_stream_reconnects(asgi_server):
+    owner = make_user("kim")
+    job_id = job_defer(count, owner_id=owner.id, to=2)
+    token = _token(owner)
+    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", token)
+    assert client.next() == ("status", {"status": "todo"})
+    with connection.cursor() as cursor:  # the process's listening connection: it holds the slots
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock'"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        assert cursor.rowcount == 1
+    # Ended without `end`: EventSource reconnects and reads the state again.
+    assert client.until_closed() == [("status", {"status": "todo"})]
+    client.close()
+
+    def reopened() -> SseClient | None:
+        again = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", token)
+        if again.next() == ("status", {"status": "todo"}):
+            return again
+        assert again.received == [("error", {"detail": "Job streams cannot reach the database; retry later."})]
+        again.close()  # a 503 while the hub backs off
+        return None
+
+    again = wait_for(reopened, timeout=30, interval=0.2, what="a stream after the reconnection")
+    try:
+        run_worker(queues=["imports"])
+        assert again.until_closed()[-1] == ("end", {"status": "succeeded"})
+    finally:
+        again.close()
+    wait_for(lambda: not _watched(job_id), timeout=10, what="watched to be reset")

@@ -91,6 +91,9 @@ class Server:
         finally:
             client.close()
 
+    def threads(self) -> int:
+        return sum(psutil.Process(pid).num_threads() for pid in self.worker_pids())
+
     def worker_pids(self) -> list[int]:
         return [child.pid for child in psutil.Process(self.process.pid).children()]
 
@@ -210,17 +213,21 @@ def test_with_200_open_streams_the_api_answers_and_database_connections_do_not_g
         assert b'data: {"status": "scheduled"}' in streams[0].data
         _the_api_answers(server, token)  # the pool has what plain requests need
         with_10 = _database_connections()
+        threads_with_10 = server.threads()
 
         streams += _open(server, job_id, token, 190)
         _the_api_answers(server, token)  # while the 190 new streams are being opened
         assert [stream.started() for stream in streams] == [200] * 200
         _the_api_answers(server, token)
         with_200 = _database_connections()
+        threads_with_200 = server.threads()
     finally:
         for stream in streams:
             stream.close()
     # One listening connection per process whatever the number of streams, plus the pools' few.
     assert with_200 - with_10 <= 2, (with_10, with_200)
+    # Nor a thread each (the request threads of plain requests come and go).
+    assert threads_with_200 - threads_with_10 <= 8, (threads_with_10, threads_with_200)
 
 
 def test_the_per_user_cap_holds_across_processes_and_a_killed_process_frees_its_slots(servers, tmp_path):
