@@ -12,7 +12,7 @@ The tests import the installed Procrastinate (not the checkout's copy: only its 
 through a scratch directory under .data/), and tests/upstream/ puts our manager, worker and pool
 in place of Procrastinate's in every process, the CLI workers of the acceptance tests included.
 The embedded PostgreSQL (scripts/devdb.py) serves the databases the tests create and drop.
-Without pytest arguments it runs tests/integration and tests/acceptance.
+Unless an argument names tests (tests/...), it runs tests/integration and tests/acceptance.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     if not options.stock:
         env["SECONDBRAIN_ENGINE_REPO"] = str(Path(options.engine).resolve())
         plugins = ["-p", "schema_plugin"]
-    paths = [] if any(not arg.startswith("-") for arg in pytest_args) else ["tests/integration", "tests/acceptance"]
+    paths = [] if any(arg.startswith("tests") for arg in pytest_args) else ["tests/integration", "tests/acceptance"]
     command = [
         options.python,
         "-m",
