@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 BACKOFF_MIN_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
 LOCK_TIMEOUT_MS = 5000
+# Events a stream may have waiting for its client. A client that reads slower than its job
+# reports progress (or not at all, its socket full) would otherwise grow the queue without
+# bound; past this, the stream ends instead and the client reconnects to read the state afresh.
+MAX_BACKLOG = 100
 
 # The same key as before the hub: a process streaming a job holds it shared; the last process
 # out (the one that gets it exclusively) resets `watched`.
@@ -97,6 +101,16 @@ class Subscription:
     # Notification payloads (dicts); None when the hub lost its connection.
     events: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
     live: bool = False  # registered with the hub until release()
+    overflowed: bool = False  # the backlog reached MAX_BACKLOG: ended, nothing more is queued
+
+    def push(self, event: dict[str, Any]) -> None:
+        if self.overflowed:
+            return
+        if self.events.qsize() >= MAX_BACKLOG:
+            self.overflowed = True
+            self.events.put_nowait(None)  # ends the stream once it reaches this point
+            return
+        self.events.put_nowait(event)
 
 
 class StreamHub:
@@ -300,7 +314,7 @@ class StreamHub:
             logger.warning("Unreadable notification on %s", notify.channel)
             return
         for sub in self._by_job.get(job_id, ()):
-            sub.events.put_nowait(event)
+            sub.push(event)
 
     def _lose(self, reason: str) -> None:
         """The connection is gone (or not to be trusted): end every stream, back off."""

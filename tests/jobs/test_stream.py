@@ -26,6 +26,7 @@ from jobs.progress import job_progress
 from jobs.registry import job_task
 from jobs.services import job_cancel, job_defer
 from jobs.stream import job_event_stream, job_stream_open, serve_streams_without_request_thread
+from jobs.stream_hub import MAX_BACKLOG, job_channel
 from tests.conftest import client_for, run_worker, wait_for
 from tests.factories import make_user
 
@@ -348,3 +349,39 @@ def test_a_dropped_listening_connection_ends_the_streams_and_the_next_stream_rec
     finally:
         again.close()
     wait_for(lambda: not _watched(job_id), timeout=10, what="watched to be reset")
+
+
+def test_a_client_that_does_not_read_has_a_bounded_backlog_and_its_stream_ends():
+    """A job reporting progress faster than its client reads (or a client that never reads):
+    the stream's queue stops at MAX_BACKLOG, and the stream ends without `end` after it, so the
+    client reconnects and reads the state afresh instead of the process holding every event."""
+    owner = make_user("lee")
+    job_id = job_defer(count, owner_id=owner.id, to=1)
+    flood = 20 * MAX_BACKLOG
+
+    async def scenario() -> tuple[int, list[str]]:
+        subscription = await job_stream_open(job_id=job_id, user_id=owner.id)
+        await sync_to_async(_notify_progress)(job_id, flood)
+        for _ in range(100):  # until the hub has handed out what it will
+            await asyncio.sleep(0.05)
+            if subscription.overflowed:
+                break
+        backlog = subscription.events.qsize()
+        chunks = [chunk async for chunk in job_event_stream(subscription, keepalive_seconds=5, max_seconds=5)]
+        return backlog, chunks
+
+    backlog, chunks = async_to_sync(scenario)()
+    assert backlog <= MAX_BACKLOG + 1
+    progress = [chunk for chunk in chunks if chunk.startswith("event: progress")]
+    assert 0 < len(progress) <= MAX_BACKLOG
+    assert not any(chunk.startswith("event: end") for chunk in chunks)
+    assert not _watched(job_id)
+
+
+def _notify_progress(job_id: int, times: int) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_notify(%s, json_build_object('type', 'progress', 'processed', i, 'total', %s)::text)"
+            " FROM generate_series(1, %s) AS i",
+            [job_channel(job_id), times, times],
+        )
