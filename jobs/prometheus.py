@@ -2,7 +2,8 @@
 
 A custom collector on its own registry reads every value from PostgreSQL at scrape time, so
 all web processes report the same numbers and nothing is kept in process memory. Counters
-(e-mails, LLM tokens and spend) are totals over the rows still present; the job-duration
+(e-mails, LLM calls, tokens and spend) are rows kept by triggers on the inserts, read in a few
+rows whatever the size of the tables, and retention purges never lower them; the job-duration
 histogram covers the runs that ended in the last JOB_DURATION_WINDOW_SECONDS, so it can go down
 as runs leave the window (use it for quantiles, not rate()).
 
@@ -19,7 +20,6 @@ from collections.abc import Iterator
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count, Sum
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.http import require_safe
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -35,8 +35,9 @@ from prometheus_client.registry import Collector
 from core.operators import metrics_token_given
 from jobs import queues, selectors
 from jobs.models import CircuitBreaker, PausedQueue
-from llm.models import LlmUsage
-from notifications.models import DeliveryLog, NotificationJob
+from llm import selectors as llm_selectors
+from notifications import selectors as notification_selectors
+from notifications.models import DeliveryLog
 from notifications.services import EMAIL_BREAKER
 
 JOB_STATUSES = ("todo", "doing", "succeeded", "failed", "cancelled", "aborted")
@@ -112,7 +113,7 @@ class SecondbrainCollector(Collector):
         )
 
     def _emails(self) -> Iterator[Metric]:
-        by_outcome = dict(DeliveryLog.objects.values_list("outcome").annotate(n=Count("id")).order_by())
+        by_outcome = notification_selectors.delivery_counts_by_outcome()
         family = CounterMetricFamily(
             "secondbrain_email_deliveries",
             "E-mail delivery attempts by outcome (sent, transient_failure, permanent_failure, ...).",
@@ -121,18 +122,14 @@ class SecondbrainCollector(Collector):
         for outcome in DeliveryLog.Outcome.values:
             family.add_metric([outcome], by_outcome.get(outcome, 0))
         yield family
-        by_status = dict(NotificationJob.objects.values_list("status").annotate(n=Count("id")).order_by())
-        family = GaugeMetricFamily("secondbrain_notifications", "Notification jobs by status.", labels=["status"])
-        for status in NotificationJob._meta.get_field("status").choices:
-            family.add_metric([status[0]], by_status.get(status[0], 0))
+        family = GaugeMetricFamily(
+            "secondbrain_notifications", "Notification jobs waiting or running, by status.", labels=["status"]
+        )
+        for status, count in notification_selectors.notification_counts_unfinished().items():
+            family.add_metric([status], count)
         yield family
 
     def _llm(self) -> Iterator[Metric]:
-        rows = (
-            LlmUsage.objects.values("purpose", "model")
-            .annotate(calls=Count("id"), input=Sum("input_tokens"), output=Sum("output_tokens"), spend=Sum("cost_usd"))
-            .order_by("purpose", "model")
-        )
         calls = CounterMetricFamily(
             "secondbrain_llm_calls", "Claude calls recorded in the ledger.", labels=["purpose", "model"]
         )
@@ -144,12 +141,12 @@ class SecondbrainCollector(Collector):
             "Claude spend in US dollars recorded in the ledger.",
             labels=["purpose", "model"],
         )
-        for row in rows:
+        for row in llm_selectors.llm_usage_totals():
             labels = [row["purpose"], row["model"]]
-            calls.add_metric(labels, row["calls"])
-            tokens.add_metric([*labels, "input"], row["input"] or 0)
-            tokens.add_metric([*labels, "output"], row["output"] or 0)
-            spend.add_metric(labels, float(row["spend"] or 0))
+            calls.add_metric(labels, int(row["calls"]))
+            tokens.add_metric([*labels, "input"], int(row["input_tokens"]))
+            tokens.add_metric([*labels, "output"], int(row["output_tokens"]))
+            spend.add_metric(labels, float(row["cost_usd"]))
         yield from (calls, tokens, spend)
 
     def _breakers(self) -> Iterator[Metric]:

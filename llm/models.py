@@ -28,3 +28,27 @@ class LlmUsage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.purpose} {self.model} ${self.cost_usd}"
+
+
+class LlmUsageCounter(models.Model):
+    """The ledger's totals by purpose and model, for /metrics: a statement-level trigger on
+    llm_usage (migration 0004) adds each INSERT's rows in the same transaction, so a scrape sums
+    a few rows instead of the ledger, and deleting ledger rows never lowers it. Spread over a few
+    shards (the writer's backend pid) so concurrent callers don't queue on one row lock."""
+
+    purpose = models.CharField(max_length=50)
+    model = models.CharField(max_length=100)
+    shard = models.SmallIntegerField()
+    calls = models.BigIntegerField(default=0)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=20, decimal_places=6, default=0)
+
+    class Meta:
+        db_table = "llm_usage_counters"
+        constraints = [
+            models.UniqueConstraint(fields=["purpose", "model", "shard"], name="llm_usage_counter_key"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.purpose} {self.model}[{self.shard}]: {self.calls}"

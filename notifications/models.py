@@ -116,3 +116,22 @@ class DeliveryLog(models.Model):
 
     def __str__(self) -> str:
         return f"attempt {self.attempt}: {self.outcome}"
+
+
+class DeliveryCounter(models.Model):
+    """Delivery logs ever written, by outcome, for /metrics: a statement-level trigger on
+    notification_delivery_logs (migration 0005) adds each INSERT's rows in the same transaction,
+    so a scrape sums a few rows instead of counting the logs, and purging logs never lowers it.
+    Each outcome is spread over a few shards (the writer's backend pid) so concurrent senders
+    don't queue on one row lock."""
+
+    outcome = models.CharField(max_length=20)
+    shard = models.SmallIntegerField()
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "notification_delivery_counters"
+        constraints = [models.UniqueConstraint(fields=["outcome", "shard"], name="notif_delivery_counter_key")]
+
+    def __str__(self) -> str:
+        return f"{self.outcome}[{self.shard}]: {self.count}"

@@ -97,6 +97,7 @@ def test_emails_by_outcome_and_notifications_by_status(client):
     recipient = make_recipient(owner)
     sent = NotificationJob.objects.create(owner=owner, recipient=recipient, status="sent")
     failed = NotificationJob.objects.create(owner=owner, recipient=recipient, status="failed")
+    NotificationJob.objects.create(owner=owner, recipient=recipient, status="pending")
     Outcome = DeliveryLog.Outcome
     for notification, attempt, outcome in (
         (sent, 1, Outcome.TRANSIENT_FAILURE),
@@ -112,9 +113,10 @@ def test_emails_by_outcome_and_notifications_by_status(client):
     assert value(samples, "secondbrain_email_deliveries_total", outcome="transient_failure") == 2
     assert value(samples, "secondbrain_email_deliveries_total", outcome="permanent_failure") == 1
     assert value(samples, "secondbrain_email_deliveries_total", outcome="postponed") == 0
-    assert value(samples, "secondbrain_notifications", status="sent") == 1
-    assert value(samples, "secondbrain_notifications", status="failed") == 1
-    assert value(samples, "secondbrain_notifications", status="pending") == 0
+    assert value(samples, "secondbrain_notifications", status="pending") == 1
+    assert value(samples, "secondbrain_notifications", status="processing") == 0
+    # Finished notifications are counted by delivery outcome, not as a gauge of rows retention deletes.
+    assert ("secondbrain_notifications", frozenset({("status", "sent")})) not in samples
 
 
 def test_llm_tokens_and_spend(client):
@@ -220,3 +222,132 @@ def test_fifty_parallel_scrapes_collect_once(settings):
     assert len(bodies) == 50 and len(set(bodies)) == 1
     assert b'secondbrain_email_deliveries_total{outcome="sent"} 1000.0' in bodies[0]
     assert len(queries) == len(one_collection), f"{len(queries)} queries for 50 scrapes"
+
+
+def _insert_delivery_logs(cursor, *, notification_id: int, count: int, outcome: str) -> None:
+    cursor.execute(
+        "INSERT INTO notification_delivery_logs"
+        " (notification_id, attempt, outcome, error, provider_response, duration_ms, created_at)"
+        " SELECT %s, i, %s, '', '', 1, now() FROM generate_series(1, %s) AS i",
+        [notification_id, outcome, count],
+    )
+
+
+def _rows_read_by_one_collection() -> dict[str, int]:
+    """Rows each table gave up (sequential reads + index fetches) during one collection, from
+    this transaction's own statistics (pg_stat_xact_*: current, not flushed later)."""
+    stats = "SELECT relname, coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables"
+    with connection.cursor() as cursor:
+        cursor.execute(stats)
+        before = dict(cursor.fetchall())
+        assert list(SecondbrainCollector().collect())
+        cursor.execute(stats)
+        after = dict(cursor.fetchall())
+    return {table: after[table] - before.get(table, 0) for table in after}
+
+
+def test_a_collection_reads_as_many_rows_with_fifty_thousand_logs_as_with_a_thousand():
+    """The scrape's cost must not grow with the tables: counters and the unfinished
+    notifications (few, indexed) are read, not every delivery log, ledger row or finished job."""
+    owner = make_user("busy")
+    recipient = make_recipient(owner)
+    notification = NotificationJob.objects.create(owner=owner, recipient=recipient, status="sent")
+    NotificationJob.objects.create(owner=owner, recipient=recipient, status="pending")
+
+    def grow(count: int) -> None:
+        with connection.cursor() as cursor:
+            _insert_delivery_logs(cursor, notification_id=notification.id, count=count, outcome="sent")
+            cursor.execute(
+                "INSERT INTO llm_usage (purpose, model, input_tokens, output_tokens, cost_usd)"
+                " SELECT 'note_enrichment', 'claude-haiku-4-5', 10, 2, 0.0001 FROM generate_series(1, %s)",
+                [count],
+            )
+            cursor.execute(
+                "INSERT INTO notification_jobs (owner_id, recipient_id, notification_type, delivery_method,"
+                " priority, payload, status, retry_count, provider_message_id, error, created_at)"
+                " SELECT %s, %s, 'system', 'email', 'normal', '{}', 'sent', 0, '', '', now()"
+                " FROM generate_series(1, %s)",
+                [owner.id, recipient.id, count],
+            )
+            cursor.execute("ANALYZE notification_jobs, notification_delivery_logs, llm_usage")
+
+    grow(1_000)
+    small = _rows_read_by_one_collection()
+    grow(49_000)
+    large = _rows_read_by_one_collection()
+
+    assert large.get("notification_delivery_logs", 0) == 0, large
+    assert large.get("llm_usage", 0) == 0, large
+    assert sum(large.values()) == sum(small.values()), (small, large)
+
+
+def test_purging_delivery_logs_and_the_ledger_does_not_lower_the_counters(client):
+    owner = make_user("purged")
+    notification = NotificationJob.objects.create(owner=owner, recipient=make_recipient(owner), status="sent")
+    with connection.cursor() as cursor:
+        _insert_delivery_logs(cursor, notification_id=notification.id, count=3, outcome="sent")
+    LlmUsage.objects.create(purpose="weekly_digest", model="m", input_tokens=5, output_tokens=1, cost_usd=1)
+    before = scrape(client)
+    assert value(before, "secondbrain_email_deliveries_total", outcome="sent") == 3
+
+    DeliveryLog.objects.all().delete()
+    LlmUsage.objects.all().delete()
+    after = scrape(client)
+
+    assert value(after, "secondbrain_email_deliveries_total", outcome="sent") == 3
+    assert value(after, "secondbrain_llm_calls_total", purpose="weekly_digest", model="m") == 1
+    assert value(after, "secondbrain_llm_tokens_total", purpose="weekly_digest", model="m", direction="input") == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_counters_equal_the_aggregates_after_inserts_from_several_sessions(client):
+    owner = make_user("many")
+    notification = NotificationJob.objects.create(owner=owner, recipient=make_recipient(owner), status="sent")
+    outcomes = DeliveryLog.Outcome.values
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def write(worker: int) -> None:
+        try:
+            start.wait(timeout=30)
+            for statement in range(10):
+                DeliveryLog.objects.bulk_create(
+                    [
+                        DeliveryLog(notification=notification, attempt=i, outcome=outcomes[(worker + i) % 5])
+                        for i in range(statement + 1)
+                    ]
+                )
+                LlmUsage.objects.create(
+                    purpose=f"p{worker % 2}",
+                    model="claude-haiku-4-5",
+                    input_tokens=statement,
+                    output_tokens=worker,
+                    cost_usd=Decimal("0.000125"),
+                )
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=write, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+
+    samples = scrape(client)
+    for outcome in outcomes:
+        expected = DeliveryLog.objects.filter(outcome=outcome).count()
+        assert value(samples, "secondbrain_email_deliveries_total", outcome=outcome) == expected
+    for purpose in ("p0", "p1"):
+        rows = LlmUsage.objects.filter(purpose=purpose)
+        labels = {"purpose": purpose, "model": "claude-haiku-4-5"}
+        assert value(samples, "secondbrain_llm_calls_total", **labels) == rows.count() == 20
+        assert value(samples, "secondbrain_llm_tokens_total", direction="input", **labels) == sum(
+            r.input_tokens for r in rows
+        )
+        assert value(samples, "secondbrain_llm_tokens_total", direction="output", **labels) == sum(
+            r.output_tokens for r in rows
+        )
+        assert value(samples, "secondbrain_llm_spend_usd_total", **labels) == pytest.approx(20 * 0.000125)
