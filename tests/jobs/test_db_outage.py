@@ -14,13 +14,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
 from tests.conftest import BASE_DIR, wait_for
 from tests.jobs.tasks_for_tests import QUEUE_A, WORKER_ENV, echo, stamp_a
 from tests.jobs.workers import job_events, query, start_test_worker, stop_worker, wait_for_workers
-from tests.peers.postgres import ThrowawayPostgres
+from tests.peers.postgres import ThrowawayPostgres, sql
 
 FAST_HEARTBEAT = {"WORKER_HEARTBEAT_SECONDS": "0.5", "WORKER_STALLED_SECONDS": "30"}
 
@@ -29,25 +28,11 @@ FAST_HEARTBEAT = {"WORKER_HEARTBEAT_SECONDS": "0.5", "WORKER_STALLED_SECONDS": "
 def own_postgres() -> Iterator[tuple[ThrowawayPostgres, str]]:
     """A PostgreSQL server of this module's own, migrated, that the tests may restart."""
     with ThrowawayPostgres() as pg:
-        url = pg.create_database("outage")
-        subprocess.run(
-            [sys.executable, "manage.py", "migrate", "--no-input", "-v0"],
-            cwd=BASE_DIR,
-            env={**os.environ, "DATABASE_URL": url},
-            check=True,
-            capture_output=True,
-        )
-        yield pg, url
-
-
-def _sql(url: str, query_text: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-        cursor = conn.execute(query_text, params)
-        return cursor.fetchall() if cursor.description else []
+        yield pg, pg.create_migrated_database("outage")
 
 
 def _defer(url: str, task_name: str, *, scheduled_in_hours: int | None = None, **kwargs) -> int:
-    [[ids]] = _sql(
+    [[ids]] = sql(
         url,
         "SELECT procrastinate_defer_jobs_v1(ARRAY[ROW(%s, %s, 0, NULL, NULL, %s::jsonb,"
         " now() + make_interval(hours => %s))::procrastinate_job_to_defer_v1])",
@@ -57,7 +42,7 @@ def _defer(url: str, task_name: str, *, scheduled_in_hours: int | None = None, *
 
 
 def _status(url: str, job_id: int) -> str:
-    return _sql(url, "SELECT status FROM procrastinate_jobs WHERE id = %s", [job_id])[0][0]
+    return sql(url, "SELECT status FROM procrastinate_jobs WHERE id = %s", [job_id])[0][0]
 
 
 def test_a_worker_keeps_working_through_a_postgresql_restart(own_postgres):
@@ -72,14 +57,14 @@ def test_a_worker_keeps_working_through_a_postgresql_restart(own_postgres):
     )
     output = ""
     try:
-        wait_for(lambda: _sql(url, "SELECT count(*) FROM procrastinate_workers")[0][0] == 1, what="the worker")
-        [[worker_id]] = _sql(url, "SELECT id FROM procrastinate_workers")
+        wait_for(lambda: sql(url, "SELECT count(*) FROM procrastinate_workers")[0][0] == 1, what="the worker")
+        [[worker_id]] = sql(url, "SELECT id FROM procrastinate_workers")
         # Runs through the outage and ends while the database is down: its end waits in memory.
         running = _defer(url, stamp_a.name, n=1, sleep=2)
         wait_for(lambda: _status(url, running) == "doing", what="the long job to start")
         # A claim that committed but whose answer never reached the worker: `doing` under its id.
         lost = _defer(url, echo.name, scheduled_in_hours=1, value="lost")
-        _sql(url, "UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s WHERE id = %s", [worker_id, lost])
+        sql(url, "UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s WHERE id = %s", [worker_id, lost])
 
         pg.restart(down_seconds=4)
 
@@ -90,7 +75,7 @@ def test_a_worker_keeps_working_through_a_postgresql_restart(own_postgres):
             what="the jobs to succeed after the restart",
         )
         assert worker.poll() is None, "the worker exited"
-        [[starts, attempts]] = _sql(
+        [[starts, attempts]] = sql(
             url,
             "SELECT (SELECT count(*) FROM procrastinate_events WHERE job_id = %(id)s AND type = 'started'),"
             " (SELECT attempts FROM procrastinate_jobs WHERE id = %(id)s)",
@@ -121,8 +106,12 @@ def test_a_worker_whose_row_was_pruned_registers_again_and_keeps_its_running_job
         wait_for(lambda: query("SELECT count(*) FROM procrastinate_workers")[0][0] == 1, what="a new worker row")
         [[new_id]] = query("SELECT id FROM procrastinate_workers")
         assert new_id != old_id
-        # Its running job is its own again, so the stalled-job rescue leaves it alone.
-        assert query("SELECT worker_id FROM procrastinate_jobs WHERE id = %s", [job_id])[0][0] == new_id
+        # Its running job is its own again (the statement right after the registration), so the
+        # stalled-job rescue leaves it alone.
+        wait_for(
+            lambda: query("SELECT worker_id FROM procrastinate_jobs WHERE id = %s", [job_id])[0][0] == new_id,
+            what="the running job taken back by the new worker row",
+        )
 
         after = echo.defer(value="after")
         wait_for(

