@@ -10,7 +10,7 @@ import pytest
 from django.db import connection, transaction
 
 from digests import services
-from digests.models import DigestNoteSentAhead, DigestSchedule
+from digests.models import DigestSchedule
 from digests.tasks import digest_sweep as digest_sweep_task
 from notes import services as note_services
 from notifications.models import NotificationJob
@@ -198,4 +198,5 @@ def test_a_note_committed_after_a_sweep_went_past_it_arrives_in_the_next_digest_
     bodies = _digest_bodies()
     for title in ("slow note", "fast note", "later note"):
         assert sum(body.count(f"- {title}") for body in bodies) == 1, (title, bodies)
-    assert not DigestNoteSentAhead.objects.exists()  # the cursor has passed them all
+    # (Whether the sent-ahead rows are gone by now depends on every transaction of the cluster,
+    # another test's included: the cursor passes them once the oldest open one has ended.)

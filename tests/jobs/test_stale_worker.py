@@ -22,8 +22,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 ENV = {"WORKER_HEARTBEAT_SECONDS": "0.5", "WORKER_STALLED_SECONDS": "2"}
 
 
-def _rescue() -> list[int]:
-    async def rescue() -> list[int]:
+def _rescue() -> dict:
+    async def rescue() -> dict:
         with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
             async with worker_app.open_async():
                 return await jobs_retry_stalled(job_manager=worker_app.job_manager, seconds_since_heartbeat=1)
@@ -49,7 +49,7 @@ def test_a_stale_worker_does_not_finish_the_job_another_worker_now_runs(tmp_path
             timeout=30,
             what="worker A's heartbeat to go stale",
         )
-        assert _rescue() == [job_id]
+        assert _rescue()["retried"] == [job_id]
         assert job_status(job_id) == "todo"
 
         worker_b = start_test_worker("--queues", tasks.QUEUE_A, "--concurrency", "1", env=ENV)

@@ -105,7 +105,9 @@ class SmtpSink:
                 transport.abort()
             dropped.append(len(self._transports))
             self._transports.clear()
-            done.set()
+            # abort() closes the sockets in the loop's next round: return once they are closed
+            # (the RST sent), or the client may write its next command before the reset.
+            self._controller.loop.call_soon(done.set)
 
         self._controller.loop.call_soon_threadsafe(drop)
         done.wait(5)
