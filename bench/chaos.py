@@ -358,6 +358,7 @@ def chaos(run: Run) -> dict:
             "PYTHONUNBUFFERED": "1",
             "EMAIL_URL": f"smtp://127.0.0.1:{sink.port}",
             "NOTIFICATIONS_RATE_PER_SECOND": "100000",  # measure the system, not the rate limit
+            "EMAIL_DAILY_QUOTA_PER_USER": "0",  # one user sends them all, far past a day's quota
             "WORKER_HEARTBEAT_SECONDS": "1",
             "WORKER_STALLED_SECONDS": "4",
             "STALLED_JOBS_CRON": "* * * * * */1",  # look for killed workers' jobs every second

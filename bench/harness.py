@@ -57,6 +57,9 @@ class Bench:
             "LOG_LEVEL": "WARNING",
             "PROCRASTINATE_IMPORT_PATHS": "bench.tasks",
             "PYTHONUNBUFFERED": "1",
+            # One bench user sends and enriches far more than a day's quota allows.
+            "EMAIL_DAILY_QUOTA_PER_USER": "0",
+            "LLM_DAILY_BUDGET_USD_PER_USER": "0",
         }
         self.env.setdefault("SECRET_KEY", "bench-" + "x" * 40)
         self.children: list[subprocess.Popen] = []
