@@ -1,4 +1,4 @@
-"""Settings for secondbrain, read from the environment (see the README's table).
+"""Settings for secondbrain, read from the environment (see the table in docs/operating.md).
 
 Every value has a safe default except the ones that must not have one in production:
 with DEBUG off, SECRET_KEY must be set to a real secret.

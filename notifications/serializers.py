@@ -73,7 +73,7 @@ class SendEmailSerializer(_SendBase):
         max_length=2000,
         required=False,
         help_text="POSTed the job's final status when it ends: https, on a host in JOBS_WEBHOOK_ALLOWED_HOSTS"
-        " that resolves to public addresses only (see the README's completion webhooks).",
+        " that resolves to public addresses only (see docs/task-authors.md, completion webhooks).",
     )
 
     def validate_callback_url(self, value: str) -> str:

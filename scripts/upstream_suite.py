@@ -6,7 +6,7 @@ Needs no network: DIR is a checkout of Procrastinate's repository (the commit ne
 version in requirements/base.txt), PY the Python of a separate virtualenv holding our
 requirements/base.txt pins plus Procrastinate's test dependencies (pytest, pytest-asyncio,
 pytest-mock, pytest-django, pytest-benchmark, results, aiopg, psycopg2-binary, sqlalchemy,
-sphinx). See the README (reliability: "The engine against Procrastinate's own tests").
+sphinx). See docs/reliability.md ("Workers that come back, locks, and where the engine differs from Procrastinate").
 
 The tests import the installed Procrastinate (not the checkout's copy: only its tests/ is used,
 through a scratch directory under .data/), and tests/upstream/ puts our manager, worker and pool

@@ -57,7 +57,7 @@ def owner_secret(owner) -> str:
 
 
 def signature_is_valid(post: ReceivedPost, *, secret: str, max_age: float = 300) -> bool:
-    """What a receiver does (the README shows the same code)."""
+    """What a receiver does (docs/task-authors.md shows the same code)."""
     timestamp = post.headers["X-Secondbrain-Timestamp"]
     expected = "sha256=" + hmac.new(secret.encode(), f"{timestamp}.".encode() + post.body, hashlib.sha256).hexdigest()
     fresh = abs(time.time() - int(timestamp)) <= max_age
