@@ -93,6 +93,6 @@ class RetryRefusedSerializer(serializers.Serializer):
 
 class WebhookSecretSerializer(serializers.Serializer):
     secret = serializers.CharField(
-        help_text="HMAC-SHA256 key of your completion webhooks' X-Secondbrain-Signature (see docs/task-authors.md, completion webhooks)."
+        help_text="HMAC-SHA256 key of your completion webhooks' X-Secondbrain-Signature (docs/task-authors.md)."
     )
     created_at = serializers.DateTimeField(help_text="When this secret was made (first use or last rotation).")
