@@ -65,9 +65,13 @@ def test_no_other_thread_runs_between_the_commit_and_the_final_dot(wire_clock):
     recipient = make_recipient(owner)
     notifications = [
         services.notification_send_email(
-            owner=owner, recipient=recipient, subject=f"Hi {n}", body="Hi", notification_type="system",
+            owner=owner,
+            recipient=recipient,
+            subject=f"Hi {n}",
+            body="Hi",
+            notification_type="system",
             priority="normal",
-        )  # fmt: skip
+        )
         for n in range(3)
     ]
     before = _stamps(wire_clock)
