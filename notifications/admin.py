@@ -5,7 +5,7 @@ from django.http import HttpRequest
 
 from core.errors import ApplicationError
 from jobs.dashboard import RETRY_PERMISSION, user_may
-from notifications import services
+from notifications import selectors, services
 from notifications.models import DeliveryLog, NotificationJob, Recipient, Status
 
 # Re-queueing or cancelling a delivery acts on a job, so it needs the jobs' own permissions, as
@@ -31,6 +31,21 @@ class DeliveryLogInline(admin.TabularInline):
         return False
 
 
+class ReplyOnRecordFilter(admin.SimpleListFilter):
+    """`sent` rows whose server reply was never recorded (notifications_sent_unconfirmed)."""
+
+    title = "server reply on record"
+    parameter_name = "reply"
+
+    def lookups(self, request, model_admin):
+        return [("missing", "Sent, reply missing (worker died after the commit point)")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "missing":
+            return queryset.filter(pk__in=selectors.notifications_sent_unconfirmed().values("pk"))
+        return queryset
+
+
 @admin.register(NotificationJob)
 class NotificationJobAdmin(admin.ModelAdmin):
     list_display = (
@@ -45,7 +60,7 @@ class NotificationJobAdmin(admin.ModelAdmin):
         "created_at",
         "processed_at",
     )
-    list_filter = ("status", "notification_type", "delivery_method", "priority")
+    list_filter = ("status", ReplyOnRecordFilter, "notification_type", "delivery_method", "priority")
     search_fields = ("recipient__email", "recipient__name", "provider_message_id")
     raw_id_fields = ("owner", "recipient")
     list_select_related = ("recipient",)

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection
-from django.db.models import Count, Prefetch, Q, QuerySet, Sum
+from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet, Sum
 from django.utils import timezone
 
 from notifications.models import DeliveryCounter, DeliveryLog, NotificationJob, Recipient, Status
@@ -114,3 +115,14 @@ def notification_counts_unfinished() -> dict[str, int]:
     )
     counts = dict(rows)
     return {status: counts.get(status, 0) for status in UNFINISHED_STATUSES}
+
+
+def notifications_sent_unconfirmed() -> QuerySet[NotificationJob]:
+    """E-mails marked `sent` whose server reply is not on record: the worker died after its
+    commit point and before writing the delivery log. Nearly all of them were delivered (the dot
+    left); one killed in the microseconds between the COMMIT and the dot was not (see
+    docs/reliability.md). Its Message-ID (`provider_message_id`) is what to look for in the mail
+    server's log. Only rows whose logs retention has not deleted yet."""
+    since = timezone.now() - timedelta(days=settings.NOTIFICATIONS_DELIVERY_LOG_RETENTION_DAYS)
+    confirmed = DeliveryLog.objects.filter(notification=OuterRef("pk"), outcome=DeliveryLog.Outcome.SENT)
+    return NotificationJob.objects.filter(status=Status.SENT, processed_at__gte=since).exclude(Exists(confirmed))

@@ -2,19 +2,14 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import make_msgid
 
-import psycopg
-import psycopg.generators
-import psycopg.waiting
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from procrastinate.contrib.django import app
 from rest_framework import status as http
@@ -24,7 +19,7 @@ from core.quotas import quota_take
 from jobs.breaker import breaker_check, breaker_record_failure, breaker_record_success
 from jobs.ratelimit import rate_limit_wait
 from jobs.services import job_defer, job_defer_bulk
-from notifications.mail import EmailSender, SendAborted, dot_sent
+from notifications.mail import CommitPointStalled, ExactlyOnceEmail, SendAborted, delivery_log_write
 from notifications.models import (
     JOB_PRIORITY,
     DeliveryLog,
@@ -253,17 +248,6 @@ def notification_retry(*, notification: NotificationJob) -> NotificationJob:
 
 
 # --- Delivery (called by the task) ----------------------------------------------------------
-_LOG = """
-INSERT INTO notification_delivery_logs
-       (notification_id, attempt, outcome, error, provider_response, duration_ms, created_at)
-VALUES (%s, %s, %s, %s, %s, %s, now())
-"""
-
-
-def _log(notification_id: int, attempt: int, outcome: str, *, error: str = "", response: str = "", started=None):
-    duration = (time.perf_counter() - started) * 1000 if started else 0
-    with connection.cursor() as cursor:
-        cursor.execute(_LOG, [notification_id, attempt, outcome, error[:2000], response[:2000], duration])
 
 
 def _postpone(notification: NotificationJob, *, until: datetime, attempt: int) -> None:
@@ -276,7 +260,9 @@ def _postpone(notification: NotificationJob, *, until: datetime, attempt: int) -
             notification_id=notification.id,
         )
         NotificationJob.objects.filter(id=notification.id).update(procrastinate_job_id=job_id)
-        _log(notification.id, attempt, DeliveryLog.Outcome.POSTPONED, error="mail server circuit breaker is open")
+        delivery_log_write(
+            notification.id, attempt, DeliveryLog.Outcome.POSTPONED, error="mail server circuit breaker is open"
+        )
 
 
 # The claim, in one statement: a fresh Message-ID is this run's token (only the run holding it
@@ -291,18 +277,10 @@ UPDATE notification_jobs AS n
    AND NOT (r.muted_indefinitely OR (r.muted_until IS NOT NULL AND r.muted_until > now()))
 RETURNING r.email, n.payload
 """
-# The commit point commits durably whatever the role's or the database's default: a COMMIT
-# acknowledged but not yet flushed (synchronous_commit = off) is lost in a crash, and its re-run
-# would send the e-mail a second time.
-_DURABLE = "SET LOCAL synchronous_commit = on"
-_MARK_SENT = """
-UPDATE notification_jobs SET status = 'sent', processed_at = now(), error = ''
- WHERE id = %s AND provider_message_id = %s AND status = 'processing'
-"""
 
 
 def notification_deliver(*, notification_id: int, attempt: int) -> str:
-    """Send one notification e-mail, at most once. Returns what happened.
+    """Send one notification e-mail, at most once (notifications/mail.py). Returns what happened.
 
     The hot path is four statements: the rate-limit token, the claim, the commit point just
     before the end of DATA, and the delivery log. Raises core.errors.ProviderError when the
@@ -327,29 +305,16 @@ def notification_deliver(*, notification_id: int, attempt: int) -> str:
     if isinstance(payload, str):  # Django's cursor hands jsonb over as text
         payload = json.loads(payload)
 
-    def commit_point() -> Callable[[], None]:
-        return _mark_sent_with_the_dot(notification_id=notification_id, message_id=message_id)
-
     started = time.perf_counter()
     try:
-        result = EmailSender().send(
+        result = ExactlyOnceEmail(notification_id=notification_id, message_id=message_id, attempt=attempt).send(
             to=email,
             subject=payload.get("subject", ""),
             body=payload.get("body", ""),
-            message_id=message_id,
             headers={"X-Secondbrain-Notification": str(notification_id)},
-            commit_point=commit_point,
         )
     except SendAborted:
         return "superseded"
-    except (psycopg.Error, DatabaseError):
-        if not dot_sent():
-            raise
-        # The dot went out but the COMMIT's answer never came (the database went away, or lost
-        # the COMMIT in a crash or a failover): the e-mail is sent. Record it once the database
-        # answers, however long that takes; the job never raises here, so it never runs again.
-        _record_sent_when_back(notification_id=notification_id, message_id=message_id, attempt=attempt)
-        return Status.SENT
     except ProviderError as exc:
         mine = NotificationJob.objects.filter(id=notification_id, provider_message_id=message_id)
         # Back from "sent" too when the server refused after the end of data.
@@ -357,7 +322,7 @@ def notification_deliver(*, notification_id: int, attempt: int) -> str:
             status=Status.PENDING, processed_at=None, error=exc.detail[:2000]
         )
         outcome = DeliveryLog.Outcome.PERMANENT_FAILURE if exc.permanent else DeliveryLog.Outcome.TRANSIENT_FAILURE
-        _log(notification_id, attempt, outcome, error=exc.detail, started=started)
+        delivery_log_write(notification_id, attempt, outcome, error=exc.detail, started=started)
         if not exc.permanent and not isinstance(exc, CommitPointStalled):  # not the mail server's fault
             breaker_record_failure(
                 name=EMAIL_BREAKER,
@@ -365,166 +330,13 @@ def notification_deliver(*, notification_id: int, attempt: int) -> str:
                 cooldown_seconds=settings.NOTIFICATIONS_BREAKER_COOLDOWN_SECONDS,
             )
         raise
-    _log(notification_id, attempt, DeliveryLog.Outcome.SENT, response=result.response, started=started)
+    if not result.logged:
+        delivery_log_write(
+            notification_id, attempt, DeliveryLog.Outcome.SENT, response=result.response, started=started
+        )
     if not verdict.clean:
         breaker_record_success(name=EMAIL_BREAKER)
     return Status.SENT
-
-
-class CommitPointStalled(ProviderError):
-    """The commit point stalled (its process was stopped, its host froze) for so long that the
-    server may have ended its session: its COMMIT would be lost, so no dot follows."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"the commit point stalled for {seconds:.1f} s; not sending the final dot", permanent=False)
-
-
-def _check_session_alive(*, started: float) -> None:
-    """Call after the commit point's UPDATE, before its COMMIT. A session idle in its transaction
-    for DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS is ended by the server, which frees the row
-    for a rescue; a COMMIT written into it afterwards is lost while the dot still reaches the mail
-    server. So a commit point that took half that long, or whose server has hung up, stops here."""
-    elapsed = time.monotonic() - started
-    limit = settings.DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS / 2
-    if limit and elapsed > limit:
-        raise CommitPointStalled(elapsed)
-    pgconn = connection.connection.pgconn
-    pgconn.consume_input()  # raises when the server has closed the session
-    if pgconn.status != psycopg.pq.ConnStatus.OK:
-        raise CommitPointStalled(elapsed)
-
-
-def _mark_sent_with_the_dot(*, notification_id: int, message_id: str) -> Callable[[], None]:
-    """The commit point, called just before the final "." of DATA: mark the row `sent` in a
-    transaction, send its COMMIT without waiting, and return what reads the COMMIT's answer once
-    the dot is out.
-
-    A worker killed before this COMMIT leaves (even after the UPDATE reached the database) rolls
-    the row back and writes no dot, so the server discards the message and a re-run sends it
-    once. Killed after, the database commits what it has received and the dot follows in the
-    same instant. What remains is the few microseconds between the two writes, where a kill
-    loses the e-mail rather than sending it twice.
-    """
-    started = time.monotonic()
-    connection.set_autocommit(False)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(_DURABLE)
-            cursor.execute(_MARK_SENT, [notification_id, message_id])
-            if cursor.rowcount != 1:
-                raise SendAborted
-        _check_session_alive(started=started)
-    except BaseException:
-        try:
-            connection.rollback()
-            connection.set_autocommit(True)
-        except DatabaseError:
-            connection.close()  # the session is gone: the next statement opens a fresh one
-        raise
-    pgconn = connection.connection.pgconn
-    pgconn.send_query(b"COMMIT")
-    while pgconn.flush():
-        pass
-
-    def read_commit() -> None:
-        try:
-            results = psycopg.waiting.wait(psycopg.generators.fetch_many(pgconn), pgconn.socket)
-            failed = [r for r in results if r.status != psycopg.pq.ExecStatus.COMMAND_OK]
-            if failed:
-                raise psycopg.OperationalError(f"COMMIT failed: {failed[0].error_message.decode(errors='replace')}")
-        finally:
-            connection.set_autocommit(True)
-
-    return read_commit
-
-
-_RECORD_SENT = """
-UPDATE notification_jobs SET status = 'sent', processed_at = coalesce(processed_at, now()), error = ''
- WHERE id = %s AND provider_message_id = %s AND status IN ('processing', 'sent')
-"""
-_RECORD_RETRY_SECONDS = 0.2
-
-
-def _record_sent_when_back(*, notification_id: int, message_id: str, attempt: int) -> None:
-    """Record a send whose dot left while the COMMIT's answer was lost. The job waits
-    NOTIFICATIONS_OUTCOME_WAIT_SECONDS for the database; then the process's recorder thread
-    takes over and keeps trying until the database answers. Nothing raises, so nothing runs
-    the job again and sends a second e-mail meanwhile."""
-    deadline = time.monotonic() + settings.NOTIFICATIONS_OUTCOME_WAIT_SECONDS
-    while not _record_sent(notification_id=notification_id, message_id=message_id, attempt=attempt):
-        if time.monotonic() > deadline:
-            _recorder.add(notification_id=notification_id, message_id=message_id, attempt=attempt)
-            return
-        time.sleep(_RECORD_RETRY_SECONDS)
-
-
-def _record_sent(*, notification_id: int, message_id: str, attempt: int) -> bool:
-    """One attempt; True once the database has the outcome (False: it is still away)."""
-    connection.close()  # a session that lost its server, or that was left mid-transaction
-    try:
-        with transaction.atomic():
-            with connection.cursor() as cursor:
-                cursor.execute(_DURABLE)
-                cursor.execute(_RECORD_SENT, [notification_id, message_id])
-                recorded = cursor.rowcount == 1
-            if recorded:
-                response = "sent; recorded after a database outage"
-            else:
-                # Another run claimed it meanwhile (it was rescued): it may have gone twice.
-                response = "sent; recorded after a database outage, but another run had claimed it since"
-                logger.error("Notification %s: %s (Message-ID %s)", notification_id, response, message_id)
-            if NotificationJob.objects.filter(id=notification_id).exists():
-                _log(notification_id, attempt, DeliveryLog.Outcome.SENT, response=response)
-    except (OperationalError, InterfaceError):  # the database is still away
-        connection.close()
-        return False
-    except DatabaseError:
-        # Not an outage (a bug, a schema change): retrying would never end.
-        logger.exception("Notification %s: sent, but the send could not be recorded", notification_id)
-    return True
-
-
-class _OutcomeRecorder:
-    """Sends whose outcome a job could not record in time, recorded by one thread of the process
-    as soon as the database answers. Not a daemon: a stopping worker waits for it, so what only
-    this process knows (the dot left) is not lost with it."""
-
-    LOG_EVERY_SECONDS = 30.0
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: list[dict] = []
-        self._thread: threading.Thread | None = None
-
-    def add(self, **send: int | str) -> None:
-        with self._lock:
-            self._pending.append(send)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="notification-outcomes")
-                self._thread.start()
-        logger.warning("Notification %s: sent, recorded once the database answers", send["notification_id"])
-
-    def _run(self) -> None:
-        logged_at = time.monotonic()
-        while True:
-            with self._lock:
-                if not self._pending:
-                    self._thread = None
-                    connection.close()  # this thread's own
-                    return
-                send = self._pending[0]
-            if _record_sent(**send):
-                with self._lock:
-                    self._pending.remove(send)
-                continue
-            if time.monotonic() - logged_at > self.LOG_EVERY_SECONDS:
-                logged_at = time.monotonic()
-                ids = [pending["notification_id"] for pending in self._pending]
-                logger.warning("Waiting for the database to record %d sent notification(s): %s", len(ids), ids)
-            time.sleep(_RECORD_RETRY_SECONDS)
-
-
-_recorder = _OutcomeRecorder()
 
 
 def _not_claimed(*, notification_id: int, attempt: int) -> str:
@@ -542,7 +354,7 @@ def _not_claimed(*, notification_id: int, attempt: int) -> str:
         NotificationJob.objects.filter(id=notification_id, status__in=[Status.PENDING, Status.FAILED]).update(
             status=Status.CANCELLED, error=reason, processed_at=timezone.now()
         )
-        _log(notification_id, attempt, DeliveryLog.Outcome.CANCELLED, error=reason)
+        delivery_log_write(notification_id, attempt, DeliveryLog.Outcome.CANCELLED, error=reason)
     return Status.CANCELLED
 
 

@@ -38,6 +38,21 @@ def test_admin_lists_notifications_logs_and_recipients_with_filters(staff_client
         assert staff_client.get(path).status_code == 200, path
 
 
+def test_admin_lists_sent_notifications_whose_server_reply_is_not_on_record(staff_client):
+    owner = make_user("sam")
+    recipient = make_recipient(owner)
+    confirmed, unconfirmed, pending = _send(owner, recipient), _send(owner, recipient), _send(owner, recipient)
+    NotificationJob.objects.filter(id__in=[confirmed.id, unconfirmed.id]).update(
+        status="sent", processed_at=timezone.now(), provider_message_id="<m@x>"
+    )
+    DeliveryLog.objects.create(notification=confirmed, attempt=1, outcome="sent", provider_response="250 ok")
+    DeliveryLog.objects.create(notification=unconfirmed, attempt=1, outcome="transient_failure")
+    page = staff_client.get("/admin/notifications/notificationjob/?reply=missing")
+    assert page.status_code == 200
+    listed = {n.id for n in page.context["cl"].result_list}
+    assert listed == {unconfirmed.id}, (listed, confirmed.id, pending.id)
+
+
 def test_admin_actions_retry_failed_and_cancel_pending(staff_client):
     owner = make_user("tess")
     recipient = make_recipient(owner)

@@ -9,7 +9,7 @@ import subprocess
 import psycopg
 import pytest
 
-from notifications import services
+from notifications import selectors, services
 from notifications.models import NotificationJob
 from tests.conftest import database_url, smtp_env, start_worker_process, wait_for
 from tests.factories import make_recipient, make_user
@@ -87,6 +87,9 @@ def test_worker_killed_after_the_server_accepted_is_not_sent_again(smtp):
             wait_for(lambda: len(smtp.messages) == 1, what="the server to accept the message")
             wait_for(lambda: _backend_waiting_on_a_lock(blocker), what="the worker to block after sending")
             _kill(doomed)
+            # Its backend notices the closed client (client_connection_check_interval) and
+            # drops the waiting INSERT: the server's reply is not on record.
+            wait_for(lambda: not _backend_waiting_on_a_lock(blocker), what="the dead worker's INSERT to go")
         finally:
             if doomed.poll() is None:
                 doomed.kill()
@@ -106,6 +109,8 @@ def test_worker_killed_after_the_server_accepted_is_not_sent_again(smtp):
     finally:
         _stop(rescuer)
     assert len(smtp.messages) == 1
+    # The operator sees it: sent, the server's reply never recorded (its Message-ID to look up).
+    assert list(selectors.notifications_sent_unconfirmed().values_list("id", flat=True)) == [notification.id]
 
 
 def _job_status(notification: NotificationJob) -> str:
