@@ -118,12 +118,12 @@ class AccountEraseSerializer(serializers.Serializer):
     password = StrictCharField(write_only=True, max_length=4096, trim_whitespace=False)
 
 
-class AccountApi(APIView):
-    """DELETE with the account's password: the user and everything of theirs are deleted (the
-    right to erasure, core/erasure.py), their queued jobs included. 204; 400 on a wrong password."""
+class AccountEraseApi(APIView):
+    """POST the account's password: the user and everything of theirs are deleted (the right to
+    erasure, core/erasure.py), their queued jobs included. 204; 400 on a wrong password."""
 
     @extend_schema(request=AccountEraseSerializer, responses={204: None})
-    def delete(self, request: Request) -> Response:
+    def post(self, request: Request) -> Response:
         serializer = AccountEraseSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         if not request.user.check_password(serializer.validated_data["password"]):

@@ -6,7 +6,7 @@ info). What has none is erased by the app that owns it: the job rows with their 
 events, progress and results (jobs), counters kept under a name (quotas, throttles). Each app
 registers its eraser in its AppConfig.ready(); they run from the user's `pre_delete` signal,
 inside the deletion's own transaction, so the admin's delete, `user.delete()` and
-`DELETE /api/auth/me/` all erase the same, and a deletion that fails leaves everything in place.
+`POST /api/auth/erase/` all erase the same, and a deletion that fails leaves everything in place.
 
 Erasers take the user's id and must not fail on a user with nothing to erase.
 """

@@ -80,11 +80,11 @@ def test_deleting_a_user_after_a_full_flow_leaves_nothing_of_theirs(claude, smtp
     for marker in MARKERS:  # the scan finds what is there
         assert _rows_with(marker), marker
 
-    refused = client_for(user).delete("/api/auth/me/", {"password": "wrong"}, format="json")
+    refused = client_for(user).post("/api/auth/erase/", {"password": "wrong"}, format="json")
     assert refused.status_code == 400 and "password" in refused.json(), refused.content
     assert get_user_model().objects.filter(id=USER_ID).exists()
 
-    erased = client_for(user).delete("/api/auth/me/", {"password": PASSWORD}, format="json")
+    erased = client_for(user).post("/api/auth/erase/", {"password": PASSWORD}, format="json")
     assert erased.status_code == 204, erased.content
 
     assert {marker: _rows_with(marker) for marker in MARKERS} == {marker: {} for marker in MARKERS}
