@@ -5,7 +5,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from core.apis import HealthApi, TokenApi
+from core.apis import AccountEraseApi, HealthApi, TokenApi
 from digests.apis import DigestScheduleViewSet, DigestViewSet
 from jobs.apis import WebhookSecretApi, WebhookSecretRotateApi
 from jobs.prometheus import metrics_view
@@ -21,6 +21,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("metrics", metrics_view, name="metrics"),
     path("api/auth/token/", TokenApi.as_view(), name="auth-token"),
+    path("api/auth/erase/", AccountEraseApi.as_view(), name="auth-erase"),
     path("api/health/", HealthApi.as_view(), name="health"),
     path("api/notes/", include("notes.urls")),
     path("api/notifications/", include("notifications.urls")),

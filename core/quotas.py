@@ -47,6 +47,12 @@ class QuotaTaken:
     retry_after: int = 0  # seconds until the day (UTC) ends, when refused
 
 
+def quota_erase(*, key: str) -> None:
+    """Forget every day counted under `key` (its user is being erased, core/erasure.py)."""
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM core_quota_counters WHERE key = %s", [key])
+
+
 def quota_take(*, key: str, amount: Decimal | int, limit: Decimal | int) -> QuotaTaken:
     """Count `amount` against today's `limit` for `key`, all or nothing."""
     params = {"key": key, "amount": Decimal(amount), "limit": Decimal(limit)}

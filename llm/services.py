@@ -7,7 +7,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import transaction
 
-from core.quotas import quota_adjust, quota_take
+from core.quotas import quota_adjust, quota_erase, quota_take
 from llm import pricing
 from llm.client import ClaudeClient, Completion, ProviderError, ProviderTimedOut, estimate_input_tokens
 from llm.models import LlmUsage
@@ -25,6 +25,12 @@ def llm_budget_usd() -> Decimal:
 
 def _daily_key(owner_id: int) -> str:
     return f"llm-usd:{owner_id}"
+
+
+def llm_erase_owner(owner_id: int) -> None:
+    """The owner's daily budget counters (core/erasure.py). Their ledger rows stay, for the
+    monthly spend, without the owner (the foreign key sets it NULL)."""
+    quota_erase(key=_daily_key(owner_id))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from django.utils import timezone
 from rest_framework import status as http
 
 from core.errors import ApplicationError
+from jobs.erasure import job_cancel_waiting
 from jobs.services import job_defer, job_defer_bulk
 from jobs.webhooks import webhook_url_check
 from llm.client import ProviderError
@@ -29,6 +30,11 @@ from notes.selectors import note_enrichment_candidates
 logger = logging.getLogger(__name__)
 
 
+def _note_lock(note_id: int) -> str:
+    """The lock of every job working on one note: two never run at once."""
+    return f"note:{note_id}"
+
+
 def _enrichment_defer(note: Note) -> None:
     from notes.tasks import note_enrich  # tasks import services; import late to avoid a cycle
 
@@ -37,7 +43,7 @@ def _enrichment_defer(note: Note) -> None:
     job_defer(
         note_enrich,
         queueing_lock=f"note-enrich:{note.id}",
-        lock=f"note:{note.id}",
+        lock=_note_lock(note.id),
         owner_id=note.owner_id,
         note_id=note.id,
     )
@@ -80,6 +86,9 @@ def note_update(*, note: Note, content: str | None = None, title: str | None = N
 
 @transaction.atomic
 def note_delete(*, note: Note) -> None:
+    """Delete the note; its waiting jobs (an enrichment queued after an edit) end cancelled in
+    the same transaction, and one running finds the note gone."""
+    job_cancel_waiting(lock=_note_lock(note.id))
     note.delete()
 
 

@@ -8,7 +8,11 @@ class NotificationsConfig(AppConfig):
     verbose_name = "Notifications"
 
     def ready(self) -> None:
+        from core.erasure import erasure_register
         from core.services import purge_register
+        from notifications.services import notifications_erase_owner
+
+        erasure_register("notifications", notifications_erase_owner)
 
         purge_register(
             "notifications", "notifications.services.notifications_purge"

@@ -15,7 +15,7 @@ from procrastinate.contrib.django import app
 from rest_framework import status as http
 
 from core.errors import ApplicationError, ProviderError
-from core.quotas import quota_take
+from core.quotas import quota_erase, quota_take
 from jobs.breaker import breaker_check, breaker_record_failure, breaker_record_success
 from jobs.ratelimit import rate_limit_wait
 from jobs.services import job_defer, job_defer_bulk
@@ -79,6 +79,11 @@ def email_quota_take(*, owner_id: int, count: int = 1) -> None:
             extra={"retry_after": taken.retry_after},
             headers={"Retry-After": str(taken.retry_after)},
         )
+
+
+def notifications_erase_owner(owner_id: int) -> None:
+    """The owner's e-mail quota counters (core/erasure.py; their rows go by their foreign keys)."""
+    quota_erase(key=_email_quota_key(owner_id))
 
 
 def email_quota_fits(*, owner_id: int, count: int) -> bool:

@@ -85,6 +85,7 @@ CREATES: dict[str, Callable[[dict], dict] | None] = {
 # The caller's own settings, no id in the path: each user reaches only theirs
 # (tests/jobs/test_webhooks.py::test_each_owner_signs_with_a_secret_of_their_own).
 OWN_SETTINGS = {
+    "POST /api/auth/erase/",
     "GET /api/webhooks/secret/",
     "POST /api/webhooks/secret/rotate/",
 }

@@ -52,6 +52,7 @@ CHECKS = [
 # cores. FUZZ_EXAMPLES=500 make test ARGS=tests/core/test_schema_fuzz.py digs deeper.
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
 STAFF_ONLY_PATHS = ("/api/jobs/queues/",)
+ERASE_PATH = "/api/auth/erase/"
 # An event stream stays open until its job ends: tests/jobs/test_stream.py covers it.
 STREAMING_PATHS = ("/api/jobs/{id}/stream/",)
 PASSWORD = "correct-horse-battery"
@@ -100,6 +101,8 @@ def fuzz_world(db, settings, user, api):
     return {
         "user": Token.objects.get(user=user).key,
         "staff": Token.objects.create(user=admin).key,
+        # Erasing an account with the right password works: the fuzzer erases this one, not "user".
+        "erasable": Token.objects.create(user=make_user("erasable", password=PASSWORD)).key,
         # Path template prefix -> the values to patch into its path parameter.
         "path_values": {
             "/api/notes/import/{import_id}/": {"import_id": note_import["import_id"]},
@@ -139,7 +142,8 @@ def _patch(case, world: dict) -> None:
 
 def _fuzz(operation, mode: GenerationMode, world: dict) -> None:
     staff = operation.path.startswith(STAFF_ONLY_PATHS)
-    headers = {"Authorization": f"Token {world['staff' if staff else 'user']}"}
+    who = "staff" if staff else "erasable" if operation.path == ERASE_PATH else "user"
+    headers = {"Authorization": f"Token {world[who]}"}
 
     @hypothesis.settings(
         max_examples=EXAMPLES,
