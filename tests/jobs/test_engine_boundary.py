@@ -55,7 +55,7 @@ def test_the_checked_versions_are_the_pinned_ones():
 def test_a_method_gone_upstream_fails_the_check(monkeypatch):
     monkeypatch.delattr(Worker, "_process_job")
 
-    assert _failure() == "procrastinate 3.10.0: Worker._process_job is gone -- revisit jobs/worker.py"
+    assert _failure() == f"procrastinate 3.10.0: Worker._process_job is gone -- revisit {boundary.WORKER}"
 
 
 def test_a_changed_signature_fails_the_check(monkeypatch):
@@ -66,7 +66,7 @@ def test_a_changed_signature_fails_the_check(monkeypatch):
 
     assert _failure() == (
         "procrastinate 3.10.0: Worker._process_job(self, context, job) changed, expected (self, context)"
-        " -- revisit jobs/worker.py"
+        f" -- revisit {boundary.WORKER}"
     )
 
 
@@ -75,7 +75,7 @@ def test_a_method_that_is_no_longer_a_coroutine_fails_the_check(monkeypatch):
 
     assert _failure() == (
         "psycopg-pool 3.3.3: AsyncConnectionPool._add_connection is now a method, expected an async method"
-        " -- revisit jobs/connector.py"
+        f" -- revisit {boundary.CONNECTOR}"
     )
 
 
@@ -90,7 +90,7 @@ def test_an_attribute_of_another_type_fails_the_check(monkeypatch):
 
     assert _failure() == (
         "procrastinate 3.10.0: Worker._new_job_event is now a Condition, expected an Event"
-        " -- revisit jobs/worker.py and jobs/middleware.py (_wake_at)"
+        f" -- revisit {boundary.WORKER} and {boundary.MIDDLEWARE} (_wake_at)"
     )
 
 
@@ -104,7 +104,8 @@ def test_an_attribute_the_constructor_no_longer_sets_fails_the_check(monkeypatch
     monkeypatch.setattr(Worker, "__init__", init)
 
     assert _failure() == (
-        "procrastinate 3.10.0: Worker._job_ids_to_abort is no longer set by its constructor -- revisit jobs/worker.py"
+        "procrastinate 3.10.0: Worker._job_ids_to_abort is no longer set by its constructor"
+        f" -- revisit {boundary.WORKER}"
     )
 
 
@@ -117,7 +118,7 @@ def test_an_override_upstream_no_longer_calls_fails_the_check(monkeypatch):
 
     assert _failure() == (
         "procrastinate 3.10.0: Worker._start_side_tasks is no longer called in procrastinate.utils"
-        " (our override would not run) -- revisit jobs/worker.py"
+        f" (our override would not run) -- revisit {boundary.WORKER}"
     )
 
 
@@ -128,7 +129,7 @@ def test_a_new_upstream_method_that_our_subclass_defines_fails_the_check(monkeyp
 
     assert _failure() == (
         "procrastinate 3.10.0: Worker._start, which BatchingWorker uses or defines, is not in the boundary list"
-        " -- revisit jobs/worker.py"
+        f" -- revisit {boundary.WORKER}"
     )
 
 
@@ -137,14 +138,14 @@ def test_an_unlisted_private_name_that_our_subclass_uses_fails_the_check(monkeyp
 
     assert _failure() == (
         "procrastinate 3.10.0: Worker._stop_event, which BatchingWorker uses or defines, is not in the boundary list"
-        " -- revisit jobs/worker.py"
+        f" -- revisit {boundary.WORKER}"
     )
 
 
 def test_an_assigned_method_gone_upstream_fails_the_check(monkeypatch):
     monkeypatch.delattr(App, "_worker")
 
-    assert _failure() == "procrastinate 3.10.0: App._worker is gone -- revisit jobs/app.py"
+    assert _failure() == f"procrastinate 3.10.0: App._worker is gone -- revisit {boundary.APP}"
 
 
 def test_another_version_with_every_name_intact_is_a_warning_not_a_failure(monkeypatch, caplog):
@@ -173,7 +174,7 @@ def test_a_process_does_not_start_when_a_name_changed():
     assert result.returncode != 0
     assert (
         "django.core.exceptions.ImproperlyConfigured: procrastinate 3.10.0: Worker._update_heartbeat is gone"
-        " -- revisit jobs/worker.py"
+        f" -- revisit {boundary.WORKER}"
     ) in result.stderr.splitlines()
 
 

@@ -160,7 +160,7 @@ def test_the_contract_notices_a_changed_sql_function(upstream):
         mismatches = _function_mismatches(upstream.cursor())
     [mismatch] = mismatches
     assert mismatch.startswith("procrastinate_finish_job_v1 changed upstream (sha256 ")
-    assert mismatch.endswith(f"revisit jobs/manager.py (FINISH_JOBS), then update UPSTREAM_SQL in {BOUNDARY}")
+    assert mismatch.endswith(f"revisit {boundary.MANAGER} (FINISH_JOBS), then update UPSTREAM_SQL in {BOUNDARY}")
 
 
 def test_the_contract_notices_a_new_trigger(upstream):
@@ -186,4 +186,4 @@ def test_the_contract_notices_a_changed_method(monkeypatch):
 
     [mismatch] = _source_mismatches()
     assert mismatch.startswith("procrastinate.worker:Worker._start_side_tasks changed upstream (sha256 ")
-    assert mismatch.endswith(f"revisit jobs/worker.py, then update UPSTREAM_SOURCES in {BOUNDARY}")
+    assert mismatch.endswith(f"revisit {boundary.WORKER}, then update UPSTREAM_SOURCES in {BOUNDARY}")
