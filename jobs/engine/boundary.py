@@ -315,35 +315,35 @@ INSTANCES: dict[str, Callable[[], Any]] = {
 
 
 # --- What the engine copies: fingerprints compared by tests/jobs/test_engine_contract.py ---------
-# sha256 of pg_get_functiondef() of each function as Procrastinate's own migrations create it,
-# and the file whose SQL copies, wraps or replaces it.
+# sha256 of each function's definition (its arguments, result, language and body) as
+# Procrastinate's own migrations create it, and the file whose SQL copies, wraps or replaces it.
 UPSTREAM_SQL: dict[str, tuple[str, str]] = {
     "procrastinate_fetch_job_v2": (
-        "d144ea07204edf0297e5ca1f2622cd18e849b4944603486ef7e7ce98ad783355",
+        "c20f08a0953b35389c5ac6e492ae6449a15dd05e485f5775a354ae14f617e970",
         f"{MANAGER} (CLAIM_JOBS)",
     ),
     "procrastinate_finish_job_v1": (
-        "06c0ced78a30b2e9ba441ad7a4d0c83445bfc726ded90dc68ff2a5ba74e46061",
+        "7c44c7e6e823f8853d271b9bcdc07a067aa50b27a1aaac5fe8a7a1d1e42e2dbd",
         f"{MANAGER} (FINISH_JOBS)",
     ),
     "procrastinate_retry_job_v2": (
-        "5e5111698b4326d5b8256c6ace273f63c8e5878ac6c550c69c9484b68af3ed37",
+        "be0e1676986f6b47d04dabf9ab65dc4387cd827963cf8435cf2e5cba976f2699",
         f"{MIGRATION_RETRY} (jobs_retry_job_v1) and {SERVICES} (job_retry_stuck)",
     ),
     "procrastinate_defer_jobs_v1": (
-        "dbc85146f02d06ecadf1ddd953474c47f45e2bfcfc0d665962be115b013f19c7",
+        "2f36176d0517bf9f56debc67a3334e75cd078c17a336fbd9ce3c61768ddffb0f",
         f"{SERVICES} (_DEFER, _DEFER_MANY) and {MIGRATION_UPDATED_TRIGGER}",
     ),
     "procrastinate_notify_queue_job_inserted_v1": (
-        "813b559205671b7937d7086dc8a60711dcb71417592b64300bb6c92065878e68",
+        "f02ef698e67ff11ed2a3e42deee13eaaef130e03231b99e42d335eafb0a8dcf6",
         f"{MIGRATION_TRIGGERS} (jobs_after_jobs_inserted), {MANAGER} (FINISH_JOBS) and {SERVICES} (queue_resume)",
     ),
     "procrastinate_trigger_function_status_events_insert_v1": (
-        "95a0aa444512d145e47e2fc8878143a8e83f6e73e62b1dd8bdf9aec73c12a4bf",
+        "b8a02779bca4596ad275e4dc23ea1044ca906ab6dca8a992fb383453f4d9a71f",
         f"{MIGRATION_TRIGGERS} (jobs_after_jobs_inserted)",
     ),
     "procrastinate_trigger_function_status_events_update_v1": (
-        "1ad84e20e16f929a45e426f969bf5350f5a287bc0a9f726955f6f298bc4080f7",
+        "cbb332b004578e26528330c1aaee651521b94ce7aca80af868cbe2adf1536cb1",
         f"{MIGRATION_UPDATED_TRIGGER} (jobs_after_jobs_updated, first written in {MIGRATION_TRIGGERS})",
     ),
 }

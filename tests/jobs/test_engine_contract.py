@@ -2,7 +2,8 @@
 ships at the pinned version (jobs/engine/boundary.py holds the fingerprints).
 
 - The SQL functions whose rules the engine's SQL copies (the claim, the batch of ends, the
-  retry, the insert, the triggers it replaces): sha256 of pg_get_functiondef() of each, as
+  retry, the insert, the triggers it replaces): sha256 of each one's definition (arguments,
+  result, language and body, as pg_get_functiondef() prints them), as
   Procrastinate's own migrations create them, in a scratch database that only they ran on.
 - The triggers on procrastinate_jobs as those migrations leave them; migration 0003 drops three
   and replaces them, so a new one upstream (which would double the events) must be read.
@@ -76,9 +77,12 @@ def upstream() -> Iterator[psycopg.Connection]:
 
 
 def _function_fingerprints(cursor) -> dict[str, str]:
+    # What pg_get_functiondef() prints, but from its parts: the body as written and the header as
+    # PostgreSQL names it, so that another server version's layout of the header does not count.
     cursor.execute(
-        "SELECT p.proname, pg_get_functiondef(p.oid) FROM pg_proc AS p"
-        " JOIN pg_namespace AS n ON n.oid = p.pronamespace"
+        "SELECT p.proname, concat_ws(E'\\n', pg_get_function_identity_arguments(p.oid), pg_get_function_result(p.oid),"
+        " l.lanname, p.prosrc) FROM pg_proc AS p"
+        " JOIN pg_namespace AS n ON n.oid = p.pronamespace JOIN pg_language AS l ON l.oid = p.prolang"
         " WHERE n.nspname = 'public' AND p.proname = ANY(%s) ORDER BY p.proname, p.oid",
         [list(boundary.UPSTREAM_SQL)],
     )
