@@ -1,0 +1,183 @@
+"""The claim (jobs/manager.py's CLAIM_JOBS, `BatchingJobManager.fetch_jobs`) on real PostgreSQL:
+Procrastinate's `procrastinate_fetch_job_v2` rules with a LIMIT of many, and the paused queues.
+
+Jobs are written straight into procrastinate_jobs (no worker runs them), then claimed the way a
+worker claims them: on the worker's own pool, as a registered worker, up to `limit` at once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from procrastinate.contrib.django import app
+
+from jobs import services
+from tests.factories import make_user
+from tests.jobs import tasks_for_tests as tasks
+from tests.jobs.workers import query
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+QUEUE_A = tasks.QUEUE_A
+QUEUE_B = tasks.QUEUE_B
+
+
+def _add(*, queue: str = QUEUE_A, priority: int = 0, lock: str | None = None, scheduled_at=None) -> int:
+    [(job_id,)] = query(
+        "INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, args, scheduled_at)"
+        " VALUES (%s, 'tests.claimed', %s, %s, '{}', %s) RETURNING id",
+        [queue, priority, lock, scheduled_at],
+    )
+    return job_id
+
+
+async def _on_worker_pool(action):
+    with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
+        async with worker_app.open_async():
+            return await action(worker_app.job_manager)
+
+
+def _claim(limit: int, queues: list[str] | None = None) -> list[int]:
+    """One claim of up to `limit` jobs; the ids in the order the worker starts them."""
+
+    async def claim(manager):
+        worker_id = await manager.register_worker()
+        return [job.id for job in await manager.fetch_jobs(queues=queues, worker_id=worker_id, limit=limit)]
+
+    return asyncio.run(_on_worker_pool(claim))
+
+
+def _doing() -> set[int]:
+    return {row[0] for row in query("SELECT id FROM procrastinate_jobs WHERE status = 'doing'")}
+
+
+_FINISH = "UPDATE procrastinate_jobs SET status = 'succeeded' WHERE id = ANY(%(ids)s)"
+
+
+def _finish(job_ids: list[int]) -> None:
+    query(_FINISH, {"ids": job_ids})
+
+
+def test_the_highest_priority_first_then_the_oldest():
+    low = _add(priority=0)
+    high = _add(priority=10)
+    middle = _add(priority=5)
+    high_later = _add(priority=10)
+    negative = _add(priority=-3)
+
+    assert _claim(limit=10) == [high, high_later, middle, low, negative]
+
+
+def test_the_limit_takes_the_most_urgent_jobs_and_leaves_the_others_waiting():
+    jobs = [_add(priority=p) for p in (1, 4, 2, 5, 3)]
+
+    assert _claim(limit=2) == [jobs[3], jobs[1]]
+    assert _claim(limit=2) == [jobs[4], jobs[2]]
+    assert _claim(limit=2) == [jobs[0]]
+    assert _claim(limit=2) == []
+    assert _doing() == set(jobs)
+
+
+def test_one_claim_of_many_takes_only_one_job_of_a_lock():
+    first_of_lock = _add(lock="note:1")
+    second_of_lock = _add(lock="note:1")
+    other_lock = _add(lock="note:2")
+    unlocked = [_add(), _add()]
+
+    assert sorted(_claim(limit=10)) == sorted([first_of_lock, other_lock, *unlocked])
+    # While the first runs, its successor waits, even for a claim with slots to spare.
+    assert _claim(limit=10) == []
+    _finish([first_of_lock])
+    assert _claim(limit=10) == [second_of_lock]
+
+
+def test_a_lock_runs_its_most_urgent_job_first():
+    older_low = _add(lock="digest:7", priority=0)
+    newer_high = _add(lock="digest:7", priority=5)
+
+    assert _claim(limit=10) == [newer_high]
+    _finish([newer_high])
+    assert _claim(limit=10) == [older_low]
+
+
+def test_jobs_without_a_lock_never_exclude_each_other():
+    jobs = [_add() for _ in range(5)]
+
+    assert sorted(_claim(limit=10)) == jobs
+
+
+def test_a_paused_queue_is_not_claimed_and_its_jobs_are_once_it_resumes():
+    services.queue_pause(queue=QUEUE_A, by=make_user("ops"))
+    paused = _add(queue=QUEUE_A, priority=10)
+    running = _add(queue=QUEUE_B)
+
+    assert _claim(limit=10) == [running]
+    assert _claim(limit=10, queues=[QUEUE_A]) == []
+    services.queue_resume(queue=QUEUE_A)
+    assert _claim(limit=10) == [paused]
+
+
+def test_a_lock_keeps_its_order_across_queues_even_when_the_first_queue_is_paused():
+    # As in Procrastinate: a lock's jobs run in their order wherever they wait, so the job of a
+    # running queue waits for its lock's earlier job in a paused one.
+    services.queue_pause(queue=QUEUE_A, by=make_user("ops"))
+    first = _add(queue=QUEUE_A, lock="note:3")
+    second = _add(queue=QUEUE_B, lock="note:3")
+
+    assert _claim(limit=10) == []
+    services.queue_resume(queue=QUEUE_A)
+    assert _claim(limit=10) == [first]
+    _finish([first])
+    assert _claim(limit=10) == [second]
+
+
+def test_only_the_worker_queues_are_claimed():
+    a_job = _add(queue=QUEUE_A)
+    b_job = _add(queue=QUEUE_B)
+
+    assert _claim(limit=10, queues=[QUEUE_B]) == [b_job]
+    assert _claim(limit=10, queues=[QUEUE_A, QUEUE_B]) == [a_job]
+
+
+def test_a_job_scheduled_in_the_future_is_not_claimed_until_it_is_due():
+    later = _add(scheduled_at=timezone.now() + timedelta(hours=1))
+    due = _add(scheduled_at=timezone.now() - timedelta(seconds=1))
+    unscheduled = _add()
+
+    assert sorted(_claim(limit=10)) == [due, unscheduled]
+    query("UPDATE procrastinate_jobs SET scheduled_at = now() - interval '1 second' WHERE id = %s", [later])
+    assert _claim(limit=10) == [later]
+
+
+def test_workers_claiming_at_once_never_get_the_same_job_nor_two_jobs_of_one_lock():
+    # 8 locks of 6 jobs each and 80 jobs without a lock, claimed by 4 workers at once (each on
+    # its own connection), 5 at a time, round after round; a round's jobs end before the next.
+    locked = {_add(lock=f"lock:{n % 8}", priority=n % 3): f"lock:{n % 8}" for n in range(48)}
+    unlocked = [_add(priority=n % 3) for n in range(80)]
+
+    async def claim_everything(manager):
+        worker_ids = [await manager.register_worker() for _ in range(4)]
+        rounds = []
+        while True:
+            claims = await asyncio.gather(
+                *(manager.fetch_jobs(queues=None, worker_id=worker_id, limit=5) for worker_id in worker_ids)
+            )
+            claimed = [job for jobs in claims for job in jobs]
+            if not claimed:
+                return rounds
+            rounds.append(claimed)
+            await manager.connector.execute_query_async(_FINISH, ids=[job.id for job in claimed])
+
+    rounds = asyncio.run(_on_worker_pool(claim_everything))
+
+    claims = Counter(job.id for claimed in rounds for job in claimed)
+    assert sorted(claims) == sorted([*locked, *unlocked])
+    assert set(claims.values()) == {1}  # no job twice
+    for claimed in rounds:
+        locks = [job.lock for job in claimed if job.lock is not None]
+        assert len(locks) == len(set(locks)), f"two jobs of one lock in one round: {sorted(locks)}"
+    # Each lock's jobs ran one per round, so no fewer rounds than the longest lock has jobs.
+    assert len(rounds) >= 6
