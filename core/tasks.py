@@ -4,8 +4,8 @@ from django.conf import settings
 from procrastinate.contrib.django import app
 
 from core import services
-from jobs import queues
-from jobs.registry import job_task
+from jobs.tasking import queues
+from jobs.tasking.registry import job_task
 
 
 @app.periodic(cron=settings.JOBS_RETENTION_CRON, periodic_id="purge-expired-rows")

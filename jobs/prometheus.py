@@ -33,8 +33,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from core.operators import metrics_token_given
-from jobs import queues, selectors
+from jobs.console import selectors
 from jobs.models import CircuitBreaker, PausedQueue
+from jobs.tasking import queues
 from llm import selectors as llm_selectors
 from notifications import selectors as notification_selectors
 from notifications.models import DeliveryLog

@@ -13,8 +13,8 @@ from django.db import connection
 
 from digests import services as digest_services
 from digests.tasks import digest_sweep as digest_sweep_task
-from jobs import services as job_services
-from jobs.breaker import breaker_record_failure, breaker_state
+from jobs.console import services as job_services
+from jobs.tasking.breaker import breaker_record_failure, breaker_state
 from llm.models import LlmUsage
 from notes import services as note_services
 from notes.models import Note

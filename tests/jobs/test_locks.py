@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from jobs import services
+from jobs.console import services
 from tests.conftest import run_worker, wait_for
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import event_times, job_status, start_test_worker, stop_worker, wait_for_workers

@@ -1,4 +1,4 @@
-"""The job manager's public calls behave as Procrastinate documents them (jobs/manager.py): a
+"""The job manager's public calls behave as Procrastinate documents them (jobs/engine/manager.py): a
 direct `finish_job` is written before it returns and refuses what Procrastinate refuses. The
 worker's own ends go through batches instead (tests/jobs/test_stale_worker.py)."""
 
@@ -11,7 +11,7 @@ from procrastinate import exceptions
 from procrastinate.contrib.django import app
 from procrastinate.jobs import Status
 
-from jobs import services
+from jobs.console import services
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import job_attempts, job_status
 

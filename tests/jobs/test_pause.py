@@ -1,4 +1,4 @@
-"""Pausing a queue (jobs/manager.py's fetch, services.queue_pause/queue_resume, the jobs_queue
+"""Pausing a queue (jobs/engine/manager.py's fetch, services.queue_pause/queue_resume, the jobs_queue
 command): its jobs wait while other queues run, in every worker process; resuming wakes idle
 workers through NOTIFY."""
 
@@ -11,7 +11,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from core.errors import ApplicationError
-from jobs import services
+from jobs.console import services
 from jobs.models import PausedQueue
 from tests.conftest import wait_for
 from tests.factories import make_user

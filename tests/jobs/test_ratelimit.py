@@ -12,8 +12,8 @@ from datetime import datetime
 import pytest
 from django.utils import timezone
 
-from jobs import services
-from jobs.registry import RateLimit
+from jobs.console import services
+from jobs.tasking.registry import RateLimit
 from tests.conftest import run_worker
 from tests.factories import make_user
 from tests.jobs import tasks_for_tests as tasks

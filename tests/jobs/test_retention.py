@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs import services
+from jobs.console import services
 from jobs.models import JobInfo
 from tests.factories import make_user
 from tests.jobs import tasks_for_tests as tasks

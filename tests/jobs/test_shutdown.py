@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from jobs import services
+from jobs.console import services
 from jobs.models import JobInfo
 from tests.conftest import wait_for
 from tests.jobs import tasks_for_tests as tasks

@@ -10,9 +10,9 @@ import signal
 import pytest
 from procrastinate.contrib.django import app
 
-from jobs import services
+from jobs.console import services
+from jobs.console.services import jobs_retry_stalled
 from jobs.models import JobInfo
-from jobs.services import jobs_retry_stalled
 from tests.conftest import wait_for
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import job_status, query, start_test_worker, stop_worker

@@ -1,5 +1,5 @@
-"""What a task can do: report progress, return a result, be deduplicated (jobs/progress.py,
-jobs/middleware.py, jobs/services.py job_defer)."""
+"""What a task can do: report progress, return a result, be deduplicated (jobs/tasking/progress.py,
+jobs/engine/middleware.py, jobs/console/services.py job_defer)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from procrastinate.contrib.django import app
 
-from jobs import services
+from jobs.console import services
 from jobs.models import JobInfo
 from tests.conftest import database_url, jobs, run_worker, wait_for
 from tests.factories import make_user

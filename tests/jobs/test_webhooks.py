@@ -1,5 +1,5 @@
 """Completion webhooks: a job deferred with a callback URL is POSTed its ending, signed with its
-owner's secret, by its own retried job on the `webhooks` queue (jobs/webhooks.py, the status
+owner's secret, by its own retried job on the `webhooks` queue (jobs/tasking/webhooks.py, the status
 trigger, jobs.webhook_deliver). Receivers are real HTTP peers on 127.0.0.1 (tests/peers/webhook.py);
 only DNS is replaced, by a static resolver, since it is the network edge."""
 
@@ -14,9 +14,10 @@ import pytest
 from django.utils import timezone
 
 from core.errors import ApplicationError
-from jobs import services, webhooks
+from jobs.console import services
 from jobs.models import JobInfo
-from jobs.registry import task_options
+from jobs.tasking import webhooks
+from jobs.tasking.registry import task_options
 from tests.conftest import client_for, jobs, run_worker
 from tests.factories import make_user
 from tests.jobs import tasks_for_tests as tasks

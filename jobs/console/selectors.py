@@ -14,8 +14,8 @@ from django.db.models.functions import Cast, Now
 from django.utils import timezone
 from procrastinate.contrib.django.models import ProcrastinateEvent, ProcrastinateJob
 
-from jobs import queues
 from jobs.models import JobInfo, PausedQueue
+from jobs.tasking import queues
 
 
 def job_counts_by_queue() -> dict[str, dict[str, int]]:

@@ -22,10 +22,10 @@ from procrastinate.tasks import Task
 from psycopg.types.json import Jsonb
 
 from core.errors import ApplicationError, ProviderError
-from jobs import queues
-from jobs.connector import is_connection_error
+from jobs.engine.connector import is_connection_error
 from jobs.models import JobInfo, PausedQueue, WebhookSecret
-from jobs.webhooks import webhook_post, webhook_url_check
+from jobs.tasking import queues
+from jobs.tasking.webhooks import webhook_post, webhook_url_check
 
 logger = logging.getLogger(__name__)
 
