@@ -18,7 +18,7 @@ from django.utils import timezone
 from rest_framework import status as http
 
 from core.errors import ApplicationError
-from jobs.console.services import job_defer, job_defer_bulk
+from jobs.tasking.defer import job_defer, job_defer_bulk
 from jobs.tasking.webhooks import webhook_url_check
 from llm.client import ProviderError
 from llm.services import LlmUnavailable, llm_complete

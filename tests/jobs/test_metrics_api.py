@@ -10,8 +10,8 @@ from django.db import connection
 from django.utils import timezone
 
 from jobs.console.selectors import job_metrics
-from jobs.console.services import job_defer
 from jobs.tasking import queues
+from jobs.tasking.defer import job_defer
 from jobs.tasking.registry import job_task
 from tests.conftest import client_for, run_worker
 from tests.factories import make_user
