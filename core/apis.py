@@ -15,8 +15,8 @@ from rest_framework.views import APIView
 
 from core.operators import may_read_operations
 from core.throttling import AnonRateThrottle
+from jobs import breaker_state
 from jobs.console.selectors import job_counts_by_queue, live_worker_exists, live_workers
-from jobs.tasking.breaker import breaker_state
 from llm.selectors import llm_spend_this_month
 from llm.services import llm_budget_usd
 from notifications.selectors import notification_health

@@ -8,10 +8,7 @@ from procrastinate.contrib.django import app
 
 from core.errors import ProviderError
 from digests import services
-from jobs.tasking import queues
-from jobs.tasking.limits import TimeLimitExceeded, call_with_time_limit
-from jobs.tasking.registry import job_task
-from jobs.tasking.retry import will_retry
+from jobs import TimeLimitExceeded, call_with_time_limit, job_task, queues, will_retry
 
 
 @app.periodic(cron=settings.DIGEST_SWEEP_CRON, periodic_id="digest-sweep")

@@ -4,10 +4,7 @@ from typing import Any
 
 from procrastinate import JobContext
 
-from jobs.tasking import queues
-from jobs.tasking.progress import job_progress
-from jobs.tasking.registry import job_task
-from jobs.tasking.retry import will_retry
+from jobs import job_progress, job_task, queues, will_retry
 from llm.client import ProviderError
 from notes import services
 

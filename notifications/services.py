@@ -21,9 +21,14 @@ from rest_framework import status as http
 
 from core.errors import ApplicationError, ProviderError
 from core.quotas import quota_take
-from jobs.tasking.breaker import breaker_check, breaker_record_failure, breaker_record_success
-from jobs.tasking.defer import job_defer, job_defer_bulk
-from jobs.tasking.ratelimit import rate_limit_wait
+from jobs import (
+    breaker_check,
+    breaker_record_failure,
+    breaker_record_success,
+    job_defer,
+    job_defer_bulk,
+    rate_limit_wait,
+)
 from notifications.mail import EmailSender, SendAborted, dot_sent
 from notifications.models import (
     JOB_PRIORITY,

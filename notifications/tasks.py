@@ -3,9 +3,7 @@ from __future__ import annotations
 from procrastinate import JobContext
 
 from core.errors import ProviderError
-from jobs.tasking import queues
-from jobs.tasking.registry import job_task
-from jobs.tasking.retry import will_retry
+from jobs import job_task, queues, will_retry
 from notifications import services
 
 
