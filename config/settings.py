@@ -48,6 +48,7 @@ INSTALLED_APPS = [
     "notes",
     "notifications",
     "digests",
+    "observability",  # the top floor: reads every app above
 ]
 
 MIDDLEWARE = [

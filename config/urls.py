@@ -5,11 +5,12 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from core.apis import HealthApi, TokenApi
+from core.apis import TokenApi
 from digests.apis import DigestScheduleViewSet, DigestViewSet
 from jobs.console.apis import WebhookSecretApi, WebhookSecretRotateApi
-from jobs.prometheus import metrics_view
 from notifications.apis import RecipientViewSet
+from observability.apis import HealthApi
+from observability.metrics import metrics_view
 
 router = SimpleRouter(trailing_slash=True)
 router.register("recipients", RecipientViewSet, basename="recipient")
