@@ -24,9 +24,10 @@ bench: $(STAMP)  ## the benchmark suite (bench/): one table, also in bench/resul
 chaos: $(STAMP)  ## 20,000 e-mails through SIGKILLed workers and a PostgreSQL restart: nothing lost, nothing twice
 	$(BIN)/python -m bench.chaos $(ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, and the layering of the apps (import-linter, [tool.importlinter] in pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

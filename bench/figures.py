@@ -23,7 +23,7 @@ def enqueue(bench: Bench, *, quick: bool = False) -> list[Figure]:
     from bench.stock_app import app as stock_app
     from bench.stock_app import stock_noop
     from bench.tasks import noop
-    from jobs.services import job_defer, job_defer_bulk
+    from jobs import job_defer, job_defer_bulk
 
     one_by_one = 500 if quick else 3000
     bulk_total, batch = (5000, 1000) if quick else (40000, 1000)
@@ -58,7 +58,7 @@ def enqueue(bench: Bench, *, quick: bool = False) -> list[Figure]:
             stock_single,
             ">= 2,000",
             project_single >= 2000,
-            notes=f"{one_by_one} jobs, jobs.services.job_defer, one transaction each",
+            notes=f"{one_by_one} jobs, jobs.job_defer, one transaction each",
         ),
         Figure(
             "enqueue in bulk",
@@ -68,7 +68,7 @@ def enqueue(bench: Bench, *, quick: bool = False) -> list[Figure]:
             stock_bulk,
             ">= 25,000",
             project_bulk >= 25000,
-            notes=f"{bulk_total} jobs in batches of {batch}, jobs.services.job_defer_bulk",
+            notes=f"{bulk_total} jobs in batches of {batch}, jobs.job_defer_bulk",
         ),
     ]
 
@@ -92,7 +92,7 @@ def processing(bench: Bench, *, quick: bool = False) -> list[Figure]:
     from bench.stock_app import app as stock_app
     from bench.stock_app import stock_noop
     from bench.tasks import noop
-    from jobs.services import job_defer_bulk
+    from jobs import job_defer_bulk
 
     total = 3000 if quick else 20000
     bench.reset_jobs()
@@ -140,7 +140,7 @@ def latency(bench: Bench, *, quick: bool = False) -> list[Figure]:
     from bench.stock_app import app as stock_app
     from bench.stock_app import stock_noop
     from bench.tasks import noop
-    from jobs.services import job_defer
+    from jobs import job_defer
 
     count = 50 if quick else 200
     bench.reset_jobs()

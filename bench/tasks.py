@@ -3,7 +3,7 @@ so it runs through the project's own worker configuration: middleware, paused-qu
 
 from __future__ import annotations
 
-from jobs.registry import job_task
+from jobs import job_task
 
 
 @job_task(name="bench.noop", queue="bench")

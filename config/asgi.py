@@ -1,6 +1,6 @@
 """The web server's application (the Dockerfile runs it with gunicorn's UvicornWorker).
 
-Sync views and middleware run in threads; the job stream (jobs/stream.py) runs on the event loop."""
+Sync views and middleware run in threads; the job stream (jobs/console/stream.py) runs on the event loop."""
 
 from __future__ import annotations
 
@@ -16,6 +16,6 @@ fail_fast_if_database_unreachable()
 use_connection_pool()
 django_application = get_asgi_application()
 
-from jobs.stream import serve_streams_without_request_thread  # noqa: E402 (needs the apps loaded)
+from jobs.console.stream import serve_streams_without_request_thread  # noqa: E402 (needs the apps loaded)
 
 application = serve_streams_without_request_thread(django_application)

@@ -48,6 +48,7 @@ INSTALLED_APPS = [
     "notes",
     "notifications",
     "digests",
+    "observability",  # the top floor: reads every app above
 ]
 
 MIDDLEWARE = [
@@ -356,7 +357,7 @@ PROCRASTINATE_READONLY_MODELS = True
 # Extra task modules beyond each app's tasks.py (the benchmark's no-op task: bench.tasks).
 PROCRASTINATE_IMPORT_PATHS = env.list("PROCRASTINATE_IMPORT_PATHS", default=[])
 # Installs the job layer into the worker: paused queues, rate limits, time limits, results.
-PROCRASTINATE_ON_APP_READY = "jobs.app.on_app_ready"
+PROCRASTINATE_ON_APP_READY = "jobs.engine.app.on_app_ready"
 
 # --- Job operations (jobs/) ------------------------------------------------------------------
 # Finished jobs and their events are deleted after these periods; per queue overrides as
@@ -371,7 +372,7 @@ JOBS_RETENTION_BATCH_SIZE = env.int("JOBS_RETENTION_BATCH_SIZE", default=1000)
 JOBS_RESULT_TTL_SECONDS = env.int("JOBS_RESULT_TTL_SECONDS", default=24 * 3600)
 # Rate-limited jobs wait in place when the next token is this close, else they are postponed.
 JOBS_RATE_LIMIT_INLINE_WAIT_SECONDS = env.float("JOBS_RATE_LIMIT_INLINE_WAIT_SECONDS", default=1.0)
-# Completion webhooks (jobs/webhooks.py): only these hosts may be called ("a.example.com", or
+# Completion webhooks (jobs/tasking/webhooks.py): only these hosts may be called ("a.example.com", or
 # ".example.com" for its subdomains), over https on 443 or a listed port, and only at public
 # addresses unless private ones are allowed (development, tests) or their network is listed.
 JOBS_WEBHOOK_ALLOWED_HOSTS = env.list("JOBS_WEBHOOK_ALLOWED_HOSTS", default=[])

@@ -5,11 +5,12 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from core.apis import AccountEraseApi, HealthApi, TokenApi
+from core.apis import AccountEraseApi, TokenApi
 from digests.apis import DigestScheduleViewSet, DigestViewSet
-from jobs.apis import WebhookSecretApi, WebhookSecretRotateApi
-from jobs.prometheus import metrics_view
+from jobs.console.apis import WebhookSecretApi, WebhookSecretRotateApi
 from notifications.apis import RecipientViewSet
+from observability.apis import HealthApi
+from observability.metrics import metrics_view
 
 router = SimpleRouter(trailing_slash=True)
 router.register("recipients", RecipientViewSet, basename="recipient")
@@ -17,7 +18,7 @@ router.register("digest-schedules", DigestScheduleViewSet, basename="digest-sche
 router.register("digests", DigestViewSet, basename="digest")
 
 urlpatterns = [
-    path("admin/jobs/dashboard/", include("jobs.dashboard")),
+    path("admin/jobs/dashboard/", include("jobs.console.dashboard")),
     path("admin/", admin.site.urls),
     path("metrics", metrics_view, name="metrics"),
     path("api/auth/token/", TokenApi.as_view(), name="auth-token"),
@@ -25,7 +26,7 @@ urlpatterns = [
     path("api/health/", HealthApi.as_view(), name="health"),
     path("api/notes/", include("notes.urls")),
     path("api/notifications/", include("notifications.urls")),
-    path("api/jobs/", include("jobs.urls")),
+    path("api/jobs/", include("jobs.console.urls")),
     path("api/webhooks/secret/", WebhookSecretApi.as_view(), name="webhook-secret"),
     path("api/webhooks/secret/rotate/", WebhookSecretRotateApi.as_view(), name="webhook-secret-rotate"),
     path("api/", include(router.urls)),

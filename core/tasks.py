@@ -4,8 +4,7 @@ from django.conf import settings
 from procrastinate.contrib.django import app
 
 from core import services
-from jobs import queues
-from jobs.registry import job_task
+from jobs import job_task, queues
 
 
 @app.periodic(cron=settings.JOBS_RETENTION_CRON, periodic_id="purge-expired-rows")

@@ -12,7 +12,7 @@ from core.clock import db_now
 from digests import schedule as rules
 from digests.models import Digest, DigestSchedule
 from digests.selectors import digest_notes_horizon, digest_schedules_unsent_notes, notes_in_period
-from jobs.services import job_defer
+from jobs import job_defer
 from llm.services import LlmUnavailable, llm_complete
 from notes.models import Note
 from notifications.services import QueuedEmail, email_quota_fits, notifications_queue

@@ -8,10 +8,7 @@ from procrastinate.contrib.django import app
 
 from core.errors import ProviderError
 from digests import services
-from jobs import queues
-from jobs.limits import TimeLimitExceeded, call_with_time_limit
-from jobs.registry import job_task
-from jobs.retry import will_retry
+from jobs import TimeLimitExceeded, call_with_time_limit, job_task, queues, will_retry
 
 
 @app.periodic(cron=settings.DIGEST_SWEEP_CRON, periodic_id="digest-sweep")

@@ -13,6 +13,6 @@ class JobsConfig(AppConfig):
         boundary.check()
 
         from core.erasure import erasure_register
-        from jobs.erasure import jobs_erase_owner
+        from jobs.tasking.erasure import jobs_erase_owner
 
         erasure_register("jobs", jobs_erase_owner)

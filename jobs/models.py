@@ -43,7 +43,7 @@ class JobInfo(models.Model):
     """What secondbrain knows about a Procrastinate job beyond its row: who it belongs to, its
     progress and result, its deduplication key and its completion webhook.
 
-    One row per job deferred through `jobs.services.job_defer` (periodic jobs have none). The
+    One row per job deferred through `jobs.tasking.defer.job_defer` (periodic jobs have none). The
     row goes when its job goes: a database foreign key with ON DELETE CASCADE (migration 0002).
     """
 

@@ -4,8 +4,9 @@ from django.conf import settings
 from procrastinate import JobContext
 from procrastinate.contrib.django import app
 
-from jobs import queues, services
-from jobs.registry import job_task
+from jobs.console import services
+from jobs.tasking import queues
+from jobs.tasking.registry import job_task
 
 # Above every other job: workers claim the highest priority first, so at the default priority a
 # backlog of e-mails would keep the jobs of a dead worker waiting until the backlog had drained.
@@ -33,7 +34,7 @@ def purge_finished_jobs(timestamp: int | None = None) -> dict[str, int]:
     return services.jobs_purge()
 
 
-# Deferred by the database when a job with a callback URL ends (see jobs/webhooks.py), on the
+# Deferred by the database when a job with a callback URL ends (see jobs/tasking/webhooks.py), on the
 # `webhooks` queue (the trigger names it, migration 0006). Each POST has its own total deadline;
 # the time limit is the backstop for everything around it (the database, a stuck lookup thread).
 @job_task(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from django.conf import settings
 from django.db.models import Sum
 from django.db.models.expressions import RawSQL
 
@@ -15,6 +16,10 @@ _MONTH_START = "date_trunc('month', now(), 'UTC')"
 def llm_spend_this_month() -> Decimal:
     total = LlmUsage.objects.filter(created_at__gte=RawSQL(_MONTH_START, [])).aggregate(s=Sum("cost_usd"))
     return total["s"] or Decimal("0")
+
+
+def llm_budget_usd() -> Decimal:
+    return Decimal(str(settings.LLM_MONTHLY_BUDGET_USD))
 
 
 def llm_usage_totals() -> list[dict]:

@@ -11,16 +11,12 @@ from core.quotas import quota_adjust, quota_erase, quota_take
 from llm import pricing
 from llm.client import ClaudeClient, Completion, ProviderError, ProviderTimedOut, estimate_input_tokens
 from llm.models import LlmUsage
-from llm.selectors import llm_spend_this_month
+from llm.selectors import llm_budget_usd, llm_spend_this_month
 
 
 class LlmUnavailable(Exception):
     """No call was made: no API key, or a budget (this month's, or the user's today) is spent.
     Degrade, don't fail."""
-
-
-def llm_budget_usd() -> Decimal:
-    return Decimal(str(settings.LLM_MONTHLY_BUDGET_USD))
 
 
 def _daily_key(owner_id: int) -> str:

@@ -43,7 +43,7 @@ _LINE_ENDS = ("\n", "\r")
 class ImportFileError(Exception):
     """The file as a whole cannot be imported (no header, no content column, ...).
 
-    `permanent`: the job layer does not retry it (jobs.retry)."""
+    `permanent`: the job layer does not retry it (jobs.tasking.retry)."""
 
     permanent = True
 

@@ -8,7 +8,7 @@ from rest_framework import serializers
 
 from core.errors import ApplicationError
 from core.fields import StrictCharField
-from jobs.webhooks import webhook_url_check
+from jobs import webhook_url_check
 from notes import imports
 from notes.models import ImportFormat, Note, NoteImport, NoteType
 

@@ -18,9 +18,7 @@ from django.utils import timezone
 from rest_framework import status as http
 
 from core.errors import ApplicationError
-from jobs.erasure import job_cancel_waiting
-from jobs.services import job_defer, job_defer_bulk
-from jobs.webhooks import webhook_url_check
+from jobs import job_cancel_waiting, job_defer, job_defer_bulk, webhook_url_check
 from llm.client import ProviderError
 from llm.services import LlmUnavailable, llm_complete
 from notes import enrichment, imports, tier1

@@ -4,10 +4,7 @@ from typing import Any
 
 from procrastinate import JobContext
 
-from jobs import queues
-from jobs.progress import job_progress
-from jobs.registry import job_task
-from jobs.retry import will_retry
+from jobs import job_progress, job_task, queues, will_retry
 from llm.client import ProviderError
 from notes import services
 

@@ -4,7 +4,7 @@ from django.contrib import admin, messages
 from django.http import HttpRequest
 
 from core.errors import ApplicationError
-from jobs.dashboard import RETRY_PERMISSION, user_may
+from jobs import RETRY_PERMISSION, user_may
 from notifications import selectors, services
 from notifications.models import DeliveryLog, NotificationJob, Recipient, Status
 

@@ -106,6 +106,12 @@ def delivery_counts_by_outcome() -> dict[str, int]:
     return {outcome: int(n) for outcome, n in rows}
 
 
+def delivery_counts_by_every_outcome() -> dict[str, int]:
+    """delivery_counts_by_outcome with a 0 for each outcome never logged, in the model's order."""
+    counts = delivery_counts_by_outcome()
+    return {outcome: counts.get(outcome, 0) for outcome in DeliveryLog.Outcome.values}
+
+
 def notification_counts_unfinished() -> dict[str, int]:
     rows = (
         NotificationJob.objects.filter(status__in=UNFINISHED_STATUSES)

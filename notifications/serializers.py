@@ -5,7 +5,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from core.fields import StrictCharField, TimeZoneField
-from jobs.webhooks import webhook_url_problem
+from jobs import webhook_url_problem
 from notifications.models import DeliveryLog, DeliveryMethod, NotificationJob, NotificationType, Priority, Recipient
 
 

@@ -16,9 +16,14 @@ from rest_framework import status as http
 
 from core.errors import ApplicationError, ProviderError
 from core.quotas import quota_erase, quota_take
-from jobs.breaker import breaker_check, breaker_record_failure, breaker_record_success
-from jobs.ratelimit import rate_limit_wait
-from jobs.services import job_defer, job_defer_bulk
+from jobs import (
+    breaker_check,
+    breaker_record_failure,
+    breaker_record_success,
+    job_defer,
+    job_defer_bulk,
+    rate_limit_wait,
+)
 from notifications.mail import CommitPointStalled, ExactlyOnceEmail, SendAborted, delivery_log_write
 from notifications.models import (
     JOB_PRIORITY,

@@ -3,9 +3,7 @@ from __future__ import annotations
 from procrastinate import JobContext
 
 from core.errors import ProviderError
-from jobs import queues
-from jobs.registry import job_task
-from jobs.retry import will_retry
+from jobs import job_task, queues, will_retry
 from notifications import services
 
 

@@ -57,7 +57,7 @@ def _manage(*args: str, env: dict) -> None:
     subprocess.run([PYTHON, "manage.py", *args], check=True, cwd=BASE_DIR, env=env)
 
 
-_APP_DIRS = ("config", "core", "jobs", "llm", "notes", "notifications", "digests")
+_APP_DIRS = ("config", "core", "jobs", "llm", "notes", "notifications", "digests", "observability")
 
 
 def run() -> int:

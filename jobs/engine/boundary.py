@@ -1,7 +1,7 @@
 """The engine's boundary: every private name of a library that secondbrain relies on, the
 versions it was checked against, and the start-up check that notices when an upgrade changes one.
 
-The engine (jobs/worker.py, manager.py, connector.py, app.py, middleware.py) extends
+The engine (jobs/engine/: worker.py, manager.py, connector.py, app.py, middleware.py) extends
 Procrastinate by overriding and calling its private members, and psycopg_pool's; core/ relies on
 two of Django's and drf-spectacular's. None of them is a public API: a release may rename one,
 change its parameters or stop calling it, and the override then silently stops running (the
@@ -10,7 +10,7 @@ stock worker runs, a wake-up falls back to polling) or fails only on the rare pa
 such change into one line:
 
     ImproperlyConfigured: procrastinate 3.11.0: Worker._process_job(self, context, job) changed,
-    expected (self, context) -- revisit jobs/worker.py
+    expected (self, context) -- revisit jobs/engine/worker.py
 
 Rules:
 - A name listed here that is gone, has another kind (a method that became a coroutine, an event
@@ -71,12 +71,12 @@ _DISTRIBUTIONS = {
 }
 
 # Our files, named once: the messages say which one to revisit.
-WORKER = "jobs/worker.py"
-MANAGER = "jobs/manager.py"
-CONNECTOR = "jobs/connector.py"
-APP = "jobs/app.py"
-MIDDLEWARE = "jobs/middleware.py"
-SERVICES = "jobs/services.py"
+WORKER = "jobs/engine/worker.py"
+MANAGER = "jobs/engine/manager.py"
+CONNECTOR = "jobs/engine/connector.py"
+APP = "jobs/engine/app.py"
+MIDDLEWARE = "jobs/engine/middleware.py"
+SERVICES = "jobs/console/services.py"
 MIGRATION_TRIGGERS = "jobs/migrations/0003_statement_level_triggers.py"
 MIGRATION_UPDATED_TRIGGER = "jobs/migrations/0006_webhooks_queue_and_secrets.py"
 MIGRATION_RETRY = "jobs/migrations/0005_queueing_lock_supersede.py"
@@ -130,7 +130,7 @@ def _worker_state(name: str, type_name: str, revisit: str = WORKER) -> Name:
 
 
 NAMES: tuple[Name, ...] = (
-    # --- Procrastinate: the worker (jobs/worker.py's BatchingWorker) ----------------------------
+    # --- Procrastinate: the worker (jobs/engine/worker.py's BatchingWorker) ----------------------------
     _worker("_fetch_and_process_jobs", "async method", "overrides", "(self)", called_in="procrastinate.worker"),
     _worker("_start_side_tasks", "method", "overrides", "(self)", called_in="procrastinate.worker"),
     _worker("_update_heartbeat", "async method", "overrides", "(self)", called_in="procrastinate.worker"),
@@ -178,7 +178,7 @@ NAMES: tuple[Name, ...] = (
     Name("procrastinate.utils:wait_any", "async function", "calls", WORKER, "(*coros_or_futures)"),
     Name("procrastinate.utils:causes", "function", "calls", WORKER, "(exc)"),
     Name("procrastinate.utils:utcnow", "function", "calls", MANAGER, "()"),
-    # --- Procrastinate: the app and its connector (jobs/app.py) ---------------------------------
+    # --- Procrastinate: the app and its connector (jobs/engine/app.py) ---------------------------------
     Name("procrastinate.app:App._worker", "method", "assigns", APP, "(self, **kwargs)", called_in="procrastinate.app"),
     Name(
         "procrastinate.contrib.django.django_connector:DjangoConnector.get_worker_connector",
@@ -190,7 +190,7 @@ NAMES: tuple[Name, ...] = (
     ),
     # Public name, undocumented helper: the worker's own connector is built from it.
     Name("procrastinate.contrib.django.utils:connector_params", "function", "calls", CONNECTOR, "(alias='default')"),
-    # --- Procrastinate: the job manager (jobs/manager.py's BatchingJobManager) ------------------
+    # --- Procrastinate: the job manager (jobs/engine/manager.py's BatchingJobManager) ------------------
     # Public methods, but what Procrastinate calls them with is the contract of the overrides.
     Name(
         "procrastinate.manager:JobManager.fetch_job", "async method", "overrides", MANAGER, "(self, queues, worker_id)"
@@ -233,7 +233,7 @@ NAMES: tuple[Name, ...] = (
         WORKER,
         "(self, *, on_notification, queues=None)",
     ),
-    # --- psycopg_pool (jobs/connector.py) -------------------------------------------------------
+    # --- psycopg_pool (jobs/engine/connector.py) -------------------------------------------------------
     Name("psycopg_pool.base", "module", "imports", CONNECTOR),
     Name("psycopg_pool.base:AttemptWithBackoff", "class", "subclasses", CONNECTOR, "(*, timeout)"),
     Name(

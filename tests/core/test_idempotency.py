@@ -17,7 +17,7 @@ from django.utils import timezone
 from core.models import IdempotencyKey
 from core.services import expired_rows_purge
 from digests.models import DigestSchedule
-from jobs.services import job_defer
+from jobs.tasking.defer import job_defer
 from notes.models import Note, NoteImport
 from notifications.models import NotificationJob, Recipient
 from tests.conftest import client_for, database_url, jobs, wait_for

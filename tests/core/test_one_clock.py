@@ -13,8 +13,8 @@ from django.db import connection
 
 from digests import services as digest_services
 from digests.tasks import digest_sweep as digest_sweep_task
-from jobs import services as job_services
-from jobs.breaker import breaker_record_failure, breaker_state
+from jobs.tasking.breaker import breaker_record_failure, breaker_state
+from jobs.tasking.defer import job_defer
 from llm.models import LlmUsage
 from notes import services as note_services
 from notes.models import Note
@@ -108,7 +108,7 @@ def test_a_breaker_whose_cooldown_is_over_lets_a_worker_ten_minutes_behind_probe
 # --- Postponements and retries -----------------------------------------------------------------
 def test_a_rate_limit_postponement_is_scheduled_by_the_database_clock():
     owner = make_user("limited")
-    ids = [job_services.job_defer(tasks.limited_per_owner, owner_id=owner.id, n=n) for n in range(2)]  # 1 a minute
+    ids = [job_defer(tasks.limited_per_owner, owner_id=owner.id, n=n) for n in range(2)]  # 1 a minute
 
     def one_ran_one_postponed() -> int | None:
         done = [job_id for job_id in ids if job_status(job_id) == "succeeded"]

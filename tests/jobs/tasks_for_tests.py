@@ -16,9 +16,9 @@ from pathlib import Path
 from procrastinate import JobContext
 
 from core.errors import ProviderError
-from jobs import queues
-from jobs.progress import job_progress, job_progress_async
-from jobs.registry import RateLimit, job_task
+from jobs.tasking import queues
+from jobs.tasking.progress import job_progress, job_progress_async
+from jobs.tasking.registry import RateLimit, job_task
 
 WORKER_ENV = {"PROCRASTINATE_IMPORT_PATHS": __name__}
 

@@ -10,11 +10,11 @@ from django.contrib.auth.models import Permission
 from django.db import connection
 from django.utils import timezone
 
-from jobs import queues
 from jobs.models import JobInfo
-from jobs.progress import job_progress
-from jobs.registry import job_task
-from jobs.services import job_defer
+from jobs.tasking import queues
+from jobs.tasking.defer import job_defer
+from jobs.tasking.progress import job_progress
+from jobs.tasking.registry import job_task
 from tests.conftest import client_for, jobs, run_worker
 from tests.factories import make_user
 

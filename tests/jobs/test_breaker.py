@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from django.db import connection
 
-from jobs.breaker import breaker_check, breaker_record_failure, breaker_record_success, breaker_state
+from jobs.tasking.breaker import breaker_check, breaker_record_failure, breaker_record_success, breaker_state
 
 pytestmark = pytest.mark.django_db
 

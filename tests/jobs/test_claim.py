@@ -14,7 +14,7 @@ import pytest
 from django.utils import timezone
 from procrastinate.contrib.django import app
 
-from jobs import services
+from jobs.console import services
 from tests.factories import make_user
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import query

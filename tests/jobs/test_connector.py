@@ -1,4 +1,4 @@
-"""The worker's connection pool (jobs/connector.py)."""
+"""The worker's connection pool (jobs/engine/connector.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from jobs.connector import worker_connector
+from jobs.engine.connector import worker_connector
 from tests.conftest import wait_for
 from tests.jobs.workers import query
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from jobs import services
+from jobs.tasking.defer import job_defer
 from tests.conftest import run_worker, wait_for
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import event_times, job_status, start_test_worker, stop_worker, wait_for_workers
@@ -33,8 +33,8 @@ def _worker(queue: str, *, concurrency: int, listen: bool):
 def test_the_next_job_of_a_lock_starts_on_the_same_worker_when_the_first_ends():
     # Two free slots: the second claim finds the successor locked, and the worker then waits
     # for a NOTIFY or its poll; nothing but the end of the first job can wake it in time.
-    first = services.job_defer(tasks.stamp_a, lock="lock-test", n=1, sleep=0.5)
-    second = services.job_defer(tasks.stamp_a, lock="lock-test", n=2)
+    first = job_defer(tasks.stamp_a, lock="lock-test", n=1, sleep=0.5)
+    second = job_defer(tasks.stamp_a, lock="lock-test", n=2)
     worker = _worker(tasks.QUEUE_A, concurrency=2, listen=False)
     try:
         wait_for(lambda: job_status(second) == "succeeded", timeout=90, what="the second job")
@@ -50,8 +50,8 @@ def test_the_next_job_of_a_lock_starts_on_another_worker_when_the_first_ends():
     worker_b = _worker(tasks.QUEUE_B, concurrency=1, listen=True)
     try:
         wait_for_workers(2, timeout=120)  # both listening: the first job's NOTIFY reaches A
-        first = services.job_defer(tasks.stamp_a, lock="lock-test", n=1, sleep=0.5)
-        second = services.job_defer(tasks.stamp_b, lock="lock-test", n=2)
+        first = job_defer(tasks.stamp_a, lock="lock-test", n=1, sleep=0.5)
+        second = job_defer(tasks.stamp_b, lock="lock-test", n=2)
         wait_for(lambda: job_status(second) == "succeeded", timeout=90, what="the second job")
     finally:
         output = stop_worker(worker_a) + stop_worker(worker_b)
@@ -60,8 +60,8 @@ def test_the_next_job_of_a_lock_starts_on_another_worker_when_the_first_ends():
 
 @pytest.mark.parametrize("concurrency", [1, 2])
 def test_a_worker_that_stops_when_the_queue_is_empty_runs_every_job_of_a_lock(concurrency):
-    first = services.job_defer(tasks.stamp_a, lock="lock-test", n=1, sleep=0.2)
-    second = services.job_defer(tasks.stamp_a, lock="lock-test", n=2)
+    first = job_defer(tasks.stamp_a, lock="lock-test", n=1, sleep=0.2)
+    second = job_defer(tasks.stamp_a, lock="lock-test", n=2)
 
     run_worker(queues=[tasks.QUEUE_A], concurrency=concurrency)  # wait=False
 

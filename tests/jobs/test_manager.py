@@ -1,4 +1,4 @@
-"""The job manager's public calls behave as Procrastinate documents them (jobs/manager.py): a
+"""The job manager's public calls behave as Procrastinate documents them (jobs/engine/manager.py): a
 direct `finish_job` is written before it returns and refuses what Procrastinate refuses. The
 worker's own ends go through batches instead (tests/jobs/test_stale_worker.py)."""
 
@@ -11,7 +11,7 @@ from procrastinate import exceptions
 from procrastinate.contrib.django import app
 from procrastinate.jobs import Status
 
-from jobs import services
+from jobs.tasking.defer import job_defer
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import job_attempts, job_status
 
@@ -34,7 +34,7 @@ def _with_claimed_job(action):
 
 
 def test_a_direct_finish_job_is_written_before_it_returns():
-    job_id = services.job_defer(tasks.echo, value=1)
+    job_id = job_defer(tasks.echo, value=1)
 
     async def finish(manager, job):
         await manager.finish_job(job=job, status=Status.SUCCEEDED, delete_job=False)
@@ -47,7 +47,7 @@ def test_a_direct_finish_job_is_written_before_it_returns():
 
 @pytest.mark.parametrize("delete_job", [False, True])
 def test_a_direct_finish_job_refuses_a_job_that_has_ended(delete_job):
-    job_id = services.job_defer(tasks.echo, value=1)
+    job_id = job_defer(tasks.echo, value=1)
 
     async def finish_twice(manager, job):
         await manager.finish_job(job=job, status=Status.FAILED, delete_job=False)
@@ -61,7 +61,7 @@ def test_a_direct_finish_job_refuses_a_job_that_has_ended(delete_job):
 
 @pytest.mark.parametrize("delete_job", [False, True])
 def test_a_direct_finish_job_refuses_todo_as_an_end(delete_job):
-    job_id = services.job_defer(tasks.echo, value=1)
+    job_id = job_defer(tasks.echo, value=1)
 
     async def finish_as_todo(manager, job):
         with pytest.raises(exceptions.ConnectorException) as raised:

@@ -9,10 +9,10 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from jobs import queues
-from jobs.registry import job_task
-from jobs.selectors import job_metrics
-from jobs.services import job_defer
+from jobs.console.selectors import job_metrics
+from jobs.tasking import queues
+from jobs.tasking.defer import job_defer
+from jobs.tasking.registry import job_task
 from tests.conftest import client_for, run_worker
 from tests.factories import make_user
 

@@ -1,4 +1,4 @@
-"""Pausing a queue (jobs/manager.py's fetch, services.queue_pause/queue_resume, the jobs_queue
+"""Pausing a queue (jobs/engine/manager.py's fetch, services.queue_pause/queue_resume, the jobs_queue
 command): its jobs wait while other queues run, in every worker process; resuming wakes idle
 workers through NOTIFY."""
 
@@ -11,8 +11,9 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from core.errors import ApplicationError
-from jobs import services
+from jobs.console import services
 from jobs.models import PausedQueue
+from jobs.tasking.defer import job_defer, job_defer_bulk
 from tests.conftest import wait_for
 from tests.factories import make_user
 from tests.jobs import tasks_for_tests as tasks
@@ -33,8 +34,8 @@ def test_a_paused_queue_waits_in_every_worker_while_the_other_runs_and_resume_wa
     workers = [start_test_worker(*args) for _ in range(2)]
     try:
         wait_for_workers(2)
-        a_jobs = services.job_defer_bulk(tasks.stamp_a, [{"n": n, "sleep": 0.3} for n in range(4)])
-        services.job_defer_bulk(tasks.stamp_b, [{"n": n, "sleep": 0.3} for n in range(4)])
+        a_jobs = job_defer_bulk(tasks.stamp_a, [{"n": n, "sleep": 0.3} for n in range(4)])
+        job_defer_bulk(tasks.stamp_b, [{"n": n, "sleep": 0.3} for n in range(4)])
 
         wait_for(lambda: _statuses("tests.stamp_b") == ["succeeded"] * 4, what="queue B to run")
         time.sleep(1.0)  # time enough for any worker to have taken an A job, were it allowed
@@ -59,12 +60,12 @@ def test_a_paused_queue_waits_in_every_worker_while_the_other_runs_and_resume_wa
 
 def test_a_running_job_finishes_when_its_queue_is_paused(tmp_path):
     go = tmp_path / "go"
-    running = services.job_defer(tasks.wait_then_finish, go_path=str(go))
+    running = job_defer(tasks.wait_then_finish, go_path=str(go))
     worker = start_test_worker("--queues", tasks.QUEUE_A, "--concurrency", "2")
     try:
         wait_for(lambda: _statuses("tests.wait_then_finish") == ["doing"], what="the job to start")
         services.queue_pause(queue=tasks.QUEUE_A)
-        waiting = services.job_defer(tasks.stamp_a, n=1)
+        waiting = job_defer(tasks.stamp_a, n=1)
         go.touch()
         wait_for(lambda: _statuses("tests.wait_then_finish") == ["succeeded"], what="the running job to finish")
         time.sleep(0.5)
@@ -98,7 +99,7 @@ def _command(*args: str) -> str:
 
 
 def test_the_management_command_pauses_lists_and_resumes():
-    services.job_defer_bulk(tasks.stamp_a, [{"n": 1}, {"n": 2}])
+    job_defer_bulk(tasks.stamp_a, [{"n": 1}, {"n": 2}])
 
     assert _command("pause", tasks.QUEUE_A).startswith(f"Paused {tasks.QUEUE_A} (since ")
     assert PausedQueue.objects.filter(queue_name=tasks.QUEUE_A, paused_by=None).exists()

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 import pytest
 from procrastinate.contrib.django import app
 
-from jobs import queues
+from jobs.console.services import jobs_retry_stalled
 from jobs.models import JobInfo
-from jobs.services import job_defer, jobs_retry_stalled
+from jobs.tasking import queues
+from jobs.tasking.defer import job_defer
 from jobs.tasks import retry_stalled_jobs
 from notes import services as note_services
 from notes.models import Note

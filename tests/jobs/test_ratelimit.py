@@ -12,8 +12,8 @@ from datetime import datetime
 import pytest
 from django.utils import timezone
 
-from jobs import services
-from jobs.registry import RateLimit
+from jobs.tasking.defer import job_defer, job_defer_bulk
+from jobs.tasking.registry import RateLimit
 from tests.conftest import run_worker
 from tests.factories import make_user
 from tests.jobs import tasks_for_tests as tasks
@@ -55,7 +55,7 @@ def test_a_task_limit_holds_across_two_worker_processes_and_limited_jobs_wait_wi
     workers = [start_test_worker("--queues", tasks.QUEUE_A, "--concurrency", "4", env=env) for _ in range(2)]
     try:
         wait_for_workers(2)
-        job_ids = services.job_defer_bulk(tasks.limited_global, [{"n": n} for n in range(30)])
+        job_ids = job_defer_bulk(tasks.limited_global, [{"n": n} for n in range(30)])
         wait_for(lambda: _finished("tests.limited_global", 30), timeout=30, what="the 30 limited jobs")
         ran_on = query(
             "SELECT count(DISTINCT worker_id) FROM procrastinate_jobs WHERE task_name = 'tests.limited_global'"
@@ -93,7 +93,7 @@ def test_a_limit_per_key_lets_each_key_progress_independently():
     try:
         wait_for_workers(1)
         kwargs = [{"user_id": user_id, "n": n} for n in range(8) for user_id in (1, 2)]
-        job_ids = services.job_defer_bulk(tasks.limited_per_user, kwargs)
+        job_ids = job_defer_bulk(tasks.limited_per_user, kwargs)
         wait_for(lambda: _finished("tests.limited_per_user", 16), timeout=30, what="the 16 limited jobs")
     finally:
         output = stop_worker(worker)
@@ -119,7 +119,7 @@ def test_a_limit_per_owner_postpones_the_owners_next_job_without_spending_its_at
     settings.JOBS_RATE_LIMIT_INLINE_WAIT_SECONDS = 0
     ann, ben = make_user("ann"), make_user("ben")
     ids = {
-        (owner.username, n): services.job_defer(tasks.limited_per_owner, owner_id=owner.id, n=n)
+        (owner.username, n): job_defer(tasks.limited_per_owner, owner_id=owner.id, n=n)
         for n in range(2)
         for owner in (ann, ben)
     }

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from jobs import services
+from jobs.console import services
 from jobs.models import JobInfo
+from jobs.tasking.defer import job_defer
 from tests.factories import make_user
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import query
@@ -29,7 +30,7 @@ _PATHS = {
 
 def _job(status: str, *, age_seconds: float, queue: str = tasks.QUEUE_A, owner=None) -> int:
     """A job of `queue` in `status`, whose every event happened `age_seconds` ago."""
-    job_id = services.job_defer(tasks.stamp_a, owner_id=owner.id if owner else None, n=0)
+    job_id = job_defer(tasks.stamp_a, owner_id=owner.id if owner else None, n=0)
     if queue != tasks.QUEUE_A:
         query("UPDATE procrastinate_jobs SET queue_name = %s WHERE id = %s", [queue, job_id])
     for step in _PATHS[status]:

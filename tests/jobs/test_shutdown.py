@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from jobs import services
 from jobs.models import JobInfo
+from jobs.tasking.defer import job_defer
 from tests.conftest import wait_for
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import job_attempts, job_events, job_status, start_test_worker, stop_worker
@@ -27,8 +27,8 @@ def _running(job_id: int) -> bool:
 
 def test_sigterm_lets_the_short_job_finish_aborts_the_long_one_back_to_the_queue_and_exits(tmp_path):
     go = tmp_path / "go"
-    short = services.job_defer(tasks.wait_then_finish, go_path=str(go))
-    long = services.job_defer(tasks.long_cooperative, seconds=30)
+    short = job_defer(tasks.wait_then_finish, go_path=str(go))
+    long = job_defer(tasks.long_cooperative, seconds=30)
 
     worker = start_test_worker("--queues", tasks.QUEUE_A, "--concurrency", "2", env=GRACE)
     try:
@@ -36,7 +36,7 @@ def test_sigterm_lets_the_short_job_finish_aborts_the_long_one_back_to_the_queue
         worker.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
         # Deferred after SIGTERM: the short job frees a slot, but the worker fetches no more.
-        late = services.job_defer(tasks.stamp_a, n=1)
+        late = job_defer(tasks.stamp_a, n=1)
         go.touch()  # the short job ends ~0.2 s later, inside the grace period
         returncode = worker.wait(15)
         exited_after = time.monotonic() - stopped_at
@@ -68,7 +68,7 @@ def test_sigterm_lets_the_short_job_finish_aborts_the_long_one_back_to_the_queue
 def test_an_async_job_is_cancelled_at_the_end_of_the_grace_period_and_requeued():
     """Procrastinate cancels an async job's coroutine; the middleware turns that into JobAborted
     so the job is re-queued, not ended `aborted` (tests.long_async has no retries)."""
-    long = services.job_defer(tasks.long_async, seconds=30)
+    long = job_defer(tasks.long_async, seconds=30)
     worker = start_test_worker("--queues", tasks.QUEUE_A, env=GRACE)
     try:
         wait_for(lambda: _running(long), what="the async job to run")
@@ -89,7 +89,7 @@ def test_a_sync_job_that_never_checks_holds_the_process_until_it_returns(tmp_pat
     where another worker may start it while this thread still runs), but the process exits
     only once the thread returns: asyncio.run() waits for its executor's threads."""
     done = tmp_path / "done"
-    stubborn = services.job_defer(tasks.long_stubborn, seconds=4, done_path=str(done))
+    stubborn = job_defer(tasks.long_stubborn, seconds=4, done_path=str(done))
     worker = start_test_worker("--queues", tasks.QUEUE_A, env=GRACE)
     try:
         wait_for(lambda: _running(stubborn), what="the stubborn job to run")
@@ -113,7 +113,7 @@ def test_a_sync_job_that_never_checks_holds_the_process_until_it_returns(tmp_pat
 
 def test_a_second_sigterm_kills_a_worker_held_by_a_stubborn_job(tmp_path):
     done = tmp_path / "done"
-    stubborn = services.job_defer(tasks.long_stubborn, seconds=10, done_path=str(done))
+    stubborn = job_defer(tasks.long_stubborn, seconds=10, done_path=str(done))
     worker = start_test_worker("--queues", tasks.QUEUE_A, env=GRACE)
     try:
         wait_for(lambda: _running(stubborn), what="the stubborn job to run")

@@ -10,9 +10,9 @@ import signal
 import pytest
 from procrastinate.contrib.django import app
 
-from jobs import services
+from jobs.console.services import jobs_retry_stalled
 from jobs.models import JobInfo
-from jobs.services import jobs_retry_stalled
+from jobs.tasking.defer import job_defer
 from tests.conftest import wait_for
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import job_status, query, start_test_worker, stop_worker
@@ -36,7 +36,7 @@ def _holder(job_id: int) -> int | None:
 
 
 def test_a_stale_worker_does_not_finish_the_job_another_worker_now_runs(tmp_path):
-    job_id = services.job_defer(tasks.run_per_attempt, dir_path=str(tmp_path))
+    job_id = job_defer(tasks.run_per_attempt, dir_path=str(tmp_path))
     worker_a = start_test_worker("--queues", tasks.QUEUE_A, "--concurrency", "1", env=ENV)
     worker_b = None
     try:

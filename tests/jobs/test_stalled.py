@@ -11,8 +11,8 @@ from django.db import connection
 from procrastinate.contrib.django import app
 from procrastinate.jobs import Status
 
-from jobs import queues
-from jobs.services import jobs_retry_stalled
+from jobs.console.services import jobs_retry_stalled
+from jobs.tasking import queues
 from jobs.tasks import retry_stalled_jobs
 from notes import services
 from notes.models import Note

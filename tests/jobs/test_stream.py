@@ -20,13 +20,14 @@ from django.core.asgi import get_asgi_application
 from django.db import connection
 
 from bench.harness import free_port
-from jobs import queues
+from jobs.console.services import job_cancel
+from jobs.console.stream import job_event_stream, job_stream_open, serve_streams_without_request_thread
+from jobs.console.stream_hub import MAX_BACKLOG, job_channel
 from jobs.models import JobInfo
-from jobs.progress import job_progress
-from jobs.registry import job_task
-from jobs.services import job_cancel, job_defer
-from jobs.stream import job_event_stream, job_stream_open, serve_streams_without_request_thread
-from jobs.stream_hub import MAX_BACKLOG, job_channel
+from jobs.tasking import queues
+from jobs.tasking.defer import job_defer
+from jobs.tasking.progress import job_progress
+from jobs.tasking.registry import job_task
 from tests.conftest import client_for, run_worker, wait_for
 from tests.factories import make_user
 

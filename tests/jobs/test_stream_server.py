@@ -27,9 +27,9 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from bench.harness import free_port, port_open, server_args
-from jobs import queues
-from jobs.registry import job_task
-from jobs.services import job_defer
+from jobs.tasking import queues
+from jobs.tasking.defer import job_defer
+from jobs.tasking.registry import job_task
 from tests.conftest import BASE_DIR, database_url, wait_for
 from tests.factories import make_user
 

@@ -1,5 +1,5 @@
-"""What a task can do: report progress, return a result, be deduplicated (jobs/progress.py,
-jobs/middleware.py, jobs/services.py job_defer)."""
+"""What a task can do: report progress, return a result, be deduplicated (jobs/tasking/progress.py,
+jobs/engine/middleware.py, jobs/tasking/defer.py job_defer)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from django.db import connection, transaction
 from django.utils import timezone
 from procrastinate.contrib.django import app
 
-from jobs import services
+from jobs.console import services
 from jobs.models import JobInfo
+from jobs.tasking.defer import job_defer
 from tests.conftest import database_url, jobs, run_worker, wait_for
 from tests.factories import make_user
 from tests.jobs import tasks_for_tests as tasks
@@ -39,7 +40,7 @@ def _info_elsewhere(job_id: int) -> tuple | None:
 def test_progress_is_visible_from_another_connection_while_the_job_runs_and_survives_sigkill(tmp_path):
     owner = make_user("pia")
     release = tmp_path / "release"
-    job_id = services.job_defer(tasks.progress_then_wait, owner_id=owner.id, release_path=str(release), total=10)
+    job_id = job_defer(tasks.progress_then_wait, owner_id=owner.id, release_path=str(release), total=10)
 
     worker = start_test_worker("--queues", tasks.QUEUE_A)
     try:
@@ -64,7 +65,7 @@ def test_progress_is_visible_from_another_connection_while_the_job_runs_and_surv
 
 
 def test_a_watched_job_notifies_its_status_and_progress_on_its_channel():
-    job_id = services.job_defer(tasks.stamp_a, owner_id=make_user("wes").id, n=7)
+    job_id = job_defer(tasks.stamp_a, owner_id=make_user("wes").id, n=7)
     JobInfo.objects.filter(job_id=job_id).update(watched=True)
 
     with psycopg.connect(database_url(), autocommit=True) as listener:
@@ -80,7 +81,7 @@ def test_a_watched_job_notifies_its_status_and_progress_on_its_channel():
 
 
 def test_an_unwatched_job_sends_no_notification():
-    job_id = services.job_defer(tasks.stamp_a, owner_id=make_user("una").id, n=1)
+    job_id = job_defer(tasks.stamp_a, owner_id=make_user("una").id, n=1)
     with psycopg.connect(database_url(), autocommit=True) as listener:
         listener.execute(f"LISTEN secondbrain_job_{job_id}")
         run_worker([tasks.QUEUE_A])
@@ -92,7 +93,7 @@ def test_an_unwatched_job_sends_no_notification():
 
 
 def test_the_returned_value_is_stored_with_its_expiry_and_dropped_by_the_purge_once_expired():
-    job_id = services.job_defer(tasks.echo, owner_id=make_user("rui").id, value=[1, "two", {"three": 3}])
+    job_id = job_defer(tasks.echo, owner_id=make_user("rui").id, value=[1, "two", {"three": 3}])
     run_worker([tasks.QUEUE_A])
 
     info = JobInfo.objects.get(job_id=job_id)
@@ -122,7 +123,7 @@ def test_a_result_is_stored_even_for_a_job_deferred_without_owner(settings):
 
 
 def test_a_failure_stores_its_error_and_a_permanent_error_is_not_retried():
-    job_id = services.job_defer(tasks.fail_permanently, owner_id=make_user("fay").id, reason="bad input file")
+    job_id = job_defer(tasks.fail_permanently, owner_id=make_user("fay").id, reason="bad input file")
     run_worker([tasks.QUEUE_A])
     assert job_status(job_id) == "failed"
     assert job_attempts(job_id) == 1  # retries=3, but a permanent error ends the job at once
@@ -135,9 +136,9 @@ def test_a_failure_stores_its_error_and_a_permanent_error_is_not_retried():
 
 
 def test_a_second_defer_inside_the_window_returns_the_first_job():
-    first = services.job_defer(tasks.stamp_a, dedup_key="import:42", dedup_seconds=60, n=1)
-    second = services.job_defer(tasks.stamp_a, dedup_key="import:42", dedup_seconds=60, n=2)
-    other = services.job_defer(tasks.stamp_a, dedup_key="import:43", dedup_seconds=60, n=3)
+    first = job_defer(tasks.stamp_a, dedup_key="import:42", dedup_seconds=60, n=1)
+    second = job_defer(tasks.stamp_a, dedup_key="import:42", dedup_seconds=60, n=2)
+    other = job_defer(tasks.stamp_a, dedup_key="import:43", dedup_seconds=60, n=3)
 
     assert second == first
     assert other != first
@@ -145,35 +146,35 @@ def test_a_second_defer_inside_the_window_returns_the_first_job():
 
 
 def test_the_window_holds_whatever_the_first_job_became():
-    first = services.job_defer(tasks.stamp_a, dedup_key="report", dedup_seconds=60, n=1)
+    first = job_defer(tasks.stamp_a, dedup_key="report", dedup_seconds=60, n=1)
     run_worker([tasks.QUEUE_A])
     assert job_status(first) == "succeeded"
-    assert services.job_defer(tasks.stamp_a, dedup_key="report", dedup_seconds=60, n=2) == first
+    assert job_defer(tasks.stamp_a, dedup_key="report", dedup_seconds=60, n=2) == first
 
 
 def test_after_the_window_a_new_job_is_created():
-    first = services.job_defer(tasks.stamp_a, dedup_key="import:42", dedup_seconds=60, n=1)
+    first = job_defer(tasks.stamp_a, dedup_key="import:42", dedup_seconds=60, n=1)
     query("UPDATE jobs_job_info SET dedup_until = now() - interval '1 second' WHERE job_id = %s", [first])
 
-    second = services.job_defer(tasks.stamp_a, dedup_key="import:42", dedup_seconds=60, n=2)
+    second = job_defer(tasks.stamp_a, dedup_key="import:42", dedup_seconds=60, n=2)
     assert second != first
     assert len(jobs("tests.stamp_a")) == 2
     # ... and it opens a window of its own.
-    assert services.job_defer(tasks.stamp_a, dedup_key="import:42", dedup_seconds=60, n=3) == second
+    assert job_defer(tasks.stamp_a, dedup_key="import:42", dedup_seconds=60, n=3) == second
 
 
 def test_a_rolled_back_defer_leaves_no_job_and_no_window():
     with pytest.raises(RuntimeError), transaction.atomic():
-        services.job_defer(tasks.stamp_a, dedup_key="k", dedup_seconds=60, n=1)
+        job_defer(tasks.stamp_a, dedup_key="k", dedup_seconds=60, n=1)
         raise RuntimeError("the caller's write failed")
     assert jobs("tests.stamp_a") == []
-    job_id = services.job_defer(tasks.stamp_a, dedup_key="k", dedup_seconds=60, n=2)
+    job_id = job_defer(tasks.stamp_a, dedup_key="k", dedup_seconds=60, n=2)
     assert [job["id"] for job in jobs("tests.stamp_a")] == [job_id]
 
 
 def test_dedup_needs_a_window():
     with pytest.raises(ValueError, match="dedup_seconds"):
-        services.job_defer(tasks.stamp_a, dedup_key="k", n=1)
+        job_defer(tasks.stamp_a, dedup_key="k", n=1)
     assert jobs("tests.stamp_a") == []
 
 
@@ -187,7 +188,7 @@ def test_two_concurrent_defers_with_one_key_create_one_job():
     def slow_caller() -> None:
         try:
             with transaction.atomic():
-                results["first"] = services.job_defer(tasks.stamp_a, dedup_key="race", dedup_seconds=60, n=1)
+                results["first"] = job_defer(tasks.stamp_a, dedup_key="race", dedup_seconds=60, n=1)
                 first_deferred.set()
                 time.sleep(0.5)  # the caller's transaction goes on: other writes, say
         except BaseException as exc:
@@ -199,7 +200,7 @@ def test_two_concurrent_defers_with_one_key_create_one_job():
     def racing_caller() -> None:
         try:
             first_deferred.wait(10)
-            results["second"] = services.job_defer(tasks.stamp_a, dedup_key="race", dedup_seconds=60, n=2)
+            results["second"] = job_defer(tasks.stamp_a, dedup_key="race", dedup_seconds=60, n=2)
             results["second_done_at"] = time.monotonic()
         except BaseException as exc:
             errors.append(exc)
@@ -223,7 +224,7 @@ def test_two_concurrent_defers_with_one_key_create_one_job():
 
 
 def test_an_operators_abort_stops_a_job_at_its_next_progress_report():
-    job_id = services.job_defer(tasks.long_cooperative, owner_id=make_user("abe").id, seconds=30)
+    job_id = job_defer(tasks.long_cooperative, owner_id=make_user("abe").id, seconds=30)
     worker = start_test_worker("--queues", tasks.QUEUE_A)
     try:
         wait_for(lambda: (info := _info_elsewhere(job_id)) and info[0] is not None, what="the job to run")

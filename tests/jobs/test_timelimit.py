@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs import services
 from jobs.models import JobInfo
+from jobs.tasking.defer import job_defer
 from tests.conftest import wait_for
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import event_times, job_attempts, job_events, job_status, start_test_worker, stop_worker
@@ -18,8 +18,8 @@ def test_a_job_past_its_time_limit_fails_is_retried_once_and_does_not_block_the_
     """tests.over_time: time_limit=0.5, retries=1 (1 s backoff), asked to sleep 3 s. One worker
     slot (--concurrency 1), and a quick job queued behind it."""
     late = tmp_path / "late"
-    slow_id = services.job_defer(tasks.over_time, owner_id=None, seconds=3.0, late_path=str(late))
-    quick_id = services.job_defer(tasks.stamp_a, owner_id=None, n=1)
+    slow_id = job_defer(tasks.over_time, owner_id=None, seconds=3.0, late_path=str(late))
+    quick_id = job_defer(tasks.stamp_a, owner_id=None, n=1)
 
     worker = start_test_worker("--queues", tasks.QUEUE_A, "--concurrency", "1")
     try:

@@ -1,5 +1,5 @@
 """Completion webhooks: a job deferred with a callback URL is POSTed its ending, signed with its
-owner's secret, by its own retried job on the `webhooks` queue (jobs/webhooks.py, the status
+owner's secret, by its own retried job on the `webhooks` queue (jobs/tasking/webhooks.py, the status
 trigger, jobs.webhook_deliver). Receivers are real HTTP peers on 127.0.0.1 (tests/peers/webhook.py);
 only DNS is replaced, by a static resolver, since it is the network edge."""
 
@@ -14,9 +14,11 @@ import pytest
 from django.utils import timezone
 
 from core.errors import ApplicationError
-from jobs import services, webhooks
+from jobs.console import services
 from jobs.models import JobInfo
-from jobs.registry import task_options
+from jobs.tasking import webhooks
+from jobs.tasking.defer import job_defer
+from jobs.tasking.registry import task_options
 from tests.conftest import client_for, jobs, run_worker
 from tests.factories import make_user
 from tests.jobs import tasks_for_tests as tasks
@@ -78,7 +80,7 @@ def delivery_error(delivery: dict) -> str:
 
 def test_a_succeeded_job_posts_its_result_signed(receiver):
     owner = make_user("wendy")
-    job_id = services.job_defer(tasks.echo, owner_id=owner.id, callback_url=receiver.url("/done?x=1"), value=42)
+    job_id = job_defer(tasks.echo, owner_id=owner.id, callback_url=receiver.url("/done?x=1"), value=42)
 
     run_jobs_then_deliveries()
 
@@ -104,9 +106,7 @@ def test_a_succeeded_job_posts_its_result_signed(receiver):
 
 def test_a_finally_failed_job_posts_its_error(receiver):
     owner = make_user("fay")
-    job_id = services.job_defer(
-        tasks.fail_permanently, owner_id=owner.id, callback_url=receiver.url(), reason="no such file"
-    )
+    job_id = job_defer(tasks.fail_permanently, owner_id=owner.id, callback_url=receiver.url(), reason="no such file")
 
     run_jobs_then_deliveries()
 
@@ -120,7 +120,7 @@ def test_a_finally_failed_job_posts_its_error(receiver):
 
 def test_a_cancelled_job_posts_its_cancellation(receiver):
     owner = make_user("cleo")
-    job_id = services.job_defer(tasks.echo, owner_id=owner.id, callback_url=receiver.url(), value=1)
+    job_id = job_defer(tasks.echo, owner_id=owner.id, callback_url=receiver.url(), value=1)
     services.job_cancel(job_id=job_id)
 
     run_worker(["webhooks"])
@@ -131,7 +131,7 @@ def test_a_cancelled_job_posts_its_cancellation(receiver):
 
 
 def test_a_job_without_callback_posts_nothing(receiver):
-    services.job_defer(tasks.echo, owner_id=make_user("nora").id, value=1)
+    job_defer(tasks.echo, owner_id=make_user("nora").id, value=1)
     run_jobs_then_deliveries()
     assert receiver.posts == []
     assert jobs("jobs.webhook_deliver") == []
@@ -139,14 +139,14 @@ def test_a_job_without_callback_posts_nothing(receiver):
 
 def test_a_callback_needs_an_owner_whose_secret_signs_it(receiver):
     with pytest.raises(ValueError, match="owner"):
-        services.job_defer(tasks.echo, callback_url=receiver.url(), value=1)
+        job_defer(tasks.echo, callback_url=receiver.url(), value=1)
     assert jobs() == []
 
 
 def test_deliveries_run_on_their_own_queue_with_a_time_limit(receiver, settings):
     """Not on `maintenance` with the stalled-job rescue and the purge: slow receivers cannot
     delay them. The time limit is a backstop behind the delivery's own deadline."""
-    services.job_defer(tasks.echo, owner_id=make_user("quinn").id, callback_url=receiver.url(), value=1)
+    job_defer(tasks.echo, owner_id=make_user("quinn").id, callback_url=receiver.url(), value=1)
     run_worker([tasks.QUEUE_A, "maintenance"])
 
     [delivery] = jobs("jobs.webhook_deliver")
@@ -162,7 +162,7 @@ def test_deliveries_run_on_their_own_queue_with_a_time_limit(receiver, settings)
 def test_a_5xx_from_the_receiver_is_retried_with_backoff_as_its_own_job(receiver):
     receiver.statuses.extend([500])
     owner = make_user("rhea")
-    job_id = services.job_defer(tasks.echo, owner_id=owner.id, callback_url=receiver.url(), value="x")
+    job_id = job_defer(tasks.echo, owner_id=owner.id, callback_url=receiver.url(), value="x")
 
     run_jobs_then_deliveries()
 
@@ -188,7 +188,7 @@ def test_a_5xx_from_the_receiver_is_retried_with_backoff_as_its_own_job(receiver
 
 def test_a_4xx_from_the_receiver_is_not_retried(receiver):
     receiver.statuses.extend([404])
-    services.job_defer(tasks.echo, owner_id=make_user("ivo").id, callback_url=receiver.url(), value="x")
+    job_defer(tasks.echo, owner_id=make_user("ivo").id, callback_url=receiver.url(), value="x")
     run_jobs_then_deliveries()
     assert len(receiver.posts) == 1
     [delivery] = jobs("jobs.webhook_deliver")
@@ -202,8 +202,8 @@ def test_a_4xx_from_the_receiver_is_not_retried(receiver):
 def test_each_owner_signs_with_a_secret_of_their_own(receiver):
     """One receiver's secret cannot forge deliveries to another's."""
     ann, ben = make_user("ann"), make_user("ben")
-    services.job_defer(tasks.echo, owner_id=ann.id, callback_url=receiver.url("/ann"), value=1)
-    services.job_defer(tasks.echo, owner_id=ben.id, callback_url=receiver.url("/ben"), value=2)
+    job_defer(tasks.echo, owner_id=ann.id, callback_url=receiver.url("/ann"), value=1)
+    job_defer(tasks.echo, owner_id=ben.id, callback_url=receiver.url("/ben"), value=2)
 
     run_jobs_then_deliveries()
 
@@ -219,7 +219,7 @@ def test_a_rotated_secret_signs_every_delivery_sent_after_it(receiver):
     owner = make_user("rosa")
     api = client_for(owner)
     old = owner_secret(owner)
-    services.job_defer(tasks.echo, owner_id=owner.id, callback_url=receiver.url(), value=1)
+    job_defer(tasks.echo, owner_id=owner.id, callback_url=receiver.url(), value=1)
     run_worker([tasks.QUEUE_A])  # the job ends; its delivery waits
 
     rotated = api.post("/api/webhooks/secret/rotate/")
@@ -246,7 +246,7 @@ def test_a_dripping_receiver_is_cut_off_at_the_total_deadline(receiver, settings
     frees the worker slot. The delivery then counts as a transient failure and is retried."""
     settings.JOBS_WEBHOOK_TIMEOUT_SECONDS = 2
     receiver.drip_seconds = 1
-    services.job_defer(tasks.echo, owner_id=make_user("dora").id, callback_url=receiver.url(), value=1)
+    job_defer(tasks.echo, owner_id=make_user("dora").id, callback_url=receiver.url(), value=1)
 
     run_jobs_then_deliveries()
 
@@ -260,7 +260,7 @@ def test_a_dripping_receiver_is_cut_off_at_the_total_deadline(receiver, settings
 def test_an_endless_body_is_read_only_up_to_the_cap(receiver, settings):
     settings.JOBS_WEBHOOK_MAX_RESPONSE_BYTES = 65536
     receiver.endless_body_bytes = 128 * 1024 * 1024
-    services.job_defer(tasks.echo, owner_id=make_user("enzo").id, callback_url=receiver.url(), value=1)
+    job_defer(tasks.echo, owner_id=make_user("enzo").id, callback_url=receiver.url(), value=1)
 
     run_jobs_then_deliveries()
 
@@ -276,7 +276,7 @@ def test_a_redirect_to_a_private_address_is_not_followed(receiver):
     target = WebhookReceiver().start()
     try:
         receiver.redirect_to = target.url("/stolen")
-        services.job_defer(tasks.echo, owner_id=make_user("remy").id, callback_url=receiver.url(), value=1)
+        job_defer(tasks.echo, owner_id=make_user("remy").id, callback_url=receiver.url(), value=1)
         run_jobs_then_deliveries()
     finally:
         target.stop()
@@ -291,9 +291,7 @@ def test_a_redirect_to_a_private_address_is_not_followed(receiver):
 
 def test_the_connection_goes_to_the_checked_address_with_the_name_as_host(receiver, resolver):
     resolver.names["hooks.example.test"] = ["127.0.0.1"]
-    services.job_defer(
-        tasks.echo, owner_id=make_user("hana").id, callback_url=receiver.url(host="hooks.example.test"), value=1
-    )
+    job_defer(tasks.echo, owner_id=make_user("hana").id, callback_url=receiver.url(host="hooks.example.test"), value=1)
 
     run_jobs_then_deliveries()
 
@@ -320,11 +318,9 @@ def tls_receiver(tmp_path, settings, resolver) -> Iterator[tuple[WebhookReceiver
 def test_https_goes_to_the_checked_address_with_the_name_as_sni_and_a_checked_certificate(tls_receiver, monkeypatch):
     server, certfile = tls_receiver
     monkeypatch.setenv("SSL_CERT_FILE", certfile)  # OpenSSL's trust store: this receiver's certificate
-    services.job_defer(
-        tasks.echo, owner_id=make_user("tess").id, callback_url=server.url(host="hooks.example.test"), value=1
-    )
+    job_defer(tasks.echo, owner_id=make_user("tess").id, callback_url=server.url(host="hooks.example.test"), value=1)
     # The same receiver under another name: its certificate does not match, nothing is sent.
-    services.job_defer(
+    job_defer(
         tasks.echo, owner_id=make_user("otto").id, callback_url=server.url("/other", host="other.example.test"), value=2
     )
 
@@ -340,9 +336,7 @@ def test_https_goes_to_the_checked_address_with_the_name_as_sni_and_a_checked_ce
 
 def test_an_untrusted_certificate_is_not_sent_anything(tls_receiver):
     server, _ = tls_receiver
-    services.job_defer(
-        tasks.echo, owner_id=make_user("ulla").id, callback_url=server.url(host="hooks.example.test"), value=1
-    )
+    job_defer(tasks.echo, owner_id=make_user("ulla").id, callback_url=server.url(host="hooks.example.test"), value=1)
     run_jobs_then_deliveries()
     assert server.posts == []
     [delivery] = jobs("jobs.webhook_deliver")
@@ -353,9 +347,7 @@ def test_a_name_that_resolves_to_loopback_at_delivery_is_not_called(receiver, re
     """DNS rebinding: public when the job was deferred, 127.0.0.1 when the delivery runs."""
     settings.JOBS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = False
     resolver.names["rebind.example.test"] = [PUBLIC_ADDRESS]
-    services.job_defer(
-        tasks.echo, owner_id=make_user("reba").id, callback_url=receiver.url(host="rebind.example.test"), value=1
-    )
+    job_defer(tasks.echo, owner_id=make_user("reba").id, callback_url=receiver.url(host="rebind.example.test"), value=1)
     resolver.names["rebind.example.test"] = ["127.0.0.1"]
 
     run_jobs_then_deliveries()
@@ -370,7 +362,7 @@ def test_an_allowed_network_lets_a_private_receiver_in(receiver, resolver, setti
     settings.JOBS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = False
     settings.JOBS_WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
     resolver.names["internal.example.test"] = ["127.0.0.1"]
-    services.job_defer(
+    job_defer(
         tasks.echo, owner_id=make_user("nell").id, callback_url=receiver.url(host="internal.example.test"), value=1
     )
     run_jobs_then_deliveries()
@@ -378,7 +370,7 @@ def test_an_allowed_network_lets_a_private_receiver_in(receiver, resolver, setti
 
 
 def test_a_host_removed_from_the_allow_list_is_not_called_at_delivery(receiver, settings):
-    job_id = services.job_defer(tasks.echo, owner_id=make_user("hal").id, callback_url=receiver.url(), value=1)
+    job_id = job_defer(tasks.echo, owner_id=make_user("hal").id, callback_url=receiver.url(), value=1)
     settings.JOBS_WEBHOOK_ALLOWED_HOSTS = ["hooks.example.org"]
 
     run_jobs_then_deliveries()
@@ -409,7 +401,7 @@ def test_a_host_removed_from_the_allow_list_is_not_called_at_delivery(receiver, 
 )
 def test_a_url_outside_the_rules_is_refused_at_defer_time(receiver, url, reason):
     with pytest.raises(ApplicationError) as refused:
-        services.job_defer(tasks.echo, owner_id=make_user("pat").id, callback_url=url, value=1)
+        job_defer(tasks.echo, owner_id=make_user("pat").id, callback_url=url, value=1)
     assert refused.value.status_code == 400
     assert list(refused.value.extra) == ["callback_url"]
     assert reason in refused.value.extra["callback_url"][0]
@@ -437,7 +429,7 @@ def test_a_name_resolving_to_a_private_address_is_refused_at_defer_time(receiver
         host = url.split("/")[2]
         resolver.names[host] = address if isinstance(address, list) else [address]
     with pytest.raises(ApplicationError) as refused:
-        services.job_defer(tasks.echo, owner_id=make_user("pam").id, callback_url=url, value=1)
+        job_defer(tasks.echo, owner_id=make_user("pam").id, callback_url=url, value=1)
     assert refused.value.status_code == 400
     assert "not a public address" in refused.value.extra["callback_url"][0]
     assert jobs() == []
@@ -446,13 +438,13 @@ def test_a_name_resolving_to_a_private_address_is_refused_at_defer_time(receiver
 def test_plain_http_is_refused_unless_allowed(receiver, settings):
     settings.JOBS_WEBHOOK_ALLOW_HTTP = False
     with pytest.raises(ApplicationError) as refused:
-        services.job_defer(tasks.echo, owner_id=make_user("hugo").id, callback_url=receiver.url(), value=1)
+        job_defer(tasks.echo, owner_id=make_user("hugo").id, callback_url=receiver.url(), value=1)
     assert "https" in refused.value.extra["callback_url"][0]
 
 
 def test_a_name_that_does_not_resolve_yet_is_accepted_and_checked_at_delivery(receiver, resolver):
     """DNS may be down when the job is deferred; the delivery checks again (and retries)."""
-    job_id = services.job_defer(
+    job_id = job_defer(
         tasks.echo, owner_id=make_user("nina").id, callback_url="https://later.example.test/hook", value=1
     )
     assert job_id is not None

@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from jobs import webhooks
 from jobs.models import JobInfo
-from jobs.webhooks import webhook_signature
+from jobs.tasking import webhooks
+from jobs.tasking.webhooks import webhook_signature
 from notifications.models import NotificationJob
 from tests.conftest import client_for, jobs, run_worker
 from tests.factories import make_recipient, make_user

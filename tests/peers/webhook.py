@@ -3,7 +3,7 @@
 Tests script its answers (e.g. one 500 before the 200s, a redirect, an answer dripped one byte
 a second, an endless body) and verify the signature the way a real receiver would.
 
-`StaticResolver` stands in for DNS (the network edge): tests point `jobs.webhooks.webhook_resolve`
+`StaticResolver` stands in for DNS (the network edge): tests point `jobs.tasking.webhooks.webhook_resolve`
 at it to make a name resolve to 127.0.0.1 without touching /etc/hosts or a name server.
 """
 

@@ -13,7 +13,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from core.errors import ApplicationError
-from jobs import selectors, services
+from jobs.console import selectors, services
 
 
 class Command(BaseCommand):

@@ -24,8 +24,9 @@ from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.http import require_GET, require_POST
 
 from core.errors import ApplicationError
-from jobs import queues, selectors, services
+from jobs.console import selectors, services
 from jobs.models import CircuitBreaker
+from jobs.tasking import queues
 
 RETRY_PERMISSION = "jobs.retry_job"
 PAUSE_PERMISSION = "jobs.pause_queue"

@@ -4,7 +4,7 @@
               rate_limits=[RateLimit(rate=100, per=60), RateLimit(rate=10, per=60, key="owner")])
     def note_enrich(context, *, note_id: int): ...
 
-The options live in a registry keyed by task name; the worker middleware (`jobs.middleware`)
+The options live in a registry keyed by task name; the worker middleware (`jobs.engine.middleware`)
 reads them for every job it runs.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from procrastinate.contrib.django import app
 
-from jobs.retry import JobRetryStrategy
+from jobs.tasking.retry import JobRetryStrategy
 
 
 @dataclass(frozen=True)

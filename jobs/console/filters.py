@@ -3,7 +3,7 @@ from __future__ import annotations
 import django_filters
 from procrastinate.contrib.django.models import ProcrastinateJob
 
-from jobs.selectors import job_filter_state
+from jobs.console.selectors import job_filter_state
 
 STATUS_CHOICES = [(s, s) for s in (*ProcrastinateJob.STATUSES, "scheduled", "waiting")]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from procrastinate import App
 
-from jobs.connector import worker_connector
-from jobs.manager import BatchingJobManager
-from jobs.middleware import job_middleware
-from jobs.worker import BatchingWorker
+from jobs.engine.connector import worker_connector
+from jobs.engine.manager import BatchingJobManager
+from jobs.engine.middleware import job_middleware
+from jobs.engine.worker import BatchingWorker
 
 
 def on_app_ready(app: App) -> None:

@@ -1,6 +1,6 @@
 """What a running task reports about itself: progress now, and whether it should stop.
 
-    from jobs.progress import job_progress
+    from jobs.tasking.progress import job_progress
 
     def note_import(context, *, import_id):
         for batch in batches:

@@ -1,12 +1,11 @@
-"""Writes to the job system: deferring inside the caller's transaction (with owner, deduplication
-and callback), cancelling and retrying, pausing queues, retention, webhooks, stalled jobs."""
+"""The operator's writes to the job system: cancelling and retrying, pausing queues, retention,
+webhook delivery and secrets, stalled jobs. Deferring is the task author's: jobs/tasking/defer.py."""
 
 from __future__ import annotations
 
 import json
 import logging
 import secrets
-from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -16,155 +15,15 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 from procrastinate.contrib.django import app
 from procrastinate.exceptions import ConnectorException
-from procrastinate.jobs import Job
 from procrastinate.manager import JobManager
-from procrastinate.tasks import Task
-from psycopg.types.json import Jsonb
 
 from core.errors import ApplicationError, ProviderError
-from jobs import queues
-from jobs.connector import is_connection_error
+from jobs.engine.connector import is_connection_error
 from jobs.models import JobInfo, PausedQueue, WebhookSecret
-from jobs.webhooks import webhook_post, webhook_url_check
+from jobs.tasking import queues
+from jobs.tasking.webhooks import webhook_post
 
 logger = logging.getLogger(__name__)
-
-
-# One statement for the job and, when there is anything to know about it, its info row. It is
-# Procrastinate's own insert (procrastinate_defer_jobs_v1) without the function call, and a
-# waiting job with the same queueing lock makes it insert nothing (no savepoint needed).
-_DEFER = """
-WITH job AS (
-    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at)
-    VALUES (%(queue)s, %(task)s, %(priority)s, %(lock)s, %(queueing_lock)s, %(args)s, %(scheduled_at)s)
-    ON CONFLICT (queueing_lock) WHERE status = 'todo' DO NOTHING
-    RETURNING id
-), info AS (
-    INSERT INTO jobs_job_info (job_id, owner_id, dedup_key, dedup_until, callback_url)
-    SELECT id, %(owner_id)s, %(dedup_key)s,
-           CASE WHEN %(dedup_key)s <> '' THEN now() + make_interval(secs => %(dedup_seconds)s) END,
-           %(callback_url)s
-      FROM job
-     WHERE %(with_info)s
-)
-SELECT id FROM job
-"""
-# Ids come from the sequence in the order of the SELECT, so numbering the returned ids gives
-# each its row of `given` (and so its owner); Procrastinate's batch_defer relies on the same.
-_DEFER_MANY = """
-WITH given AS (
-    SELECT args, owner_id, n
-      FROM unnest(%(args)s::jsonb[], %(owner_ids)s::bigint[]) WITH ORDINALITY AS g (args, owner_id, n)
-), jobs AS (
-    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at)
-    SELECT %(queue)s, %(task)s, %(priority)s, %(lock)s, NULL, given.args, %(scheduled_at)s FROM given ORDER BY n
-    RETURNING id
-), numbered AS (
-    SELECT id, row_number() OVER (ORDER BY id) AS n FROM jobs
-), info AS (
-    INSERT INTO jobs_job_info (job_id, owner_id)
-    SELECT numbered.id, given.owner_id FROM numbered JOIN given USING (n) WHERE given.owner_id IS NOT NULL
-)
-SELECT id FROM numbered ORDER BY n
-"""
-_DEDUP_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
-# The database's clock on both sides, so web processes on other hosts agree.
-_DEDUP_EXISTING = "SELECT max(job_id) FROM jobs_job_info WHERE dedup_key = %s AND dedup_until > now()"
-
-
-def job_defer(
-    task: Task,
-    *,
-    owner_id: int | None = None,
-    dedup_key: str | None = None,
-    dedup_seconds: float | None = None,
-    callback_url: str | None = None,
-    queueing_lock: str | None = None,
-    lock: str | None = None,
-    priority: int | None = None,
-    schedule_at: datetime | None = None,
-    **task_kwargs: Any,
-) -> int | None:
-    """Defer `task` on the current database connection, so inside the caller's transaction.
-
-    A rolled-back transaction leaves no job; a committed one always has it. Without
-    deduplication it is one statement (one round trip).
-
-    - `owner_id`: the user the job works for (the jobs API shows it to them).
-    - `dedup_key` with `dedup_seconds`: a second defer with the same key inside the window
-      returns the first job's id instead of creating a job (whatever that job's state).
-    - `callback_url`: POSTed the job's final status and result when it ends (see webhooks.py),
-      signed with the owner's secret: it needs `owner_id`.
-    - `queueing_lock`: a job already waiting with the same lock makes this a no-op (returns
-      None); that waiting job reads the latest rows when it runs.
-    - `lock`: jobs sharing it never run at the same time.
-    """
-    if dedup_key and not (dedup_seconds and dedup_seconds > 0):
-        raise ValueError("dedup_key needs a positive dedup_seconds (the deduplication window)")
-    if callback_url:
-        if owner_id is None:
-            raise ValueError("callback_url needs an owner_id: the owner's secret signs the deliveries")
-        webhook_url_check(callback_url)
-    options = {"queueing_lock": queueing_lock, "lock": lock, "priority": priority, "schedule_at": schedule_at}
-    job = task.configure(**{k: v for k, v in options.items() if v is not None}).make_new_job(**task_kwargs)
-    params = {
-        **_job_params(job),
-        "queueing_lock": job.queueing_lock,
-        "owner_id": owner_id,
-        "dedup_key": dedup_key or "",
-        "dedup_seconds": dedup_seconds or 0,
-        "callback_url": callback_url or "",
-        "with_info": owner_id is not None or bool(dedup_key) or bool(callback_url),
-    }
-    if not dedup_key:
-        return _fetch_id(_DEFER, params)
-    with transaction.atomic(), connection.cursor() as cursor:
-        # Serialises defers of one key until the transaction ends: no two jobs slip in.
-        cursor.execute(_DEDUP_LOCK, [f"jobs-dedup:{dedup_key}"])
-        cursor.execute(_DEDUP_EXISTING, [dedup_key])
-        existing = cursor.fetchone()[0]
-        return existing if existing is not None else _fetch_id(_DEFER, params)
-
-
-def job_defer_bulk(
-    task: Task,
-    kwargs_list: list[dict[str, Any]],
-    *,
-    owner_id: int | list[int | None] | None = None,
-    priority: int | None = None,
-    schedule_at: datetime | None = None,
-) -> list[int]:
-    """Defer many jobs of one task in one statement, their owner rows included (`owner_id`: one
-    for all, or one per job). Returns their ids in the order of `kwargs_list`."""
-    if not kwargs_list:
-        return []
-    owner_ids = owner_id if isinstance(owner_id, list) else [owner_id] * len(kwargs_list)
-    if len(owner_ids) != len(kwargs_list):
-        raise ValueError("one owner_id per job")
-    options = {"priority": priority, "schedule_at": schedule_at}
-    job = task.configure(**{k: v for k, v in options.items() if v is not None}).make_new_job()
-    params = {**_job_params(job), "args": [Jsonb(kwargs) for kwargs in kwargs_list], "owner_ids": owner_ids}
-    with connection.cursor() as cursor:
-        cursor.execute(_DEFER_MANY, params)
-        return [row[0] for row in cursor.fetchall()]
-
-
-def _job_params(job: Job) -> dict[str, Any]:
-    return {
-        "queue": job.queue,
-        "task": job.task_name,
-        "priority": job.priority,
-        "lock": job.lock,
-        "args": Jsonb(job.task_kwargs),
-        "scheduled_at": job.scheduled_at,
-    }
-
-
-def _fetch_id(query: str, params: dict[str, Any]) -> int | None:
-    with connection.cursor() as cursor:
-        cursor.execute(query, params)
-        row = cursor.fetchone()
-    return row[0] if row else None
 
 
 async def jobs_retry_stalled(*, job_manager: JobManager, seconds_since_heartbeat: float) -> dict[str, list]:

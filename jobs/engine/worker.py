@@ -9,7 +9,7 @@ at once, so a claimed job is never left waiting behind a long one while another 
 It also outlives a database outage (a restart, a failover), where stock Procrastinate stops:
 its fetch loop, heartbeat, NOTIFY listener and periodic deferrer each retry with a short
 backoff until the database answers, and the ends of jobs wait in memory meanwhile
-(jobs/manager.py). Once it is back, the worker puts its state right: a new worker row if
+(jobs/engine/manager.py). Once it is back, the worker puts its state right: a new worker row if
 another worker pruned its silent one (taking its running jobs back), and the jobs the database
 says it runs but it does not know of (a claim whose answer was lost) go back to the queue.
 """
@@ -29,8 +29,8 @@ from procrastinate import job_context, types, utils
 from procrastinate import jobs as procrastinate_jobs
 from procrastinate.worker import Worker
 
-from jobs.connector import is_connection_error
-from jobs.manager import BatchingJobManager
+from jobs.engine.connector import is_connection_error
+from jobs.engine.manager import BatchingJobManager
 
 logger = logging.getLogger(__name__)
 

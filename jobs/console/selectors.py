@@ -14,8 +14,8 @@ from django.db.models.functions import Cast, Now
 from django.utils import timezone
 from procrastinate.contrib.django.models import ProcrastinateEvent, ProcrastinateJob
 
-from jobs import queues
-from jobs.models import JobInfo, PausedQueue
+from jobs.models import CircuitBreaker, JobInfo, PausedQueue
+from jobs.tasking import queues
 
 
 def job_counts_by_queue() -> dict[str, dict[str, int]]:
@@ -506,3 +506,24 @@ def dashboard_running_progress(*, limit: int = 50) -> list[dict]:
         }
         for job_id, task, queue, processed, total, at in rows
     ]
+
+
+def paused_queue_names() -> set[str]:
+    return set(PausedQueue.objects.values_list("queue_name", flat=True))
+
+
+_ATTEMPTS_BY_TASK = (
+    "SELECT task_name, count(*), coalesce(sum(attempts), 0) FROM procrastinate_jobs GROUP BY 1 ORDER BY 1"
+)
+
+
+def job_attempts_by_task() -> list[tuple[str, int, int]]:
+    """(task, jobs, attempts spent) per task, over the jobs in the queue table."""
+    with connection.cursor() as cursor:
+        cursor.execute(_ATTEMPTS_BY_TASK)
+        return cursor.fetchall()
+
+
+def circuit_breaker_states() -> dict[str, str]:
+    """The state (`closed`, `half_open`, `open`) of every breaker that has failed at least once."""
+    return dict(CircuitBreaker.objects.values_list("name", "state"))

@@ -9,12 +9,12 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs.breaker import breaker_record_failure
 from jobs.models import CircuitBreaker, PausedQueue
-from jobs.prometheus import SCRAPES, SecondbrainCollector
+from jobs.tasking.breaker import breaker_record_failure
 from llm.models import LlmUsage
 from notifications.models import DeliveryLog, NotificationJob
 from notifications.services import EMAIL_BREAKER
+from observability.metrics import SCRAPES, SecondbrainCollector
 from tests.factories import make_recipient, make_user
 from tests.jobs.test_dashboard import make_job
 

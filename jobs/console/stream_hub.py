@@ -1,12 +1,12 @@
 """One LISTEN connection per web process, fanned out to the process's job streams.
 
-A stream (jobs/stream.py) costs a queue here, not a connection: the hub's single psycopg
+A stream (jobs/console/stream.py) costs a queue here, not a connection: the hub's single psycopg
 AsyncConnection (autocommit) LISTENs on the channel of every job that this process streams, and
 hands each notification to the streams of that job. The same connection carries every other
 statement a stream needs (its cap slot, the watch, the initial state), one stream after the
 other: opening a stream never takes one of Django's pooled connections.
 
-Caps (429 with Retry-After beyond them, see jobs/apis.py):
+Caps (429 with Retry-After beyond them, see jobs/console/apis.py):
 - per process, `JOBS_STREAM_MAX_PER_PROCESS`: counted here, in memory;
 - per user, `JOBS_STREAM_MAX_PER_USER`, across every process: each stream holds one of the
   user's N slots, a session advisory lock on the hub's connection. PostgreSQL releases the
@@ -38,7 +38,7 @@ import psycopg
 from django.db import connection
 from psycopg import sql
 
-from jobs.selectors import FINAL_STATUSES
+from jobs.console.selectors import FINAL_STATUSES
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.idempotency import idempotent
-from jobs import selectors, services
-from jobs.filters import JobFilter
-from jobs.serializers import (
+from jobs.console import selectors, services
+from jobs.console.filters import JobFilter
+from jobs.console.serializers import (
     JobDetailSerializer,
     JobSerializer,
     MetricsQuerySerializer,
@@ -28,8 +28,8 @@ from jobs.serializers import (
     RetryRefusedSerializer,
     WebhookSecretSerializer,
 )
-from jobs.stream import LIMIT_RETRY_AFTER_SECONDS, job_event_stream, job_stream_open, sse_event
-from jobs.stream_hub import StreamLimitReached, StreamUnavailable
+from jobs.console.stream import LIMIT_RETRY_AFTER_SECONDS, job_event_stream, job_stream_open, sse_event
+from jobs.console.stream_hub import StreamLimitReached, StreamUnavailable
 
 
 def _check_may_act(request: Request, job: ProcrastinateJob, permission: str) -> None:
@@ -182,7 +182,7 @@ class _StreamRefused(exceptions.APIException):
 
 class JobStreamApi(APIView):
     """An async view: DRF's checks (authentication, permissions, throttles) and the job lookup
-    run in a thread; the stream itself runs on the event loop (jobs/stream.py)."""
+    run in a thread; the stream itself runs on the event loop (jobs/console/stream.py)."""
 
     renderer_classes = [renderers.JSONRenderer, EventStreamRenderer]
 

@@ -12,7 +12,7 @@
     data: {"status": "succeeded"}
 
 Served asynchronously (ASGI, see config/asgi.py): an open stream is a coroutine waiting on a
-queue, fed by the process's one listening connection (jobs/stream_hub.py). It holds neither a
+queue, fed by the process's one listening connection (jobs/console/stream_hub.py). It holds neither a
 thread nor a database connection. Order matters so that nothing is missed: the hub LISTENs, marks
 the job watched (from then on its status trigger and `job_progress` NOTIFY), then reads the
 current state; the stream sends that state, then relays notifications as they come. There is no
@@ -35,8 +35,8 @@ from typing import Any
 
 from django.conf import settings
 
-from jobs.selectors import FINAL_STATUSES, job_progress_summary
-from jobs.stream_hub import StreamHub, Subscription, job_channel, stream_hub
+from jobs.console.selectors import FINAL_STATUSES, job_progress_summary
+from jobs.console.stream_hub import StreamHub, Subscription, job_channel, stream_hub
 
 __all__ = ["job_channel", "job_event_stream", "job_stream_open", "serve_streams_without_request_thread", "sse_event"]
 

@@ -28,7 +28,7 @@ the database's clock: a worker whose clock is off by minutes still retries on ti
 While the database is unreachable (a restart, a failover), completions stay buffered and the
 writer keeps trying until it answers; a stopping worker waits FLUSH_TIMEOUT_SECONDS for that.
 The worker-row helpers at the end let a worker that outlived an outage put itself right
-(jobs/worker.py): re-register when another worker pruned its row, take back its jobs, and
+(jobs/engine/worker.py): re-register when another worker pruned its row, take back its jobs, and
 re-queue jobs whose claim committed but whose answer was lost.
 """
 
@@ -44,7 +44,7 @@ from procrastinate import jobs as procrastinate_jobs
 from procrastinate import utils
 from procrastinate.manager import JobManager
 
-from jobs.connector import is_connection_error
+from jobs.engine.connector import is_connection_error
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ SELECT id, lock FROM ended WHERE (SELECT count(*) FROM woken) >= 0
 
 
 # procrastinate_retry_job_v2 with the retry time taken from the database's clock.
-# The worker's own row, and its jobs (see jobs/worker.py: after a database outage).
+# The worker's own row, and its jobs (see jobs/engine/worker.py: after a database outage).
 HEARTBEAT = "UPDATE procrastinate_workers SET last_heartbeat = now() WHERE id = %(worker_id)s RETURNING id"
 ADOPT_JOBS = """
 UPDATE procrastinate_jobs SET worker_id = %(worker_id)s

@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 
 from django.conf import settings
-from django.db import connection
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.http import require_safe
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -33,27 +32,18 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from core.operators import metrics_token_given
-from jobs import queues, selectors
-from jobs.models import CircuitBreaker, PausedQueue
+from jobs import queues
+from jobs.console import selectors
 from llm import selectors as llm_selectors
 from notifications import selectors as notification_selectors
-from notifications.models import DeliveryLog
 from notifications.services import EMAIL_BREAKER
 
 JOB_STATUSES = ("todo", "doing", "succeeded", "failed", "cancelled", "aborted")
 JOB_DURATION_WINDOW_SECONDS = 24 * 3600
 JOB_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
-BREAKER_STATE_VALUES = {
-    CircuitBreaker.State.CLOSED: 0,
-    CircuitBreaker.State.HALF_OPEN: 1,
-    CircuitBreaker.State.OPEN: 2,
-}
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 # Breakers reported as closed before their first failure writes a row.
 KNOWN_BREAKERS = (EMAIL_BREAKER,)
-
-_ATTEMPTS_BY_TASK = (
-    "SELECT task_name, count(*), coalesce(sum(attempts), 0) FROM procrastinate_jobs GROUP BY 1 ORDER BY 1"
-)
 
 
 class SecondbrainCollector(Collector):
@@ -95,14 +85,12 @@ class SecondbrainCollector(Collector):
             "Attempts spent by the jobs in the queue table, per task (count: jobs, sum: attempts).",
             labels=["task"],
         )
-        with connection.cursor() as cursor:
-            cursor.execute(_ATTEMPTS_BY_TASK)
-            for task, jobs, attempts in cursor.fetchall():
-                family.add_metric([task], count_value=jobs, sum_value=attempts)
+        for task, jobs, attempts in selectors.job_attempts_by_task():
+            family.add_metric([task], count_value=jobs, sum_value=attempts)
         yield family
 
     def _queues_and_workers(self) -> Iterator[Metric]:
-        paused = set(PausedQueue.objects.values_list("queue_name", flat=True))
+        paused = selectors.paused_queue_names()
         family = GaugeMetricFamily("secondbrain_queue_paused", "1 while the queue is paused.", labels=["queue"])
         for queue in sorted(set(queues.ALL) | paused):
             family.add_metric([queue], 1 if queue in paused else 0)
@@ -113,14 +101,14 @@ class SecondbrainCollector(Collector):
         )
 
     def _emails(self) -> Iterator[Metric]:
-        by_outcome = notification_selectors.delivery_counts_by_outcome()
+        by_outcome = notification_selectors.delivery_counts_by_every_outcome()
         family = CounterMetricFamily(
             "secondbrain_email_deliveries",
             "E-mail delivery attempts by outcome (sent, transient_failure, permanent_failure, ...).",
             labels=["outcome"],
         )
-        for outcome in DeliveryLog.Outcome.values:
-            family.add_metric([outcome], by_outcome.get(outcome, 0))
+        for outcome, count in by_outcome.items():
+            family.add_metric([outcome], count)
         yield family
         family = GaugeMetricFamily(
             "secondbrain_notifications", "Notification jobs waiting or running, by status.", labels=["status"]
@@ -150,8 +138,8 @@ class SecondbrainCollector(Collector):
         yield from (calls, tokens, spend)
 
     def _breakers(self) -> Iterator[Metric]:
-        states = dict.fromkeys(KNOWN_BREAKERS, CircuitBreaker.State.CLOSED)
-        states.update(CircuitBreaker.objects.values_list("name", "state"))
+        states = dict.fromkeys(KNOWN_BREAKERS, "closed")
+        states.update(selectors.circuit_breaker_states())
         family = GaugeMetricFamily(
             "secondbrain_circuit_breaker_state",
             "Circuit breaker state: 0 closed, 1 half-open, 2 open.",

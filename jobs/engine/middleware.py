@@ -31,17 +31,17 @@ from procrastinate.job_context import AbortReason
 from psycopg.types.json import Jsonb
 
 from core.redaction import redact
-from jobs.limits import TimeLimitExceeded
-from jobs.ratelimit import rate_limit_refund, rate_limit_try_acquire
-from jobs.registry import TaskOptions, task_options
-from jobs.retry import Postponed
+from jobs.tasking.limits import TimeLimitExceeded
+from jobs.tasking.ratelimit import rate_limit_refund, rate_limit_try_acquire
+from jobs.tasking.registry import TaskOptions, task_options
+from jobs.tasking.retry import Postponed
 
 logger = logging.getLogger(__name__)
 
 ABORT_POLL_SECONDS = 0.2
 
 # Only while this worker still holds the job: a run that outlived its worker's rescue (the job
-# now runs elsewhere) must not leave its result on the new run (jobs/manager.py drops its end).
+# now runs elsewhere) must not leave its result on the new run (jobs/engine/manager.py drops its end).
 _STORE_RESULT = """
 INSERT INTO jobs_job_info (job_id, result, result_expires_at)
 SELECT %(job_id)s, %(result)s, now() + make_interval(secs => %(ttl)s)

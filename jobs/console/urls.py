@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from jobs.apis import JobMetricsApi, JobStreamApi, JobViewSet, QueueListApi, QueuePauseApi, QueueResumeApi
+from jobs.console.apis import JobMetricsApi, JobStreamApi, JobViewSet, QueueListApi, QueuePauseApi, QueueResumeApi
 
 router = SimpleRouter(trailing_slash=True)
 router.register("", JobViewSet, basename="job")

@@ -7,7 +7,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from jobs.selectors import job_progress_summary
+from jobs.console.selectors import job_progress_summary
 
 
 class ProgressSummarySerializer(serializers.Serializer):
