@@ -17,10 +17,9 @@ from django.db.models import F
 from django.utils import timezone
 from rest_framework import status as http
 
-from core.errors import ApplicationError
+from core.errors import ApplicationError, ProviderError
 from jobs.services import job_defer, job_defer_bulk
 from jobs.webhooks import webhook_url_check
-from llm.client import ProviderError
 from llm.services import LlmUnavailable, llm_complete
 from notes import enrichment, imports, tier1
 from notes.models import EnrichmentStatus, ImportStatus, Note, NoteImport
@@ -95,7 +94,7 @@ def note_enrich(*, note_id: int) -> str:
 
     Idempotent: results are written only for the content version that was read, so a late
     answer never overwrites a newer edit (whose own job is already queued).
-    Raises llm.client.ProviderError when Claude fails (the task decides about retrying).
+    Raises core.errors.ProviderError when Claude fails (the task decides about retrying).
     """
     note = Note.objects.filter(id=note_id).first()
     if note is None:

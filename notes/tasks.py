@@ -4,11 +4,11 @@ from typing import Any
 
 from procrastinate import JobContext
 
+from core.errors import ProviderError
 from jobs import queues
 from jobs.progress import job_progress
 from jobs.registry import job_task
 from jobs.retry import will_retry
-from llm.client import ProviderError
 from notes import services
 
 
