@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 def _enrichment_defer(note: Note) -> None:
-    from notes.tasks import note_enrich  # tasks import services; import late to avoid a cycle
+    from notes.tasks import note_enrich  # tasks import services
 
     # One waiting job per note (it reads the latest content when it runs), and never two
     # running at once for the same note.
@@ -176,7 +176,7 @@ def note_import_create(
     The input is already checked (NoteImportInputSerializer): a known format, a readable header.
     The file is streamed into the row with COPY, so the web process never holds it whole.
     """
-    from notes.tasks import note_import  # tasks import services; import late to avoid a cycle
+    from notes.tasks import note_import  # tasks import services
 
     if callback_url:
         webhook_url_check(callback_url)  # before copying megabytes for nothing
@@ -392,7 +392,7 @@ def _import_batches(records: Iterator[imports.Record]) -> Iterator[list[imports.
 @transaction.atomic
 def _note_import_batch(*, note_import: NoteImport, records: list[imports.Record]) -> NoteImport:
     """Write one batch: its notes, their enrichment jobs and the import's counters, or nothing."""
-    from notes.tasks import note_enrich  # tasks import services; import late to avoid a cycle
+    from notes.tasks import note_enrich  # tasks import services
 
     current = NoteImport.objects.select_for_update().only("rows_done", "errors").get(id=note_import.id)
     if current.rows_done != note_import.rows_done:
