@@ -111,3 +111,27 @@ def test_past_its_time_limit_the_job_fails_and_is_retried_not_left_running(claud
     _fast_forward()
     run_worker(queues=["digests"])
     assert Digest.objects.filter(owner=owner).count() == 1  # the late first run and the retry: one digest
+
+
+def test_past_its_time_limit_on_the_last_attempt_the_plain_digest_is_written(claude, settings):
+    settings.DIGEST_TIME_LIMIT_SECONDS = 0.5
+    # A sync job's code runs on past its limit until the call returns; keep that short.
+    settings.ANTHROPIC_TIMEOUT_SECONDS = 1.5
+    owner = make_user("gus")
+    _notes_last_week(owner, "a slow week again")
+    release = threading.Event()
+    for _ in range(4):  # the first run and its 3 retries
+        claude.hang(release)
+    services.weekly_digest_fanout(period_end=FRIDAY)
+    try:
+        for _ in range(4):
+            run_worker(queues=["digests"])
+            _fast_forward()
+    finally:
+        release.set()
+    [job] = jobs("digests.weekly_digest")
+    # Succeeded: the last attempt wrote the plain digest at its limit instead of failing.
+    assert (job["status"], job["attempts"]) == ("succeeded", 4)
+    digest = Digest.objects.get(owner=owner)
+    assert not digest.ai_generated and digest.fallback_reason.startswith("AI failed:")
+    assert "- a slow week again" in digest.content
