@@ -21,7 +21,7 @@ from core.errors import ApplicationError, ProviderError
 from jobs.services import job_defer, job_defer_bulk
 from jobs.webhooks import webhook_url_check
 from llm.services import LlmUnavailable, llm_complete
-from notes import enrichment, imports, tier1
+from notes import enrichment, import_formats, tier1
 from notes.models import EnrichmentStatus, ImportStatus, Note, NoteImport
 from notes.selectors import note_enrichment_candidates
 
@@ -269,14 +269,14 @@ def note_import_run(*, import_id: int, on_progress: Callable[[ImportProgress], N
       earlier import of the owner) meets the unique (owner, import_key) and counts as a duplicate.
     - `on_progress` is called after each batch, outside its transaction.
 
-    Raises imports.ImportFileError when the file cannot be read at all (the header).
+    Raises import_formats.ImportFileError when the file cannot be read at all (the header).
     """
     with transaction.atomic():
         note_import = NoteImport.objects.select_for_update().get(id=import_id)
         if note_import.status == ImportStatus.DONE:
             return note_import
         if note_import.file_deleted_at is not None:
-            raise imports.ImportFileError(
+            raise import_formats.ImportFileError(
                 f"The file of this import was deleted on {note_import.file_deleted_at:%Y-%m-%d %H:%M} UTC,"
                 f" {settings.IMPORTS_FILE_RETENTION_HOURS:g} hours after the import ended; upload it again."
             )
@@ -287,13 +287,13 @@ def note_import_run(*, import_id: int, on_progress: Callable[[ImportProgress], N
 
     if note_import.total is None:
         with _stored_text(note_import) as text:
-            note_import.total = imports.count_records(text, note_import.format)
+            note_import.total = import_formats.count_records(text, note_import.format)
         NoteImport.objects.filter(id=import_id).update(total=note_import.total)
     if on_progress:
         on_progress(_import_progress(note_import))
 
     with _stored_text(note_import) as text:
-        records = imports.read_records(text, note_import.format)
+        records = import_formats.read_records(text, note_import.format)
         for _ in itertools.islice(records, note_import.rows_done):  # done by an earlier run
             pass
         for batch in _import_batches(records):
@@ -369,14 +369,14 @@ def _stored_text(note_import: NoteImport) -> Iterator[TextIO]:
             )
             return bytes(cursor.fetchone()[0])
 
-    stream = imports.StoredFile(size=note_import.size, fetch=fetch, chunk_bytes=IMPORT_READ_CHUNK_BYTES)
-    with imports.open_text(stream) as text:
+    stream = import_formats.StoredFile(size=note_import.size, fetch=fetch, chunk_bytes=IMPORT_READ_CHUNK_BYTES)
+    with import_formats.open_text(stream) as text:
         yield text
 
 
-def _import_batches(records: Iterator[imports.Record]) -> Iterator[list[imports.Record]]:
+def _import_batches(records: Iterator[import_formats.Record]) -> Iterator[list[import_formats.Record]]:
     """Records in lists of IMPORTS_BATCH_SIZE, or fewer once they hold IMPORT_BATCH_MAX_CHARS."""
-    batch: list[imports.Record] = []
+    batch: list[import_formats.Record] = []
     chars = 0
     for record in records:
         batch.append(record)
@@ -390,7 +390,7 @@ def _import_batches(records: Iterator[imports.Record]) -> Iterator[list[imports.
 
 
 @transaction.atomic
-def _note_import_batch(*, note_import: NoteImport, records: list[imports.Record]) -> NoteImport:
+def _note_import_batch(*, note_import: NoteImport, records: list[import_formats.Record]) -> NoteImport:
     """Write one batch: its notes, their enrichment jobs and the import's counters, or nothing."""
     from notes.tasks import note_enrich  # tasks import services
 
@@ -401,7 +401,7 @@ def _note_import_batch(*, note_import: NoteImport, records: list[imports.Record]
     notes: list[Note] = []
     errors: list[dict[str, Any]] = []
     for record in records:
-        row = imports.row_validate(record)
+        row = import_formats.row_validate(record)
         if isinstance(row, str):
             errors.append({"line": record.line, "reason": row})
             continue

@@ -17,7 +17,7 @@ from django.test.utils import CaptureQueriesContext
 from procrastinate.contrib.django import app
 
 from jobs.models import JobInfo
-from notes import imports, services
+from notes import import_formats, services
 from notes.models import Note, NoteImport
 from tests.conftest import client_for, database_url, jobs, run_worker, start_worker_process, wait_for
 from tests.factories import make_user
@@ -211,9 +211,9 @@ def test_anonymous_import_requests_are_refused():
 # --- Parsing ----------------------------------------------------------------------------------
 
 
-def _rows(data: bytes, fmt: str) -> list[imports.ImportRow | str]:
-    with imports.open_text(io.BytesIO(data)) as text:
-        return [imports.row_validate(record) for record in imports.read_records(text, fmt)]
+def _rows(data: bytes, fmt: str) -> list[import_formats.ImportRow | str]:
+    with import_formats.open_text(io.BytesIO(data)) as text:
+        return [import_formats.row_validate(record) for record in import_formats.read_records(text, fmt)]
 
 
 def test_csv_keeps_quoted_multiline_fields_and_values_as_written():
@@ -231,13 +231,13 @@ def test_csv_keeps_quoted_multiline_fields_and_values_as_written():
     assert first.import_key == "ext-1"
     assert second.line == 6  # "\r\n" is one line end; the blank line is not a record
     assert second.content == '=HYPERLINK("http://x")'
-    assert second.import_key == imports.import_key_of(title="plain", content='=HYPERLINK("http://x")')
+    assert second.import_key == import_formats.import_key_of(title="plain", content='=HYPERLINK("http://x")')
 
 
 def test_the_import_key_is_the_external_id_or_a_hash_of_title_and_content():
-    key = imports.import_key_of(title="a", content="bc")
+    key = import_formats.import_key_of(title="a", content="bc")
     assert key.startswith("sha256:") and len(key) == 71
-    assert key != imports.import_key_of(title="ab", content="c")
+    assert key != import_formats.import_key_of(title="ab", content="c")
     [row] = _rows(jsonl_bytes([{"content": "x", "external_id": 42}]), "jsonl")
     assert row.import_key == "42"
 
@@ -248,7 +248,7 @@ def test_a_field_longer_than_any_note_is_reported_not_buffered(settings):
     data = b"content\n" + b"ok\n" + huge + b"\n" + b"after\n" + b'"' + huge + b"\n" + huge + b'"\nlast\n'
     results = _rows(data, "csv")
     assert results[0].content == "ok"
-    assert results[1] == f"a line is longer than {imports.line_limit()} characters"
+    assert results[1] == f"a line is longer than {import_formats.line_limit()} characters"
     assert results[2].content == "after"
     assert all(isinstance(r, str) for r in results[3:-1])  # the quoted monster, in bounded pieces
     assert results[-1].content == "last"
@@ -316,7 +316,7 @@ def test_jsonl_import_through_the_api(settings):
     by_key = {n.import_key: n for n in Note.objects.filter(owner=owner)}
     assert by_key["a-1"].tags == ["two", "three", "one"]
     assert by_key["7"].tags == ["x", "y"]
-    assert by_key[imports.import_key_of(title="", content="third")].title == ""
+    assert by_key[import_formats.import_key_of(title="", content="third")].title == ""
     assert len(enrich_jobs()) == 3
 
 
@@ -658,7 +658,7 @@ def _insert_uncommitted(owner, *, title: str, content: str) -> psycopg.Connectio
         " enrichment_status, enrichment_error, ai_type, ai_tags, summary, connections, created_at, updated_at,"
         " import_key) VALUES (%s, %s, %s, 1, 1, '{}', '{}', 'note', 'pending', '', '', '{}', '', '{}', now(), now(),"
         " %s)",
-        [owner.id, title, content, imports.import_key_of(title=title, content=content)],
+        [owner.id, title, content, import_formats.import_key_of(title=title, content=content)],
     )
     return blocker
 

@@ -14,7 +14,7 @@ from django.utils import timezone
 from procrastinate.exceptions import AlreadyEnqueued
 
 from notes import services
-from notes.imports import ImportFileError
+from notes.import_formats import ImportFileError
 from notes.models import Note, NoteImport
 from tests.conftest import client_for, jobs, run_worker
 from tests.factories import make_user
