@@ -3,18 +3,10 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
-from rest_framework.routers import SimpleRouter
 
 from core.apis import HealthApi, TokenApi
-from digests.apis import DigestScheduleViewSet, DigestViewSet
 from jobs.apis import WebhookSecretApi, WebhookSecretRotateApi
 from jobs.prometheus import metrics_view
-from notifications.apis import RecipientViewSet
-
-router = SimpleRouter(trailing_slash=True)
-router.register("recipients", RecipientViewSet, basename="recipient")
-router.register("digest-schedules", DigestScheduleViewSet, basename="digest-schedule")
-router.register("digests", DigestViewSet, basename="digest")
 
 urlpatterns = [
     path("admin/jobs/dashboard/", include("jobs.dashboard")),
@@ -23,11 +15,11 @@ urlpatterns = [
     path("api/auth/token/", TokenApi.as_view(), name="auth-token"),
     path("api/health/", HealthApi.as_view(), name="health"),
     path("api/notes/", include("notes.urls")),
-    path("api/notifications/", include("notifications.urls")),
+    path("api/", include("notifications.urls")),  # notifications/ and recipients/
+    path("api/", include("digests.urls")),  # digests/ and digest-schedules/
     path("api/jobs/", include("jobs.urls")),
     path("api/webhooks/secret/", WebhookSecretApi.as_view(), name="webhook-secret"),
     path("api/webhooks/secret/rotate/", WebhookSecretRotateApi.as_view(), name="webhook-secret-rotate"),
-    path("api/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]

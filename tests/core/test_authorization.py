@@ -25,7 +25,7 @@ from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
-from digests.models import Digest
+from digests.models import WeeklyDigest
 from tests.conftest import client_for
 from tests.factories import make_recipient, make_user
 
@@ -187,7 +187,7 @@ def _objects_of(owner) -> dict[str, int]:
     upload = SimpleUploadedFile("notes.csv", b"content\nA row\n", content_type="text/csv")
     note_import = api.post("/api/notes/import/", {"file": upload}, format="multipart")
     now = timezone.now()
-    digest = Digest.objects.create(owner=owner, period_start=now - timedelta(days=7), period_end=now, content="d")
+    digest = WeeklyDigest.objects.create(owner=owner, period_start=now - timedelta(days=7), period_end=now, content="d")
     return {
         "recipient": recipient.id,
         "note": note.json()["id"],

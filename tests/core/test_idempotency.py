@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from core.models import IdempotencyKey
 from core.services import expired_rows_purge
-from digests.models import DigestSchedule
+from digests.models import RecipientDigestSchedule
 from jobs.services import job_defer
 from notes.models import Note, NoteImport
 from notifications.models import NotificationJob, Recipient
@@ -94,7 +94,7 @@ def _digest_schedules(user) -> Case:
             format="json",
             **h,
         ),
-        count=lambda: DigestSchedule.objects.filter(owner=user).count(),
+        count=lambda: RecipientDigestSchedule.objects.filter(owner=user).count(),
     )
 
 

@@ -149,8 +149,8 @@ def test_the_digest_sweep_of_a_skewed_worker_sends_what_is_due_by_the_database_c
     owner = make_user("digested")
     due_to, later_to = make_recipient(owner, email="due@example.com"), make_recipient(owner, email="later@example.com")
     rule = {"frequency": "daily", "delivery_time": time(8, 0), "timezone": "UTC"}
-    due = digest_services.digest_schedule_create(owner=owner, recipient=due_to, **rule)
-    later = digest_services.digest_schedule_create(owner=owner, recipient=later_to, **rule)
+    due = digest_services.recipient_digest_schedule_create(owner=owner, recipient=due_to, **rule)
+    later = digest_services.recipient_digest_schedule_create(owner=owner, recipient=later_to, **rule)
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE digest_schedules SET next_digest_scheduled = now() - interval '1 minute' WHERE id = %s", [due.id]

@@ -10,7 +10,7 @@ import pytest
 from django.db import connection, transaction
 
 from digests import services
-from digests.models import DigestSchedule
+from digests.models import RecipientDigestSchedule
 from digests.tasks import digest_sweep as digest_sweep_task
 from notes import services as note_services
 from notifications.models import NotificationJob
@@ -22,9 +22,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 
 
-def _schedule(owner, recipient, **extra) -> DigestSchedule:
+def _schedule(owner, recipient, **extra) -> RecipientDigestSchedule:
     fields = {"recipient": recipient, "frequency": "daily", "delivery_time": time(8, 0), "timezone": "UTC"}
-    return services.digest_schedule_create(owner=owner, now=NOW - timedelta(days=1), **{**fields, **extra})
+    return services.recipient_digest_schedule_create(owner=owner, now=NOW - timedelta(days=1), **{**fields, **extra})
 
 
 def _note(owner, content, **extra):
@@ -127,7 +127,7 @@ def test_two_workers_sweeping_at_the_same_moment_send_each_digest_once():
     owner = make_user("bea")
     recipients = [make_recipient(owner, email=f"r{i}@example.com") for i in range(300)]
     for recipient in recipients:
-        services.digest_schedule_create(
+        services.recipient_digest_schedule_create(
             owner=owner,
             recipient=recipient,
             frequency="daily",

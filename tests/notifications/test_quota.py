@@ -113,7 +113,7 @@ def test_the_digest_sweep_sends_only_what_the_quota_allows_and_keeps_the_rest_fo
     now = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
     owner = make_user("dora")
     schedules = [
-        digest_services.digest_schedule_create(
+        digest_services.recipient_digest_schedule_create(
             owner=owner,
             now=now - timedelta(days=1),
             recipient=make_recipient(owner, email=f"d{i}@example.com"),
