@@ -26,8 +26,8 @@ from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
 from digests.models import WeeklyDigest
-from tests.conftest import client_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import client_for
 
 PUBLIC = {
     "GET /api/health/",

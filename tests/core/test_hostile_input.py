@@ -31,8 +31,8 @@ from notes import import_formats
 from notes import services as note_services
 from notes.models import Note, NoteImport
 from notifications import services as notification_services
-from tests.conftest import BASE_DIR, client_for, database_url, run_worker
 from tests.factories import make_recipient, make_user
+from tests.helpers import BASE_DIR, client_for, database_url, run_worker
 
 JSON_ENDPOINTS = ["/api/notes/", "/api/recipients/", "/api/notifications/send-email/", "/api/auth/token/"]
 SCRIPT = "<script>alert('owned')</script>"

@@ -20,8 +20,8 @@ from digests.models import RecipientDigestSchedule
 from jobs.services import job_defer
 from notes.models import Note, NoteImport
 from notifications.models import NotificationJob, Recipient
-from tests.conftest import client_for, database_url, jobs, wait_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import client_for, database_url, jobs, wait_for
 from tests.jobs import tasks_for_tests as tasks
 
 KEY = "HTTP_IDEMPOTENCY_KEY"

@@ -23,8 +23,8 @@ from digests import services as digest_services
 from digests.models import WeeklyDigest
 from notes.models import Note, NoteImport
 from notifications.models import NotificationJob
-from tests.conftest import client_for, smtp_env, start_worker_process, wait_for
 from tests.factories import make_user
+from tests.helpers import client_for, smtp_env, start_worker_process, wait_for
 
 API_KEY = "sk-ant-api03-SECRETKEY-do-not-log-0123456789abcdef"
 RITA = "rita.private@example.org"

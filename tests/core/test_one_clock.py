@@ -1,7 +1,7 @@
 """One clock: what workers on different hosts must agree on is decided by the database's clock.
 
 Each test runs a real worker process whose own clock is minutes (or a month) off, with
-libfaketime (tests/conftest.py: skewed_clock_env), against decisions made by the database's.
+libfaketime (tests/helpers.py: skewed_clock_env), against decisions made by the database's.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from notes import services as note_services
 from notes.models import Note
 from notifications import services as notification_services
 from notifications.models import DeliveryLog, NotificationJob
-from tests.conftest import skewed_clock_env, smtp_env, start_worker_process, wait_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import skewed_clock_env, smtp_env, start_worker_process, stop_worker, wait_for
 from tests.jobs import tasks_for_tests as tasks
-from tests.jobs.workers import job_events, job_status, query, start_test_worker, stop_worker
+from tests.jobs.workers import job_events, job_status, query, start_test_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

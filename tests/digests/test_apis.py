@@ -7,8 +7,8 @@ from django.utils import timezone
 
 from digests import services
 from digests.models import RecipientDigestSchedule, WeeklyDigest
-from tests.conftest import client_for
 from tests.factories import make_recipient
+from tests.helpers import client_for
 
 pytestmark = pytest.mark.django_db
 

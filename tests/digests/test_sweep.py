@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 from datetime import UTC, datetime, time, timedelta
 
@@ -14,8 +13,8 @@ from digests.models import RecipientDigestSchedule
 from digests.tasks import digest_sweep as digest_sweep_task
 from notes import services as note_services
 from notifications.models import NotificationJob
-from tests.conftest import start_worker_process, wait_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import start_worker_process, stop_worker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -143,8 +142,7 @@ def test_two_workers_sweeping_at_the_same_moment_send_each_digest_once():
         wait_for(lambda: _succeeded_sweeps() >= 2, timeout=60, what="both sweeps")
     finally:
         for worker in workers:
-            worker.send_signal(signal.SIGTERM)
-            worker.communicate(timeout=20)
+            stop_worker(worker)
     per_recipient = NotificationJob.objects.filter(notification_type="digest").values_list("recipient_id", flat=True)
     assert sorted(per_recipient) == sorted(r.id for r in recipients)  # each exactly once
 

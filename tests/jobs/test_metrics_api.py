@@ -13,8 +13,8 @@ from jobs import queues
 from jobs.registry import job_task
 from jobs.selectors import job_metrics
 from jobs.services import job_defer
-from tests.conftest import client_for, run_worker
 from tests.factories import make_user
+from tests.helpers import client_for, run_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -27,8 +27,8 @@ from jobs.registry import job_task
 from jobs.services import job_cancel, job_defer
 from jobs.stream import job_event_stream, job_stream_open, serve_streams_without_request_thread
 from jobs.stream_hub import MAX_BACKLOG, job_channel
-from tests.conftest import client_for, run_worker, wait_for
 from tests.factories import make_user
+from tests.helpers import client_for, run_worker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -30,8 +30,8 @@ from bench.harness import free_port, port_open, server_args
 from jobs import queues
 from jobs.registry import job_task
 from jobs.services import job_defer
-from tests.conftest import BASE_DIR, database_url, wait_for
 from tests.factories import make_user
+from tests.helpers import BASE_DIR, database_url, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

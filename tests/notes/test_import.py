@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import signal
 import tracemalloc
 
 import psycopg
@@ -19,8 +18,17 @@ from procrastinate.contrib.django import app
 from jobs.models import JobInfo
 from notes import import_formats, services
 from notes.models import Note, NoteImport
-from tests.conftest import client_for, database_url, jobs, run_worker, start_worker_process, wait_for
 from tests.factories import make_user
+from tests.helpers import (
+    client_for,
+    database_url,
+    jobs,
+    kill_worker,
+    run_worker,
+    start_worker_process,
+    stop_worker,
+    wait_for,
+)
 
 URL = "/api/notes/import/"
 
@@ -592,11 +600,9 @@ def test_an_import_whose_worker_is_sigkilled_mid_file_is_finished_without_duplic
     try:
         wait_for(lambda: NoteImport.objects.get(id=note_import.id).rows_done == 50, what="the first batch")
         wait_for(lambda: _backends_waiting_on_a_lock() > 0, what="the second batch to wait")
-        doomed.send_signal(signal.SIGKILL)
-        doomed.wait(10)
+        kill_worker(doomed)
     finally:
-        if doomed.poll() is None:
-            doomed.kill()
+        kill_worker(doomed)
         blocker.rollback()
         blocker.close()
     assert jobs("notes.import")[0]["status"] == "doing"  # nobody told the database
@@ -610,8 +616,7 @@ def test_an_import_whose_worker_is_sigkilled_mid_file_is_finished_without_duplic
             what="the rescued import to finish",
         )
     finally:
-        rescuer.send_signal(signal.SIGTERM)
-        output = rescuer.communicate(timeout=20)[0]
+        output = stop_worker(rescuer)
     note_import.refresh_from_db()
     assert (note_import.total, note_import.processed, note_import.imported) == (200, 200, 200), output
     assert (note_import.duplicates, note_import.skipped) == (0, 0)
@@ -640,8 +645,7 @@ def test_an_operator_abort_stops_the_import_after_the_batch_in_flight():
         wait_for(lambda: NoteImport.objects.get(id=note_import.id).status == "failed", what="the import to stop")
     finally:
         blocker.close()
-        worker.send_signal(signal.SIGTERM)
-        output = worker.communicate(timeout=20)[0]
+        output = stop_worker(worker)
     note_import.refresh_from_db()
     assert (note_import.rows_done, note_import.imported) == (100, 100), output
     assert "aborted" in note_import.failure_reason

@@ -16,8 +16,8 @@ from procrastinate.exceptions import AlreadyEnqueued
 from notes import services
 from notes.import_formats import ImportFileError
 from notes.models import Note, NoteImport
-from tests.conftest import client_for, jobs, run_worker
 from tests.factories import make_user
+from tests.helpers import client_for, jobs, run_worker
 from tests.notes.test_import import ROWS, csv_bytes, import_create, upload
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -7,8 +7,8 @@ from django.db import connection
 from django.utils import timezone
 
 from notifications.models import DeliveryLog, NotificationJob, Recipient
-from tests.conftest import client_for, jobs
 from tests.factories import make_recipient
+from tests.helpers import client_for, jobs
 
 pytestmark = pytest.mark.django_db
 

@@ -9,8 +9,8 @@ import pytest
 from django.db import connection
 
 from notifications.models import NotificationJob
-from tests.conftest import client_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import client_for
 
 
 def _send(api, recipient, **extra):
