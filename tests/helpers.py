@@ -8,8 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from django.db import connection
@@ -18,6 +21,8 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.peers.smtp import SmtpSink
+
+T = TypeVar("T")
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 PROCRASTINATE_TABLES = "procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers, procrastinate_workers"
@@ -144,3 +149,28 @@ def kill_worker(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGKILL)
     process.wait(10)
+
+
+def at_once(count: int, call: Callable[[], T], *, timeout: float = 30.0) -> list[T]:
+    """Run `call` in `count` threads released together, to race them. Returns what the calls
+    returned (one that raised is missing: compare the length). Each thread closes its own
+    database connection."""
+    start = threading.Barrier(count)
+    results: list[T] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            start.wait(timeout)
+            value = call()
+            with lock:
+                results.append(value)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return results

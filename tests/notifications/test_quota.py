@@ -3,14 +3,12 @@ it the API answers 429 with the reason and Retry-After, and parallel requests ne
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from django.db import connection
 
 from notifications.models import NotificationJob
 from tests.factories import make_recipient, make_user
-from tests.helpers import client_for
+from tests.helpers import at_once, client_for
 
 
 def _send(api, recipient, **extra):
@@ -81,23 +79,7 @@ def test_parallel_sends_at_quota_minus_one_let_exactly_one_through(settings):
     api = client_for(owner)
     assert [_send(api, rita).status_code for _ in range(4)] == [202] * 4
 
-    statuses: list[int] = []
-    start = threading.Barrier(8)
-
-    def send() -> None:
-        try:
-            client = client_for(owner)
-            start.wait(10)
-            statuses.append(_send(client, rita).status_code)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=send) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-
+    statuses = at_once(8, lambda: _send(client_for(owner), rita).status_code)
     assert sorted(statuses) == [202] + [429] * 7
     assert NotificationJob.objects.filter(owner=owner).count() == 5
 
