@@ -24,9 +24,10 @@ bench: $(STAMP)  ## the benchmark suite (bench/): one table, also in bench/resul
 chaos: $(STAMP)  ## 20,000 e-mails through SIGKILLed workers and a PostgreSQL restart: nothing lost, nothing twice
 	$(BIN)/python -m bench.chaos $(ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, and every relative link and #anchor of README.md and docs/*.md
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python scripts/check_links.py
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
