@@ -24,10 +24,11 @@ bench: $(STAMP)  ## the benchmark suite (bench/): one table, also in bench/resul
 chaos: $(STAMP)  ## 20,000 e-mails through SIGKILLed workers and a PostgreSQL restart: nothing lost, nothing twice
 	$(BIN)/python -m bench.chaos $(ARGS)
 
-lint: $(STAMP)  ## ruff, and the layering of the apps (import-linter, [tool.importlinter] in pyproject.toml)
+lint: $(STAMP)  ## ruff, the layering of the apps (import-linter), and every relative link and #anchor of the docs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/python scripts/check_links.py
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -173,7 +173,7 @@ class ApiClient(threading.Thread):
             conn.close()
             self.log.latencies_ms.append((time.monotonic() - started) * 1000)
         if response.status == 202:
-            self.log.acknowledged.append(json.loads(data)["job_id"])
+            self.log.acknowledged.append(json.loads(data)["notification_id"])
         elif response.status == 503:
             try:
                 hint = json.loads(data).get("retry_after")

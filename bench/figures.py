@@ -378,7 +378,7 @@ def digest_sweep(bench: Bench, *, quick: bool = False) -> list[Figure]:
 
     from django.utils import timezone
 
-    from digests.models import DigestSchedule
+    from digests.models import RecipientDigestSchedule
     from digests.services import digest_sweep as sweep
     from notes.services import note_create
     from notifications.models import NotificationJob, Recipient
@@ -393,9 +393,9 @@ def digest_sweep(bench: Bench, *, quick: bool = False) -> list[Figure]:
         [Recipient(owner=owner, name=f"D{i}", email=f"d{i}@example.com") for i in range(count)]
     )
     due = timezone.now() - timedelta(minutes=1)
-    DigestSchedule.objects.bulk_create(
+    RecipientDigestSchedule.objects.bulk_create(
         [
-            DigestSchedule(
+            RecipientDigestSchedule(
                 owner=owner, recipient=r, frequency="daily", delivery_time=clock_time(8), next_digest_scheduled=due
             )
             for r in recipients

@@ -3,19 +3,11 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
-from rest_framework.routers import SimpleRouter
 
 from core.apis import AccountEraseApi, TokenApi
-from digests.apis import DigestScheduleViewSet, DigestViewSet
 from jobs.console.apis import WebhookSecretApi, WebhookSecretRotateApi
-from notifications.apis import RecipientViewSet
 from observability.apis import HealthApi
 from observability.metrics import metrics_view
-
-router = SimpleRouter(trailing_slash=True)
-router.register("recipients", RecipientViewSet, basename="recipient")
-router.register("digest-schedules", DigestScheduleViewSet, basename="digest-schedule")
-router.register("digests", DigestViewSet, basename="digest")
 
 urlpatterns = [
     path("admin/jobs/dashboard/", include("jobs.console.dashboard")),
@@ -25,11 +17,11 @@ urlpatterns = [
     path("api/auth/erase/", AccountEraseApi.as_view(), name="auth-erase"),
     path("api/health/", HealthApi.as_view(), name="health"),
     path("api/notes/", include("notes.urls")),
-    path("api/notifications/", include("notifications.urls")),
+    path("api/", include("notifications.urls")),  # notifications/ and recipients/
+    path("api/", include("digests.urls")),  # digests/ and digest-schedules/
     path("api/jobs/", include("jobs.console.urls")),
     path("api/webhooks/secret/", WebhookSecretApi.as_view(), name="webhook-secret"),
     path("api/webhooks/secret/rotate/", WebhookSecretRotateApi.as_view(), name="webhook-secret-rotate"),
-    path("api/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]

@@ -1,10 +1,10 @@
 from django.contrib import admin
 
-from digests.models import Digest, DigestSchedule
+from digests.models import RecipientDigestSchedule, WeeklyDigest
 
 
-@admin.register(DigestSchedule)
-class DigestScheduleAdmin(admin.ModelAdmin):
+@admin.register(RecipientDigestSchedule)
+class RecipientDigestScheduleAdmin(admin.ModelAdmin):
     list_display = ("id", "recipient", "frequency", "delivery_time", "delivery_day", "timezone", "active")
     list_display += ("last_digest_sent", "next_digest_scheduled")
     list_filter = ("frequency", "active")
@@ -12,8 +12,8 @@ class DigestScheduleAdmin(admin.ModelAdmin):
     readonly_fields = ("last_digest_sent", "next_digest_scheduled", "last_note_xid", "last_note_id")
 
 
-@admin.register(Digest)
-class DigestAdmin(admin.ModelAdmin):
+@admin.register(WeeklyDigest)
+class WeeklyDigestAdmin(admin.ModelAdmin):
     list_display = ("id", "owner", "period_start", "period_end", "ai_generated", "note_count", "cost_usd")
     list_filter = ("ai_generated",)
     raw_id_fields = ("owner",)

@@ -4,35 +4,39 @@ from rest_framework import viewsets
 
 from core.idempotency import IdempotentCreateMixin
 from digests import selectors, services
-from digests.models import Digest, DigestSchedule
-from digests.serializers import DigestScheduleSerializer, DigestSerializer
+from digests.models import RecipientDigestSchedule, WeeklyDigest
+from digests.serializers import RecipientDigestScheduleSerializer, WeeklyDigestSerializer
 
 
-class DigestScheduleViewSet(IdempotentCreateMixin, viewsets.ModelViewSet):
+class RecipientDigestScheduleViewSet(IdempotentCreateMixin, viewsets.ModelViewSet):
     """The caller's digest schedules. `next_digest_scheduled` is recomputed on every change."""
 
-    serializer_class = DigestScheduleSerializer
-    queryset = DigestSchedule.objects.none()
+    serializer_class = RecipientDigestScheduleSerializer
+    queryset = RecipientDigestSchedule.objects.none()
     filterset_fields = {"recipient": ["exact"], "frequency": ["exact"], "active": ["exact"]}
     ordering_fields = ["next_digest_scheduled", "created_at"]
 
     def get_queryset(self):
-        return selectors.digest_schedule_list(owner=self.request.user)
+        return selectors.recipient_digest_schedule_list(owner=self.request.user)
 
-    def perform_create(self, serializer: DigestScheduleSerializer) -> None:
-        serializer.instance = services.digest_schedule_create(owner=self.request.user, **serializer.validated_data)
+    def perform_create(self, serializer: RecipientDigestScheduleSerializer) -> None:
+        serializer.instance = services.recipient_digest_schedule_create(
+            owner=self.request.user, **serializer.validated_data
+        )
 
-    def perform_update(self, serializer: DigestScheduleSerializer) -> None:
-        serializer.instance = services.digest_schedule_update(schedule=serializer.instance, **serializer.validated_data)
+    def perform_update(self, serializer: RecipientDigestScheduleSerializer) -> None:
+        serializer.instance = services.recipient_digest_schedule_update(
+            schedule=serializer.instance, **serializer.validated_data
+        )
 
-    def perform_destroy(self, instance: DigestSchedule) -> None:
-        services.digest_schedule_delete(schedule=instance)
+    def perform_destroy(self, instance: RecipientDigestSchedule) -> None:
+        services.recipient_digest_schedule_delete(schedule=instance)
 
 
-class DigestViewSet(viewsets.ReadOnlyModelViewSet):
-    serializer_class = DigestSerializer
-    queryset = Digest.objects.none()
+class WeeklyDigestViewSet(viewsets.ReadOnlyModelViewSet):
+    serializer_class = WeeklyDigestSerializer
+    queryset = WeeklyDigest.objects.none()
     ordering_fields = ["period_end"]
 
     def get_queryset(self):
-        return selectors.digest_list(owner=self.request.user)
+        return selectors.weekly_digest_list(owner=self.request.user)

@@ -13,7 +13,10 @@ class Frequency(models.TextChoices):
     MONTHLY = "monthly"
 
 
-class DigestSchedule(models.Model):
+class RecipientDigestSchedule(models.Model):
+    """When to e-mail a recipient the notes that are new since the last digest (the sweep sends it);
+    unrelated to the weekly AI digest (`WeeklyDigest`), which is stored, not sent."""
+
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="digest_schedules")
     recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="digest_schedules")
     frequency = models.CharField(max_length=10, choices=Frequency.choices)
@@ -49,7 +52,7 @@ class DigestNoteSentAhead(models.Model):
     """A note a schedule has sent beyond its cursor (its transaction was younger than one still in
     progress): it is not sent again, and the row goes once the cursor has passed it."""
 
-    schedule = models.ForeignKey(DigestSchedule, on_delete=models.CASCADE, related_name="+")
+    schedule = models.ForeignKey(RecipientDigestSchedule, on_delete=models.CASCADE, related_name="+")
     note_xid = models.BigIntegerField()
     note_id = models.BigIntegerField()
 
@@ -63,8 +66,9 @@ class DigestNoteSentAhead(models.Model):
         return f"note {self.note_id} sent ahead by schedule {self.schedule_id}"
 
 
-class Digest(models.Model):
-    """The weekly secondbrain digest of a user's notes: AI-written, or plain when AI is not available."""
+class WeeklyDigest(models.Model):
+    """The weekly secondbrain digest of a user's notes, stored for the user to read (`/api/digests/`):
+    AI-written, or plain when AI is not available."""
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="digests")
     period_start = models.DateTimeField()

@@ -8,19 +8,19 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection
 from django.db.models import QuerySet
 
-from digests.models import Digest, DigestSchedule
+from digests.models import RecipientDigestSchedule, WeeklyDigest
 from notes.models import Note
 
 
-def digest_schedule_list(*, owner: AbstractBaseUser) -> QuerySet[DigestSchedule]:
-    return DigestSchedule.objects.filter(owner=owner)
+def recipient_digest_schedule_list(*, owner: AbstractBaseUser) -> QuerySet[RecipientDigestSchedule]:
+    return RecipientDigestSchedule.objects.filter(owner=owner)
 
 
-def digest_list(*, owner: AbstractBaseUser) -> QuerySet[Digest]:
-    return Digest.objects.filter(owner=owner)
+def weekly_digest_list(*, owner: AbstractBaseUser) -> QuerySet[WeeklyDigest]:
+    return WeeklyDigest.objects.filter(owner=owner)
 
 
-# For each schedule, the notes it has not sent yet: after its cursor (see DigestSchedule), not
+# For each schedule, the notes it has not sent yet: after its cursor (see RecipientDigestSchedule), not
 # sent ahead of it already, of its types and tags (empty means all), in the cursor's order, at
 # most max_notes. One query per batch.
 _UNSENT_NOTES = """
@@ -60,7 +60,7 @@ def digest_notes_horizon() -> int:
         return cursor.fetchone()[0]
 
 
-def digest_schedules_unsent_notes(*, schedule_ids: list[int]) -> dict[int, list[UnsentNote]]:
+def recipient_digest_schedules_unsent_notes(*, schedule_ids: list[int]) -> dict[int, list[UnsentNote]]:
     """{schedule id: the notes it has not sent yet, in order}, in two queries for any number."""
     if not schedule_ids:
         return {}

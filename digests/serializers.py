@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema_field
+from drf_spectacular.utils import extend_schema_field, extend_schema_serializer
 from rest_framework import serializers
 
 from core.fields import TimeZoneField
-from digests.models import Digest, DigestSchedule, Frequency
+from digests.models import Frequency, RecipientDigestSchedule, WeeklyDigest
 from notes.models import NoteType
 from notifications.models import Recipient
 
@@ -15,7 +15,9 @@ class WallClockTimeField(serializers.TimeField):
     RFC 3339's, which requires an offset: a validating client would refuse "08:30:00"."""
 
 
-class DigestScheduleSerializer(serializers.ModelSerializer):
+# The schema keeps the components' names of before the models' rename, for generated clients.
+@extend_schema_serializer(component_name="DigestSchedule")
+class RecipientDigestScheduleSerializer(serializers.ModelSerializer):
     recipient_id = serializers.IntegerField(min_value=1)
     delivery_time = WallClockTimeField(format="%H:%M:%S", input_formats=["%H:%M:%S", "%H:%M"])
     delivery_day = serializers.IntegerField(min_value=1, max_value=31, required=False, allow_null=True)
@@ -25,7 +27,7 @@ class DigestScheduleSerializer(serializers.ModelSerializer):
     timezone = TimeZoneField(required=False)
 
     class Meta:
-        model = DigestSchedule
+        model = RecipientDigestSchedule
         fields = [
             "id",
             "recipient_id",
@@ -67,9 +69,10 @@ class DigestScheduleSerializer(serializers.ModelSerializer):
         return attrs
 
 
-class DigestSerializer(serializers.ModelSerializer):
+@extend_schema_serializer(component_name="Digest")
+class WeeklyDigestSerializer(serializers.ModelSerializer):
     class Meta:
-        model = Digest
+        model = WeeklyDigest
         fields = [
             "id",
             "period_start",

@@ -10,8 +10,8 @@ from django.db import connection, transaction
 
 from core.clock import db_now
 from digests import schedule as rules
-from digests.models import Digest, DigestSchedule
-from digests.selectors import digest_notes_horizon, digest_schedules_unsent_notes, notes_in_period
+from digests.models import RecipientDigestSchedule, WeeklyDigest
+from digests.selectors import digest_notes_horizon, notes_in_period, recipient_digest_schedules_unsent_notes
 from jobs import job_defer
 from llm.services import LlmUnavailable, llm_complete
 from notes.models import Note
@@ -22,7 +22,7 @@ WEEK = timedelta(days=7)
 
 
 # --- Schedules -----------------------------------------------------------------------------
-def _compute_next(schedule: DigestSchedule, *, now: datetime) -> datetime:
+def _compute_next(schedule: RecipientDigestSchedule, *, now: datetime) -> datetime:
     return rules.next_run(
         frequency=schedule.frequency,
         delivery_time=schedule.delivery_time,
@@ -33,15 +33,19 @@ def _compute_next(schedule: DigestSchedule, *, now: datetime) -> datetime:
 
 
 @transaction.atomic
-def digest_schedule_create(*, owner: AbstractBaseUser, now: datetime | None = None, **fields: Any) -> DigestSchedule:
-    schedule = DigestSchedule(owner=owner, **fields)
+def recipient_digest_schedule_create(
+    *, owner: AbstractBaseUser, now: datetime | None = None, **fields: Any
+) -> RecipientDigestSchedule:
+    schedule = RecipientDigestSchedule(owner=owner, **fields)
     schedule.next_digest_scheduled = _compute_next(schedule, now=now or db_now())
     schedule.save()
     return schedule
 
 
 @transaction.atomic
-def digest_schedule_update(*, schedule: DigestSchedule, now: datetime | None = None, **fields: Any) -> DigestSchedule:
+def recipient_digest_schedule_update(
+    *, schedule: RecipientDigestSchedule, now: datetime | None = None, **fields: Any
+) -> RecipientDigestSchedule:
     for name, value in fields.items():
         setattr(schedule, name, value)
     if schedule.frequency == rules.DAILY:
@@ -52,7 +56,7 @@ def digest_schedule_update(*, schedule: DigestSchedule, now: datetime | None = N
 
 
 @transaction.atomic
-def digest_schedule_delete(*, schedule: DigestSchedule) -> None:
+def recipient_digest_schedule_delete(*, schedule: RecipientDigestSchedule) -> None:
     schedule.delete()
 
 
@@ -69,7 +73,7 @@ def _digest_body(notes: list[Note]) -> str:
     return "\n".join(lines)
 
 
-def _digest_batch_run(due: list[DigestSchedule], *, now: datetime, horizon: int) -> int:
+def _digest_batch_run(due: list[RecipientDigestSchedule], *, now: datetime, horizon: int) -> int:
     """Call holding the schedules' row locks. Queues their digests and moves every schedule on,
     in a handful of statements for the whole batch. Returns how many digests were queued.
 
@@ -79,7 +83,7 @@ def _digest_batch_run(due: list[DigestSchedule], *, now: datetime, horizon: int)
     recorded as sent ahead, and the cursor stays where the late note will find it.
     """
     sending = [schedule.id for schedule in due if not schedule.recipient.is_muted(now=now)]
-    unsent = digest_schedules_unsent_notes(schedule_ids=sending)
+    unsent = recipient_digest_schedules_unsent_notes(schedule_ids=sending)
     allowed = _digests_within_quota(Counter(schedule.owner_id for schedule in due if unsent.get(schedule.id)))
     emails = []
     ahead: list[tuple[int, int, int]] = []  # (schedule id, note xid, note id)
@@ -177,7 +181,7 @@ def digest_sweep(*, now: datetime | None = None, batch_size: int = SWEEP_BATCH) 
         with transaction.atomic():
             horizon = digest_notes_horizon()  # first: before this transaction holds an id of its own
             due = list(
-                DigestSchedule.objects.select_for_update(skip_locked=True, of=("self",))
+                RecipientDigestSchedule.objects.select_for_update(skip_locked=True, of=("self",))
                 .select_related("recipient")
                 .filter(active=True, next_digest_scheduled__lte=now)
                 .order_by("next_digest_scheduled", "id")[:batch_size]
@@ -244,7 +248,7 @@ def _weekly_prompt(notes: list[Note]) -> str:
     return "Here are this week's notes:\n\n" + "\n\n".join(parts)
 
 
-def weekly_digest_generate(*, user_id: int, period_end: datetime, ai_unavailable: str = "") -> Digest:
+def weekly_digest_generate(*, user_id: int, period_end: datetime, ai_unavailable: str = "") -> WeeklyDigest:
     """Write the user's digest for the week ending at `period_end` (idempotent: one per period).
 
     With no API key, no budget left, or `ai_unavailable` given (the AI attempts failed), the
@@ -277,5 +281,5 @@ def weekly_digest_generate(*, user_id: int, period_end: datetime, ai_unavailable
             )
     if not fields["ai_generated"]:
         fields.update(content=_plain_digest(notes), fallback_reason=reason[:300])
-    digest, _ = Digest.objects.update_or_create(owner_id=user_id, period_start=start, defaults=fields)
+    digest, _ = WeeklyDigest.objects.update_or_create(owner_id=user_id, period_start=start, defaults=fields)
     return digest

@@ -4,23 +4,28 @@ from datetime import UTC, datetime
 
 from django.conf import settings
 from procrastinate import JobContext
-from procrastinate.contrib.django import app
 
 from core.errors import ProviderError
 from digests import services
-from jobs import TimeLimitExceeded, call_with_time_limit, job_task, queues, will_retry
+from jobs import job_task, queues, will_retry
 
 
-@app.periodic(cron=settings.DIGEST_SWEEP_CRON, periodic_id="digest-sweep")
-@app.task(name="digests.sweep", queue=queues.DIGESTS)
+@job_task(name="digests.sweep", queue=queues.DIGESTS, cron=settings.DIGEST_SWEEP_CRON, periodic_id="digest-sweep")
 def digest_sweep(timestamp: int | None = None) -> int:
     return services.digest_sweep()
 
 
-@app.periodic(cron=settings.DIGEST_WEEKLY_CRON, periodic_id="weekly-digest")
-@app.task(name="digests.weekly_fanout", queue=queues.DIGESTS)
+@job_task(
+    name="digests.weekly_fanout", queue=queues.DIGESTS, cron=settings.DIGEST_WEEKLY_CRON, periodic_id="weekly-digest"
+)
 def weekly_digest_fanout(timestamp: int) -> int:
     return services.weekly_digest_fanout(period_end=datetime.fromtimestamp(timestamp, UTC))
+
+
+def _weekly_digest_plain(*, user_id: int, period_end: int, error: Exception) -> int:
+    """The last attempt failed: never nothing, write the plain digest."""
+    end = datetime.fromtimestamp(period_end, UTC)
+    return services.weekly_digest_generate(user_id=user_id, period_end=end, ai_unavailable=f"AI failed: {error}").id
 
 
 @job_task(
@@ -28,17 +33,14 @@ def weekly_digest_fanout(timestamp: int) -> int:
     queue=queues.DIGESTS,
     retries=3,  # waits about 5 s, 25 s, 125 s
     retry_base_seconds=5,
+    time_limit=lambda: settings.DIGEST_TIME_LIMIT_SECONDS,
+    on_time_limit=_weekly_digest_plain,
     pass_context=True,
 )
 def weekly_digest(context: JobContext, *, user_id: int, period_end: int) -> int:
-    end = datetime.fromtimestamp(period_end, UTC)
     try:
-        digest = call_with_time_limit(
-            services.weekly_digest_generate, seconds=settings.DIGEST_TIME_LIMIT_SECONDS, user_id=user_id, period_end=end
-        )
-    except (ProviderError, TimeLimitExceeded) as exc:
+        return services.weekly_digest_generate(user_id=user_id, period_end=datetime.fromtimestamp(period_end, UTC)).id
+    except ProviderError as exc:
         if will_retry(context, exc):
             raise
-        # The last attempt: never nothing, write the plain digest.
-        digest = services.weekly_digest_generate(user_id=user_id, period_end=end, ai_unavailable=f"AI failed: {exc}")
-    return digest.id
+        return _weekly_digest_plain(user_id=user_id, period_end=period_end, error=exc)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # what the lazy loading below returns, for type checkers and 
     from jobs.tasking.breaker import breaker_check, breaker_record_failure, breaker_record_success, breaker_state
     from jobs.tasking.defer import job_defer, job_defer_bulk
     from jobs.tasking.erasure import job_cancel_waiting
-    from jobs.tasking.limits import TimeLimitExceeded, call_with_time_limit
+    from jobs.tasking.limits import TimeLimitExceeded
     from jobs.tasking.progress import job_progress, job_progress_async
     from jobs.tasking.ratelimit import rate_limit_wait
     from jobs.tasking.registry import RateLimit, job_task
@@ -41,7 +41,6 @@ _SOURCES = {
     "job_progress_async": "jobs.tasking.progress",
     "will_retry": "jobs.tasking.retry",
     "TimeLimitExceeded": "jobs.tasking.limits",
-    "call_with_time_limit": "jobs.tasking.limits",
     "rate_limit_wait": "jobs.tasking.ratelimit",
     "breaker_check": "jobs.tasking.breaker",
     "breaker_record_failure": "jobs.tasking.breaker",
@@ -63,7 +62,6 @@ __all__ = [
     "breaker_record_failure",
     "breaker_record_success",
     "breaker_state",
-    "call_with_time_limit",
     "job_cancel_waiting",
     "job_defer",
     "job_defer_bulk",

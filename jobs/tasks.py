@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from django.conf import settings
 from procrastinate import JobContext
-from procrastinate.contrib.django import app
 
 from jobs.console import services
 from jobs.tasking import queues
@@ -13,10 +12,11 @@ from jobs.tasking.registry import job_task
 RESCUE_PRIORITY = 1000
 
 
-@app.periodic(cron=settings.STALLED_JOBS_CRON, periodic_id="retry-stalled-jobs")
-@app.task(
+@job_task(
     name="jobs.retry_stalled",
     queue=queues.MAINTENANCE,
+    cron=settings.STALLED_JOBS_CRON,
+    periodic_id="retry-stalled-jobs",
     queueing_lock="jobs.retry_stalled",
     pass_context=True,
     priority=RESCUE_PRIORITY,
@@ -28,8 +28,13 @@ async def retry_stalled_jobs(context: JobContext, timestamp: int) -> dict[str, l
     )
 
 
-@app.periodic(cron=settings.JOBS_RETENTION_CRON, periodic_id="purge-finished-jobs")
-@job_task(name="jobs.purge", queue=queues.MAINTENANCE, queueing_lock="jobs.purge")
+@job_task(
+    name="jobs.purge",
+    queue=queues.MAINTENANCE,
+    cron=settings.JOBS_RETENTION_CRON,
+    periodic_id="purge-finished-jobs",
+    queueing_lock="jobs.purge",
+)
 def purge_finished_jobs(timestamp: int | None = None) -> dict[str, int]:
     return services.jobs_purge()
 

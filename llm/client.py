@@ -17,7 +17,7 @@ from django.conf import settings
 from core.errors import ProviderError
 from llm import pricing
 
-__all__ = ["ClaudeClient", "Completion", "ProviderError", "ProviderTimedOut", "estimate_input_tokens"]
+__all__ = ["ClaudeClient", "Completion", "ProviderTimedOut", "estimate_input_tokens"]
 
 
 @dataclass(frozen=True)

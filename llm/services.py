@@ -7,9 +7,10 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import transaction
 
+from core.errors import ProviderError
 from core.quotas import quota_adjust, quota_erase, quota_take
 from llm import pricing
-from llm.client import ClaudeClient, Completion, ProviderError, ProviderTimedOut, estimate_input_tokens
+from llm.client import ClaudeClient, Completion, ProviderTimedOut, estimate_input_tokens
 from llm.models import LlmUsage
 from llm.selectors import llm_budget_usd, llm_spend_this_month
 
@@ -64,7 +65,7 @@ def llm_complete(
     The monthly budget is for everyone; the daily one is per user (its share of a call is
     reserved before the call and settled to the real cost after). A call that timed out after
     it was sent is in the ledger too, at its worst-case cost, marked `estimated`.
-    Raises LlmUnavailable (nothing called) or llm.client.ProviderError (the call failed).
+    Raises LlmUnavailable (nothing called) or core.errors.ProviderError (the call failed).
     """
     if not settings.ANTHROPIC_API_KEY:
         raise LlmUnavailable("no ANTHROPIC_API_KEY is configured")

@@ -9,7 +9,7 @@ from rest_framework import serializers
 from core.errors import ApplicationError
 from core.fields import StrictCharField
 from jobs import webhook_url_check
-from notes import imports
+from notes import import_formats
 from notes.models import ImportFormat, Note, NoteImport, NoteType
 
 
@@ -76,14 +76,16 @@ class NoteImportInputSerializer(serializers.Serializer):
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         upload: UploadedFile = attrs["file"]
-        fmt = attrs.get("format") or imports.format_infer(filename=upload.name or "", content_type=upload.content_type)
+        fmt = attrs.get("format") or import_formats.format_infer(
+            filename=upload.name or "", content_type=upload.content_type
+        )
         if fmt is None:
             raise serializers.ValidationError(
                 {"format": ["Cannot tell the format from the file name or type: send format=csv or format=jsonl."]}
             )
         try:
-            imports.file_check(upload, fmt)
-        except imports.ImportFileError as exc:
+            import_formats.file_check(upload, fmt)
+        except import_formats.ImportFileError as exc:
             raise serializers.ValidationError({"file": [str(exc)]}) from exc
         return {**attrs, "format": fmt}
 

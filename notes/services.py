@@ -17,11 +17,10 @@ from django.db.models import F
 from django.utils import timezone
 from rest_framework import status as http
 
-from core.errors import ApplicationError
+from core.errors import ApplicationError, ProviderError
 from jobs import job_cancel_waiting, job_defer, job_defer_bulk, webhook_url_check
-from llm.client import ProviderError
 from llm.services import LlmUnavailable, llm_complete
-from notes import enrichment, imports, tier1
+from notes import enrichment, import_formats, tier1
 from notes.models import EnrichmentStatus, ImportStatus, Note, NoteImport
 from notes.selectors import note_enrichment_candidates
 
@@ -34,7 +33,7 @@ def _note_lock(note_id: int) -> str:
 
 
 def _enrichment_defer(note: Note) -> None:
-    from notes.tasks import note_enrich  # tasks import services; import late to avoid a cycle
+    from notes.tasks import note_enrich  # tasks import services
 
     # One waiting job per note (it reads the latest content when it runs), and never two
     # running at once for the same note.
@@ -102,7 +101,7 @@ def note_enrich(*, note_id: int) -> str:
 
     Idempotent: results are written only for the content version that was read, so a late
     answer never overwrites a newer edit (whose own job is already queued).
-    Raises llm.client.ProviderError when Claude fails (the task decides about retrying).
+    Raises core.errors.ProviderError when Claude fails (the task decides about retrying).
     """
     note = Note.objects.filter(id=note_id).first()
     if note is None:
@@ -184,7 +183,7 @@ def note_import_create(
     The input is already checked (NoteImportInputSerializer): a known format, a readable header.
     The file is streamed into the row with COPY, so the web process never holds it whole.
     """
-    from notes.tasks import note_import  # tasks import services; import late to avoid a cycle
+    from notes.tasks import note_import  # tasks import services
 
     if callback_url:
         webhook_url_check(callback_url)  # before copying megabytes for nothing
@@ -277,14 +276,14 @@ def note_import_run(*, import_id: int, on_progress: Callable[[ImportProgress], N
       earlier import of the owner) meets the unique (owner, import_key) and counts as a duplicate.
     - `on_progress` is called after each batch, outside its transaction.
 
-    Raises imports.ImportFileError when the file cannot be read at all (the header).
+    Raises import_formats.ImportFileError when the file cannot be read at all (the header).
     """
     with transaction.atomic():
         note_import = NoteImport.objects.select_for_update().get(id=import_id)
         if note_import.status == ImportStatus.DONE:
             return note_import
         if note_import.file_deleted_at is not None:
-            raise imports.ImportFileError(
+            raise import_formats.ImportFileError(
                 f"The file of this import was deleted on {note_import.file_deleted_at:%Y-%m-%d %H:%M} UTC,"
                 f" {settings.IMPORTS_FILE_RETENTION_HOURS:g} hours after the import ended; upload it again."
             )
@@ -295,13 +294,13 @@ def note_import_run(*, import_id: int, on_progress: Callable[[ImportProgress], N
 
     if note_import.total is None:
         with _stored_text(note_import) as text:
-            note_import.total = imports.count_records(text, note_import.format)
+            note_import.total = import_formats.count_records(text, note_import.format)
         NoteImport.objects.filter(id=import_id).update(total=note_import.total)
     if on_progress:
         on_progress(_import_progress(note_import))
 
     with _stored_text(note_import) as text:
-        records = imports.read_records(text, note_import.format)
+        records = import_formats.read_records(text, note_import.format)
         for _ in itertools.islice(records, note_import.rows_done):  # done by an earlier run
             pass
         for batch in _import_batches(records):
@@ -377,14 +376,14 @@ def _stored_text(note_import: NoteImport) -> Iterator[TextIO]:
             )
             return bytes(cursor.fetchone()[0])
 
-    stream = imports.StoredFile(size=note_import.size, fetch=fetch, chunk_bytes=IMPORT_READ_CHUNK_BYTES)
-    with imports.open_text(stream) as text:
+    stream = import_formats.StoredFile(size=note_import.size, fetch=fetch, chunk_bytes=IMPORT_READ_CHUNK_BYTES)
+    with import_formats.open_text(stream) as text:
         yield text
 
 
-def _import_batches(records: Iterator[imports.Record]) -> Iterator[list[imports.Record]]:
+def _import_batches(records: Iterator[import_formats.Record]) -> Iterator[list[import_formats.Record]]:
     """Records in lists of IMPORTS_BATCH_SIZE, or fewer once they hold IMPORT_BATCH_MAX_CHARS."""
-    batch: list[imports.Record] = []
+    batch: list[import_formats.Record] = []
     chars = 0
     for record in records:
         batch.append(record)
@@ -398,9 +397,9 @@ def _import_batches(records: Iterator[imports.Record]) -> Iterator[list[imports.
 
 
 @transaction.atomic
-def _note_import_batch(*, note_import: NoteImport, records: list[imports.Record]) -> NoteImport:
+def _note_import_batch(*, note_import: NoteImport, records: list[import_formats.Record]) -> NoteImport:
     """Write one batch: its notes, their enrichment jobs and the import's counters, or nothing."""
-    from notes.tasks import note_enrich  # tasks import services; import late to avoid a cycle
+    from notes.tasks import note_enrich  # tasks import services
 
     current = NoteImport.objects.select_for_update().only("rows_done", "errors").get(id=note_import.id)
     if current.rows_done != note_import.rows_done:
@@ -409,7 +408,7 @@ def _note_import_batch(*, note_import: NoteImport, records: list[imports.Record]
     notes: list[Note] = []
     errors: list[dict[str, Any]] = []
     for record in records:
-        row = imports.row_validate(record)
+        row = import_formats.row_validate(record)
         if isinstance(row, str):
             errors.append({"line": record.line, "reason": row})
             continue

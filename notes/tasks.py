@@ -4,8 +4,8 @@ from typing import Any
 
 from procrastinate import JobContext
 
+from core.errors import ProviderError
 from jobs import job_progress, job_task, queues, will_retry
-from llm.client import ProviderError
 from notes import services
 
 

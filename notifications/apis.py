@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
-from rest_framework import mixins, serializers, status, viewsets
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -12,25 +12,14 @@ from notifications import selectors, services
 from notifications.filters import NotificationJobFilter
 from notifications.models import NotificationJob, Recipient
 from notifications.serializers import (
+    BulkQueuedSerializer,
     MetricsQuerySerializer,
     NotificationJobDetailSerializer,
     NotificationJobSerializer,
+    QueuedSerializer,
     RecipientSerializer,
     SendBulkSerializer,
     SendEmailSerializer,
-)
-
-_Queued = inline_serializer(
-    "Queued",
-    {"job_id": serializers.IntegerField(), "status": serializers.CharField(), "message": serializers.CharField()},
-)
-_BulkQueued = inline_serializer(
-    "BulkQueued",
-    {
-        "job_ids": serializers.ListField(child=serializers.IntegerField()),
-        "status": serializers.CharField(),
-        "message": serializers.CharField(),
-    },
 )
 
 
@@ -55,7 +44,7 @@ class RecipientViewSet(IdempotentCreateMixin, viewsets.ModelViewSet):
 
 
 class SendEmailApi(APIView):
-    @extend_schema(request=SendEmailSerializer, responses={202: _Queued})
+    @extend_schema(request=SendEmailSerializer, responses={202: QueuedSerializer})
     @idempotent
     def post(self, request: Request) -> Response:
         data = SendEmailSerializer(data=request.data, context={"request": request})
@@ -69,13 +58,18 @@ class SendEmailApi(APIView):
             **fields,
         )
         return Response(
-            {"job_id": notification.id, "status": "queued", "message": "The e-mail is queued for delivery."},
+            {
+                "notification_id": notification.id,
+                "job_id": notification.id,  # deprecated alias, see QueuedSerializer
+                "status": "queued",
+                "message": "The e-mail is queued for delivery.",
+            },
             status=status.HTTP_202_ACCEPTED,
         )
 
 
 class SendBulkApi(APIView):
-    @extend_schema(request=SendBulkSerializer, responses={202: _BulkQueued})
+    @extend_schema(request=SendBulkSerializer, responses={202: BulkQueuedSerializer})
     @idempotent
     def post(self, request: Request) -> Response:
         data = SendBulkSerializer(data=request.data, context={"request": request})
@@ -84,7 +78,12 @@ class SendBulkApi(APIView):
         fields.pop("delivery_method")
         ids = services.notification_send_bulk(owner=request.user, recipients=fields.pop("recipient_ids"), **fields)
         return Response(
-            {"job_ids": ids, "status": "queued", "message": f"{len(ids)} e-mails are queued for delivery."},
+            {
+                "notification_ids": ids,
+                "job_ids": ids,  # deprecated alias, see BulkQueuedSerializer
+                "status": "queued",
+                "message": f"{len(ids)} e-mails are queued for delivery.",
+            },
             status=status.HTTP_202_ACCEPTED,
         )
 

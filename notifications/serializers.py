@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema_serializer
 from rest_framework import serializers
 
 from core.fields import StrictCharField, TimeZoneField
@@ -162,3 +163,24 @@ class NotificationJobDetailSerializer(NotificationJobSerializer):
 
 class MetricsQuerySerializer(serializers.Serializer):
     hours = serializers.IntegerField(min_value=1, max_value=24 * 90, default=24)
+
+
+# Responses of send-email and send-bulk. `job_id`/`job_ids` were the notifications' ids under a
+# misleading name (a queue job's id is `procrastinate_job_id`): kept with the same values, deprecated,
+# until the next release removes them.
+@extend_schema_serializer(deprecate_fields=["job_id"], component_name="Queued")
+class QueuedSerializer(serializers.Serializer):
+    notification_id = serializers.IntegerField(help_text="The notification's id in /api/notifications/jobs/.")
+    job_id = serializers.IntegerField(help_text="Deprecated: the same value as notification_id.")
+    status = serializers.CharField()
+    message = serializers.CharField()
+
+
+@extend_schema_serializer(deprecate_fields=["job_ids"], component_name="BulkQueued")
+class BulkQueuedSerializer(serializers.Serializer):
+    notification_ids = serializers.ListField(child=serializers.IntegerField())
+    job_ids = serializers.ListField(
+        child=serializers.IntegerField(), help_text="Deprecated: the same value as notification_ids."
+    )
+    status = serializers.CharField()
+    message = serializers.CharField()

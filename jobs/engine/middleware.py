@@ -3,7 +3,8 @@
 1. Rate limits (`RateLimit` in `job_task`): take a token from each bucket in PostgreSQL. A job
    whose token is close waits in place; otherwise it is postponed to when its token is due,
    without spending an attempt.
-2. Time limit: past it the job fails with `TimeLimitExceeded` and follows its retry policy.
+2. Time limit: past it the job fails with `TimeLimitExceeded` and follows its retry policy; on
+   the last attempt a task's `on_time_limit` runs instead, when it has one.
 3. Abort: a sync task cannot be cancelled, so the middleware watches for an abort request
    (an operator's, or the worker's own shutdown after its grace period) and gives up waiting.
 4. The returned value is stored as the job's result (JSON, with a retention time); a failure
@@ -24,6 +25,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import connection as db_connection
 from django.utils import timezone
 from procrastinate import JobContext
 from procrastinate.exceptions import JobAborted
@@ -142,7 +144,8 @@ def _jsonable(value: Any) -> Any:
 async def _run(call_next, context: JobContext, options: TaskOptions) -> Any:
     """Run the job, giving up at its time limit or when it is asked to abort."""
     run = asyncio.ensure_future(call_next())
-    deadline = time.monotonic() + options.time_limit if options.time_limit else None
+    time_limit = options.time_limit_seconds()
+    deadline = time.monotonic() + time_limit if time_limit else None
     while True:
         timeout = ABORT_POLL_SECONDS if deadline is None else min(ABORT_POLL_SECONDS, deadline - time.monotonic())
         try:
@@ -159,7 +162,19 @@ async def _run(call_next, context: JobContext, options: TaskOptions) -> Any:
             raise JobAborted(f"job {context.job.id} aborted ({context.abort_reason()})")
         if deadline is not None and time.monotonic() >= deadline:
             run.cancel()
-            raise TimeLimitExceeded(f"{context.job.task_name} still running after {options.time_limit:g} s")
+            error = TimeLimitExceeded(f"{context.job.task_name} still running after {time_limit:g} s")
+            if options.on_time_limit is None or _retry_at(context, error) is not None:
+                raise error
+            # The last attempt: the task's own way out instead of a failure.
+            return await asyncio.to_thread(_call_closing, options.on_time_limit, error=error, **context.job.task_kwargs)
+
+
+def _call_closing(func, **kwargs) -> Any:
+    """Call `func` in this (pool) thread, then close the database connection it opened here."""
+    try:
+        return func(**kwargs)
+    finally:
+        db_connection.close()
 
 
 async def _take_rate_limit_tokens(context: JobContext, options: TaskOptions) -> None:

@@ -4,8 +4,12 @@
               rate_limits=[RateLimit(rate=100, per=60), RateLimit(rate=10, per=60, key="owner")])
     def note_enrich(context, *, note_id: int): ...
 
-The options live in a registry keyed by task name; the worker middleware (`jobs.engine.middleware`)
-reads them for every job it runs.
+    @job_task(name="jobs.purge", queue=queues.MAINTENANCE, cron="0 3 * * *", periodic_id="purge")
+    def purge_finished_jobs(timestamp: int) -> dict[str, int]: ...
+
+Every task of the project is declared this way, periodic ones included. The options live in a
+registry keyed by task name; the worker middleware (`jobs.engine.middleware`) reads them for every
+job it runs.
 """
 
 from __future__ import annotations
@@ -55,9 +59,14 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class TaskOptions:
-    time_limit: float | None = None
+    time_limit: float | Callable[[], float] | None = None
+    on_time_limit: Callable[..., Any] | None = None
     rate_limits: tuple[RateLimit, ...] = ()
     result_ttl: int | None = None  # seconds; None means settings.JOBS_RESULT_TTL_SECONDS
+
+    def time_limit_seconds(self) -> float | None:
+        """The time limit of a job starting now (a callable is read at every start)."""
+        return self.time_limit() if callable(self.time_limit) else self.time_limit
 
 
 _OPTIONS: dict[str, TaskOptions] = {}
@@ -74,23 +83,45 @@ def job_task(
     queue: str,
     retries: int = 0,
     retry_base_seconds: int = 2,
-    time_limit: float | None = None,
+    time_limit: float | Callable[[], float] | None = None,
+    on_time_limit: Callable[..., Any] | None = None,
     rate_limits: list[RateLimit] | tuple[RateLimit, ...] = (),
     result_ttl: int | None = None,
     pass_context: bool = False,
+    cron: str | None = None,
+    periodic_id: str = "",
     **procrastinate_options: Any,
 ) -> Callable[[Callable[..., Any]], Any]:
     """Register a Procrastinate task with retries (transient errors only, exponential backoff:
-    base, base**2, ... seconds), an optional time limit, rate limits and result retention."""
+    base, base**2, ... seconds), an optional time limit, rate limits and result retention.
+
+    - `time_limit`: seconds, or a function returning them (read when each job starts, e.g. from
+      settings). Past it the job fails with `TimeLimitExceeded`, a transient error.
+    - `on_time_limit`: when the last attempt reaches the time limit, called instead of failing,
+      in a thread, with the task's keyword arguments and `error=`; its return value is the job's
+      result (the weekly digest writes its plain digest).
+    - `cron` with `periodic_id`: also a periodic task (Procrastinate's `app.periodic`). The task
+      then takes a `timestamp` argument; the id is stored in `procrastinate_periodic_defers`.
+    """
+    if cron is None and periodic_id:
+        raise ValueError("periodic_id goes with cron")
 
     def decorator(func: Callable[..., Any]) -> Any:
-        _OPTIONS[name] = TaskOptions(time_limit=time_limit, rate_limits=tuple(rate_limits), result_ttl=result_ttl)
-        return app.task(
+        _OPTIONS[name] = TaskOptions(
+            time_limit=time_limit,
+            on_time_limit=on_time_limit,
+            rate_limits=tuple(rate_limits),
+            result_ttl=result_ttl,
+        )
+        task = app.task(
             name=name,
             queue=queue,
             retry=JobRetryStrategy(max_attempts=retries, exponential_wait=retry_base_seconds),
             pass_context=pass_context,
             **procrastinate_options,
         )(func)
+        if cron is not None:
+            task = app.periodic(cron=cron, periodic_id=periodic_id)(task)
+        return task
 
     return decorator

@@ -4,8 +4,8 @@ import pytest
 from django.db import connection
 
 from notes import services
-from tests.conftest import jobs
 from tests.factories import make_user
+from tests.helpers import jobs
 
 pytestmark = pytest.mark.django_db
 

@@ -25,9 +25,9 @@ from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
-from digests.models import Digest
-from tests.conftest import client_for
+from digests.models import WeeklyDigest
 from tests.factories import make_recipient, make_user
+from tests.helpers import client_for
 
 PUBLIC = {
     "GET /api/health/",
@@ -188,7 +188,7 @@ def _objects_of(owner) -> dict[str, int]:
     upload = SimpleUploadedFile("notes.csv", b"content\nA row\n", content_type="text/csv")
     note_import = api.post("/api/notes/import/", {"file": upload}, format="multipart")
     now = timezone.now()
-    digest = Digest.objects.create(owner=owner, period_start=now - timedelta(days=7), period_end=now, content="d")
+    digest = WeeklyDigest.objects.create(owner=owner, period_start=now - timedelta(days=7), period_end=now, content="d")
     return {
         "recipient": recipient.id,
         "note": note.json()["id"],

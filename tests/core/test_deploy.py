@@ -15,7 +15,7 @@ import pytest
 from django.db import connection
 
 from bench.harness import server_args
-from tests.conftest import BASE_DIR, database_url
+from tests.helpers import BASE_DIR, database_url
 
 SECRET = "a-production-secret-of-more-than-fifty-characters-0123456789"
 PRODUCTION = {

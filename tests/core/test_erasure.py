@@ -13,8 +13,8 @@ from django.utils import timezone
 from jobs.models import JobInfo
 from notes import services as note_services
 from notes.models import Note
-from tests.conftest import client_for, jobs, run_worker
 from tests.factories import make_recipient, make_user
+from tests.helpers import client_for, jobs, run_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -27,12 +27,12 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from digests import services as digest_services
-from notes import imports
+from notes import import_formats
 from notes import services as note_services
 from notes.models import Note, NoteImport
 from notifications import services as notification_services
-from tests.conftest import BASE_DIR, client_for, database_url, run_worker
 from tests.factories import make_recipient, make_user
+from tests.helpers import BASE_DIR, client_for, database_url, run_worker
 
 JSON_ENDPOINTS = ["/api/notes/", "/api/recipients/", "/api/notifications/send-email/", "/api/auth/token/"]
 SCRIPT = "<script>alert('owned')</script>"
@@ -239,8 +239,8 @@ def test_a_huge_csv_line_is_skipped_with_a_reason_in_bounded_memory(settings):
     data = io.BytesIO(b"title,content\nbefore,ok\nbig," + b"x" * huge + b"\nafter,ok\n")
     tracemalloc.start()
     try:
-        with imports.open_text(data) as text:
-            rows = [imports.row_validate(record) for record in imports.read_records(text, "csv")]
+        with import_formats.open_text(data) as text:
+            rows = [import_formats.row_validate(record) for record in import_formats.read_records(text, "csv")]
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -302,7 +302,7 @@ def test_html_in_a_note_reaches_the_digest_email_as_plain_text(smtp):
     owner = make_user("dora")
     recipient = make_recipient(owner)
     now = datetime.now(UTC)
-    digest_services.digest_schedule_create(
+    digest_services.recipient_digest_schedule_create(
         owner=owner,
         now=now - timedelta(days=2),
         recipient=recipient,

@@ -16,12 +16,12 @@ from django.utils import timezone
 
 from core.models import IdempotencyKey
 from core.services import expired_rows_purge
-from digests.models import DigestSchedule
+from digests.models import RecipientDigestSchedule
 from jobs.tasking.defer import job_defer
 from notes.models import Note, NoteImport
 from notifications.models import NotificationJob, Recipient
-from tests.conftest import client_for, database_url, jobs, wait_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import client_for, database_url, jobs, wait_for
 from tests.jobs import tasks_for_tests as tasks
 
 KEY = "HTTP_IDEMPOTENCY_KEY"
@@ -94,7 +94,7 @@ def _digest_schedules(user) -> Case:
             format="json",
             **h,
         ),
-        count=lambda: DigestSchedule.objects.filter(owner=user).count(),
+        count=lambda: RecipientDigestSchedule.objects.filter(owner=user).count(),
     )
 
 

@@ -16,8 +16,8 @@ from django.db import connection
 from django.test import Client
 
 from notifications.models import NotificationJob
-from tests.conftest import client_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import client_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -20,11 +20,11 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
 
 from digests import services as digest_services
-from digests.models import Digest
+from digests.models import WeeklyDigest
 from notes.models import Note, NoteImport
 from notifications.models import NotificationJob
-from tests.conftest import client_for, smtp_env, start_worker_process, wait_for
 from tests.factories import make_user
+from tests.helpers import client_for, smtp_env, start_worker_process, wait_for
 
 API_KEY = "sk-ant-api03-SECRETKEY-do-not-log-0123456789abcdef"
 RITA = "rita.private@example.org"
@@ -114,7 +114,7 @@ def test_a_full_flow_leaves_no_secret_or_personal_data_in_jobs_or_logs(claude, s
 
         # A digest of the notes to Rita, and the weekly AI digest.
         now = datetime.now(UTC)
-        digest_services.digest_schedule_create(
+        digest_services.recipient_digest_schedule_create(
             owner=owner,
             now=now - timedelta(days=2),
             recipient_id=rita["id"],
@@ -125,7 +125,7 @@ def test_a_full_flow_leaves_no_secret_or_personal_data_in_jobs_or_logs(claude, s
         assert digest_services.digest_sweep(now=now + timedelta(days=1)) == 1
         assert digest_services.weekly_digest_fanout(period_end=now) == 1
         wait_for(lambda: len(smtp.messages) == 2, timeout=30, what="the digest e-mail")
-        wait_for(lambda: Digest.objects.filter(owner=owner).exists(), timeout=30, what="the weekly digest")
+        wait_for(lambda: WeeklyDigest.objects.filter(owner=owner).exists(), timeout=30, what="the weekly digest")
     finally:
         worker.send_signal(signal.SIGTERM)
         output = worker.communicate(timeout=30)[0]

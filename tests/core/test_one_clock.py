@@ -1,7 +1,7 @@
 """One clock: what workers on different hosts must agree on is decided by the database's clock.
 
 Each test runs a real worker process whose own clock is minutes (or a month) off, with
-libfaketime (tests/conftest.py: skewed_clock_env), against decisions made by the database's.
+libfaketime (tests/helpers.py: skewed_clock_env), against decisions made by the database's.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from notes import services as note_services
 from notes.models import Note
 from notifications import services as notification_services
 from notifications.models import DeliveryLog, NotificationJob
-from tests.conftest import skewed_clock_env, smtp_env, start_worker_process, wait_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import skewed_clock_env, smtp_env, start_worker_process, stop_worker, wait_for
 from tests.jobs import tasks_for_tests as tasks
-from tests.jobs.workers import job_events, job_status, query, start_test_worker, stop_worker
+from tests.jobs.workers import job_events, job_status, query, start_test_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -149,8 +149,8 @@ def test_the_digest_sweep_of_a_skewed_worker_sends_what_is_due_by_the_database_c
     owner = make_user("digested")
     due_to, later_to = make_recipient(owner, email="due@example.com"), make_recipient(owner, email="later@example.com")
     rule = {"frequency": "daily", "delivery_time": time(8, 0), "timezone": "UTC"}
-    due = digest_services.digest_schedule_create(owner=owner, recipient=due_to, **rule)
-    later = digest_services.digest_schedule_create(owner=owner, recipient=later_to, **rule)
+    due = digest_services.recipient_digest_schedule_create(owner=owner, recipient=due_to, **rule)
+    later = digest_services.recipient_digest_schedule_create(owner=owner, recipient=later_to, **rule)
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE digest_schedules SET next_digest_scheduled = now() - interval '1 minute' WHERE id = %s", [due.id]

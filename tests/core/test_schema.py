@@ -43,3 +43,12 @@ def test_the_docs_page_loads_its_assets_from_this_server_not_a_cdn(client):
         assert asset.startswith("/static/"), f"{asset} is not served by secondbrain"
         assert finders.find(asset.removeprefix("/static/")), f"{asset} is not among the static files"
     assert "cdn" not in page.lower() and "https://" not in page
+
+
+def test_the_old_names_of_the_notification_ids_are_marked_deprecated(tmp_path):
+    target = tmp_path / "schema.yaml"
+    call_command("spectacular", "--file", str(target))
+    components = yaml.safe_load(target.read_text())["components"]["schemas"]
+    assert components["Queued"]["properties"]["job_id"]["deprecated"] is True
+    assert components["BulkQueued"]["properties"]["job_ids"]["deprecated"] is True
+    assert "deprecated" not in components["Queued"]["properties"]["notification_id"]

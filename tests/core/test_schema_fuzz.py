@@ -38,7 +38,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from digests.models import Digest
+from digests.models import WeeklyDigest
 from tests.factories import make_recipient, make_user
 
 CHECKS = [
@@ -97,7 +97,7 @@ def fuzz_world(db, settings, user, api):
     upload = SimpleUploadedFile("notes.csv", CSV_FILE, content_type="text/csv")
     note_import = api.post("/api/notes/import/", {"file": upload}, format="multipart").json()
     now = timezone.now()
-    digest = Digest.objects.create(owner=user, period_start=now - timedelta(days=7), period_end=now, content="d")
+    digest = WeeklyDigest.objects.create(owner=user, period_start=now - timedelta(days=7), period_end=now, content="d")
     return {
         "user": Token.objects.get(user=user).key,
         "staff": Token.objects.create(user=admin).key,

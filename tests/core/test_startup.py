@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import BASE_DIR
+from tests.helpers import BASE_DIR
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess:

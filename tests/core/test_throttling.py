@@ -13,8 +13,8 @@ from django.db import connection
 from rest_framework.test import APIClient
 
 from notes.models import Note
-from tests.conftest import BASE_DIR, client_for, database_url
 from tests.factories import make_user
+from tests.helpers import BASE_DIR, client_for, database_url
 
 
 @pytest.fixture

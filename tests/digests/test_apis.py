@@ -6,9 +6,9 @@ import pytest
 from django.utils import timezone
 
 from digests import services
-from digests.models import Digest, DigestSchedule
-from tests.conftest import client_for
+from digests.models import RecipientDigestSchedule, WeeklyDigest
 from tests.factories import make_recipient
+from tests.helpers import client_for
 
 pytestmark = pytest.mark.django_db
 
@@ -43,10 +43,10 @@ def test_create_computes_the_next_digest_in_the_recipients_time_zone(api, rita):
 
 def test_patch_recomputes_the_next_digest(api, rita):
     sid = _create(api, rita).json()["id"]
-    before = DigestSchedule.objects.get(id=sid).next_digest_scheduled
+    before = RecipientDigestSchedule.objects.get(id=sid).next_digest_scheduled
     response = api.patch(f"/api/digest-schedules/{sid}/", {"frequency": "daily", "delivery_day": None}, format="json")
     assert response.status_code == 200, response.json()
-    after = DigestSchedule.objects.get(id=sid).next_digest_scheduled
+    after = RecipientDigestSchedule.objects.get(id=sid).next_digest_scheduled
     assert after != before and (after - timezone.now()).total_seconds() <= 86400
 
 
@@ -70,7 +70,7 @@ def test_bad_input_is_a_400_and_writes_nothing(api, rita, extra, field):
     response = _create(api, rita, **extra)
     assert response.status_code == 400
     assert field in response.json(), response.json()
-    assert DigestSchedule.objects.count() == 0
+    assert RecipientDigestSchedule.objects.count() == 0
 
 
 def test_another_users_recipient_and_schedule(api, rita, other_user):
@@ -82,7 +82,7 @@ def test_another_users_recipient_and_schedule(api, rita, other_user):
     assert intruder.get(f"/api/digest-schedules/{sid}/").status_code == 404
     assert intruder.patch(f"/api/digest-schedules/{sid}/", {"active": False}, format="json").status_code == 404
     assert intruder.delete(f"/api/digest-schedules/{sid}/").status_code == 404
-    assert DigestSchedule.objects.get(id=sid).active is True
+    assert RecipientDigestSchedule.objects.get(id=sid).active is True
 
 
 def test_list_filters(api, user, rita):
@@ -101,16 +101,16 @@ def test_digests_are_readable_by_their_owner_only(api, user, other_user):
     assert [d["id"] for d in api.get("/api/digests/").json()["results"]] == [digest.id]
     assert api.get(f"/api/digests/{digest.id}/").json()["content"] == "No new notes this week."
     assert client_for(other_user).get(f"/api/digests/{digest.id}/").status_code == 404
-    assert Digest.objects.count() == 1
+    assert WeeklyDigest.objects.count() == 1
 
 
 def test_digests_and_schedules_in_the_admin(client, user, rita):
     from tests.factories import make_user
 
-    services.digest_schedule_create(
+    services.recipient_digest_schedule_create(
         owner=user, recipient=rita, frequency="daily", delivery_time=time(8), timezone="UTC"
     )
     services.weekly_digest_generate(user_id=user.id, period_end=datetime(2026, 11, 20, 2, tzinfo=UTC))
     client.force_login(make_user("boss", is_staff=True, is_superuser=True))
-    assert client.get("/admin/digests/digestschedule/?frequency__exact=daily").status_code == 200
-    assert client.get("/admin/digests/digest/").status_code == 200
+    assert client.get("/admin/digests/recipientdigestschedule/?frequency__exact=daily").status_code == 200
+    assert client.get("/admin/digests/weeklydigest/").status_code == 200

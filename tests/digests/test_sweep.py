@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 from datetime import UTC, datetime, time, timedelta
 
@@ -10,21 +9,21 @@ import pytest
 from django.db import connection, transaction
 
 from digests import services
-from digests.models import DigestSchedule
+from digests.models import RecipientDigestSchedule
 from digests.tasks import digest_sweep as digest_sweep_task
 from notes import services as note_services
 from notifications.models import NotificationJob
-from tests.conftest import start_worker_process, wait_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import start_worker_process, stop_worker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 
 
-def _schedule(owner, recipient, **extra) -> DigestSchedule:
+def _schedule(owner, recipient, **extra) -> RecipientDigestSchedule:
     fields = {"recipient": recipient, "frequency": "daily", "delivery_time": time(8, 0), "timezone": "UTC"}
-    return services.digest_schedule_create(owner=owner, now=NOW - timedelta(days=1), **{**fields, **extra})
+    return services.recipient_digest_schedule_create(owner=owner, now=NOW - timedelta(days=1), **{**fields, **extra})
 
 
 def _note(owner, content, **extra):
@@ -127,7 +126,7 @@ def test_two_workers_sweeping_at_the_same_moment_send_each_digest_once():
     owner = make_user("bea")
     recipients = [make_recipient(owner, email=f"r{i}@example.com") for i in range(300)]
     for recipient in recipients:
-        services.digest_schedule_create(
+        services.recipient_digest_schedule_create(
             owner=owner,
             recipient=recipient,
             frequency="daily",
@@ -143,8 +142,7 @@ def test_two_workers_sweeping_at_the_same_moment_send_each_digest_once():
         wait_for(lambda: _succeeded_sweeps() >= 2, timeout=60, what="both sweeps")
     finally:
         for worker in workers:
-            worker.send_signal(signal.SIGTERM)
-            worker.communicate(timeout=20)
+            stop_worker(worker)
     per_recipient = NotificationJob.objects.filter(notification_type="digest").values_list("recipient_id", flat=True)
     assert sorted(per_recipient) == sorted(r.id for r in recipients)  # each exactly once
 

@@ -10,12 +10,12 @@ import pytest
 from django.db import connection
 
 from digests import services
-from digests.models import Digest
+from digests.models import WeeklyDigest
 from llm.models import LlmUsage
 from notes import services as note_services
 from notes.models import Note
-from tests.conftest import jobs, run_worker
 from tests.factories import make_user
+from tests.helpers import jobs, run_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -53,7 +53,7 @@ def test_the_weekly_digest_is_written_by_claude_and_accounted(claude):
     services.weekly_digest_fanout(period_end=FRIDAY)
     run_worker(queues=["digests"])
 
-    digest = Digest.objects.get(owner=owner)
+    digest = WeeklyDigest.objects.get(owner=owner)
     assert digest.ai_generated and digest.content == "This week you chose PostgreSQL and wondered about VACUUM."
     assert (digest.period_start, digest.period_end, digest.note_count) == (FRIDAY - timedelta(days=7), FRIDAY, 2)
     assert digest.cost_usd == Decimal("0.000350")
@@ -86,7 +86,7 @@ def test_provider_failures_retry_then_fall_back_to_the_plain_digest(claude):
     for _ in range(4):
         run_worker(queues=["digests"])
         _fast_forward()
-    digest = Digest.objects.get(owner=owner)
+    digest = WeeklyDigest.objects.get(owner=owner)
     assert not digest.ai_generated and "AI failed" in digest.fallback_reason
     assert len(claude.message_requests) == 4
     assert jobs("digests.weekly_digest")[0]["status"] == "succeeded"
@@ -110,4 +110,28 @@ def test_past_its_time_limit_the_job_fails_and_is_retried_not_left_running(claud
         release.set()
     _fast_forward()
     run_worker(queues=["digests"])
-    assert Digest.objects.filter(owner=owner).count() == 1  # the late first run and the retry: one digest
+    assert WeeklyDigest.objects.filter(owner=owner).count() == 1  # the late first run and the retry: one digest
+
+
+def test_past_its_time_limit_on_the_last_attempt_the_plain_digest_is_written(claude, settings):
+    settings.DIGEST_TIME_LIMIT_SECONDS = 0.5
+    # A sync job's code runs on past its limit until the call returns; keep that short.
+    settings.ANTHROPIC_TIMEOUT_SECONDS = 1.5
+    owner = make_user("gus")
+    _notes_last_week(owner, "a slow week again")
+    release = threading.Event()
+    for _ in range(4):  # the first run and its 3 retries
+        claude.hang(release)
+    services.weekly_digest_fanout(period_end=FRIDAY)
+    try:
+        for _ in range(4):
+            run_worker(queues=["digests"])
+            _fast_forward()
+    finally:
+        release.set()
+    [job] = jobs("digests.weekly_digest")
+    # Succeeded: the last attempt wrote the plain digest at its limit instead of failing.
+    assert (job["status"], job["attempts"]) == ("succeeded", 4)
+    digest = WeeklyDigest.objects.get(owner=owner)
+    assert not digest.ai_generated and digest.fallback_reason.startswith("AI failed:")
+    assert "- a slow week again" in digest.content

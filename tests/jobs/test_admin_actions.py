@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from jobs.models import PausedQueue
-from tests.conftest import jobs
 from tests.factories import make_user
+from tests.helpers import jobs
 from tests.jobs.test_dashboard import client_of, make_job, staff
 
 pytestmark = pytest.mark.django_db

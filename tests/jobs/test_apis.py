@@ -15,8 +15,8 @@ from jobs.tasking import queues
 from jobs.tasking.defer import job_defer
 from jobs.tasking.progress import job_progress
 from jobs.tasking.registry import job_task
-from tests.conftest import client_for, jobs, run_worker
 from tests.factories import make_user
+from tests.helpers import client_for, jobs, run_worker
 
 # How many more times `flaky` fails before it succeeds.
 FLAKY = {"failures_left": 0}

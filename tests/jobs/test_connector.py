@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from jobs.engine.connector import worker_connector
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 from tests.jobs.workers import query
 
 pytestmark = pytest.mark.django_db(transaction=True)

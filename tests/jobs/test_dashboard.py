@@ -13,8 +13,8 @@ from django.utils import timezone
 from procrastinate.contrib.django import app
 
 from jobs.models import JobInfo, PausedQueue
-from tests.conftest import jobs
 from tests.factories import make_user
+from tests.helpers import job_move, jobs
 
 pytestmark = pytest.mark.django_db
 
@@ -38,17 +38,8 @@ def make_job(
     events. `waited`/`ran` (seconds) then re-date those events: due -> started -> ended, ending
     `ended_ago` seconds ago (one transaction's now() would make every duration zero)."""
     job_id = app.configure_task(name=task, queue=queue).defer()
-    path = {
-        "todo": [],
-        "doing": ["doing"],
-        "succeeded": ["doing", "succeeded"],
-        "failed": ["doing", "failed"],
-        "aborted": ["doing", "aborted"],
-        "cancelled": ["cancelled"],
-    }[status]
+    job_move(job_id, status)
     with connection.cursor() as cursor:
-        for step in path:
-            cursor.execute("UPDATE procrastinate_jobs SET status = %s WHERE id = %s", [step, job_id])
         if waited is not None or ran is not None:
             end = timezone.now() - timedelta(seconds=ended_ago)
             started = end - timedelta(seconds=ran or 0)

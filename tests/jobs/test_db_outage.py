@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import BASE_DIR, wait_for
+from tests.helpers import BASE_DIR, stop_worker, wait_for
 from tests.jobs.tasks_for_tests import QUEUE_A, WORKER_ENV, echo, stamp_a
-from tests.jobs.workers import job_events, query, start_test_worker, stop_worker, wait_for_workers
+from tests.jobs.workers import job_events, query, start_test_worker, wait_for_workers
 from tests.peers.postgres import ThrowawayPostgres, sql
 
 FAST_HEARTBEAT = {"WORKER_HEARTBEAT_SECONDS": "0.5", "WORKER_STALLED_SECONDS": "30"}

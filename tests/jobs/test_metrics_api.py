@@ -13,8 +13,8 @@ from jobs.console.selectors import job_metrics
 from jobs.tasking import queues
 from jobs.tasking.defer import job_defer
 from jobs.tasking.registry import job_task
-from tests.conftest import client_for, run_worker
 from tests.factories import make_user
+from tests.helpers import client_for, run_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -14,10 +14,10 @@ from core.errors import ApplicationError
 from jobs.console import services
 from jobs.models import PausedQueue
 from jobs.tasking.defer import job_defer, job_defer_bulk
-from tests.conftest import wait_for
 from tests.factories import make_user
+from tests.helpers import stop_worker, wait_for
 from tests.jobs import tasks_for_tests as tasks
-from tests.jobs.workers import job_events, query, start_test_worker, stop_worker, wait_for_workers
+from tests.jobs.workers import job_events, query, start_test_worker, wait_for_workers
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -26,11 +26,11 @@ from jobs.tasking.defer import job_defer
 from jobs.tasks import retry_stalled_jobs
 from notes import services as note_services
 from notes.models import Note
-from tests.conftest import BASE_DIR, client_for, jobs, run_worker, start_worker_process, wait_for
 from tests.factories import make_user
+from tests.helpers import BASE_DIR, client_for, jobs, run_worker, start_worker_process, stop_worker, wait_for
 from tests.jobs.tasks_for_tests import QUEUE_A, WORKER_ENV, echo, fail_permanently
 from tests.jobs.test_dashboard import client_of, staff
-from tests.jobs.workers import job_events, job_status, query, stop_worker
+from tests.jobs.workers import job_events, job_status, query
 from tests.peers.postgres import ThrowawayPostgres, sql
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -14,10 +14,10 @@ from django.utils import timezone
 
 from jobs.tasking.defer import job_defer, job_defer_bulk
 from jobs.tasking.registry import RateLimit
-from tests.conftest import run_worker
 from tests.factories import make_user
+from tests.helpers import run_worker, stop_worker
 from tests.jobs import tasks_for_tests as tasks
-from tests.jobs.workers import query, start_test_worker, stop_worker, wait_for, wait_for_workers
+from tests.jobs.workers import query, start_test_worker, wait_for, wait_for_workers
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

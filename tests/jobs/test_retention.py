@@ -9,6 +9,7 @@ from jobs.console import services
 from jobs.models import JobInfo
 from jobs.tasking.defer import job_defer
 from tests.factories import make_user
+from tests.helpers import job_move
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import query
 
@@ -17,24 +18,13 @@ pytestmark = pytest.mark.django_db
 HOUR = 3600
 DAY = 24 * HOUR
 
-# Procrastinate's own transitions, so each ending writes the events a worker would.
-_PATHS = {
-    "todo": [],
-    "doing": ["doing"],
-    "succeeded": ["doing", "succeeded"],
-    "failed": ["doing", "failed"],
-    "aborted": ["doing", "aborted"],
-    "cancelled": ["cancelled"],
-}
-
 
 def _job(status: str, *, age_seconds: float, queue: str = tasks.QUEUE_A, owner=None) -> int:
     """A job of `queue` in `status`, whose every event happened `age_seconds` ago."""
     job_id = job_defer(tasks.stamp_a, owner_id=owner.id if owner else None, n=0)
     if queue != tasks.QUEUE_A:
         query("UPDATE procrastinate_jobs SET queue_name = %s WHERE id = %s", [queue, job_id])
-    for step in _PATHS[status]:
-        query("UPDATE procrastinate_jobs SET status = %s WHERE id = %s", [step, job_id])
+    job_move(job_id, status)
     query(
         "UPDATE procrastinate_events SET at = at - make_interval(secs => %s) WHERE job_id = %s",
         [age_seconds, job_id],

@@ -11,9 +11,9 @@ import pytest
 
 from jobs.models import JobInfo
 from jobs.tasking.defer import job_defer
-from tests.conftest import wait_for
+from tests.helpers import stop_worker, wait_for
 from tests.jobs import tasks_for_tests as tasks
-from tests.jobs.workers import job_attempts, job_events, job_status, start_test_worker, stop_worker
+from tests.jobs.workers import job_attempts, job_events, job_status, start_test_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import threading
 
 import pytest
@@ -16,8 +15,8 @@ from jobs.tasking import queues
 from jobs.tasks import retry_stalled_jobs
 from notes import services
 from notes.models import Note
-from tests.conftest import jobs, run_worker, start_worker_process, wait_for
 from tests.factories import make_user
+from tests.helpers import jobs, kill_worker, run_worker, start_worker_process, stop_worker, wait_for
 from tests.jobs.tasks_for_tests import QUEUE_A, echo
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -40,12 +39,10 @@ def test_job_of_a_sigkilled_worker_is_retried_and_completed_by_another_worker(cl
         assert claude.request_started.wait(30), "the first worker never called Claude"
         [job] = jobs("notes.enrich")
         assert job["status"] == "doing"
-        doomed.send_signal(signal.SIGKILL)
-        doomed.wait(10)
+        kill_worker(doomed)
     finally:
         release.set()
-        if doomed.poll() is None:
-            doomed.kill()
+        kill_worker(doomed)
     assert jobs("notes.enrich")[0]["status"] == "doing"  # nobody told the database
 
     rescuer = start_worker_process("--queues", "enrichment,maintenance", env=env)
@@ -56,8 +53,7 @@ def test_job_of_a_sigkilled_worker_is_retried_and_completed_by_another_worker(cl
             what="the rescued job to complete",
         )
     finally:
-        rescuer.send_signal(signal.SIGTERM)
-        output = rescuer.communicate(timeout=20)[0]
+        output = stop_worker(rescuer)
     [job] = jobs("notes.enrich")
     assert job["status"] == "succeeded", output
     assert job["attempts"] >= 1

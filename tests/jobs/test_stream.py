@@ -28,8 +28,8 @@ from jobs.tasking import queues
 from jobs.tasking.defer import job_defer
 from jobs.tasking.progress import job_progress
 from jobs.tasking.registry import job_task
-from tests.conftest import client_for, run_worker, wait_for
 from tests.factories import make_user
+from tests.helpers import client_for, run_worker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -30,8 +30,8 @@ from bench.harness import free_port, port_open, server_args
 from jobs.tasking import queues
 from jobs.tasking.defer import job_defer
 from jobs.tasking.registry import job_task
-from tests.conftest import BASE_DIR, database_url, wait_for
 from tests.factories import make_user
+from tests.helpers import BASE_DIR, database_url, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

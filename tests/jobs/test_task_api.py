@@ -18,10 +18,10 @@ from procrastinate.contrib.django import app
 from jobs.console import services
 from jobs.models import JobInfo
 from jobs.tasking.defer import job_defer
-from tests.conftest import database_url, jobs, run_worker, wait_for
 from tests.factories import make_user
+from tests.helpers import database_url, jobs, run_worker, stop_worker, wait_for
 from tests.jobs import tasks_for_tests as tasks
-from tests.jobs.workers import job_attempts, job_status, query, start_test_worker, stop_worker
+from tests.jobs.workers import job_attempts, job_status, query, start_test_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -8,8 +8,8 @@ from django.db import transaction
 
 from notes import services
 from notes.models import Note
-from tests.conftest import database_url, jobs
 from tests.factories import make_user
+from tests.helpers import database_url, jobs
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

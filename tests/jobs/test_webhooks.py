@@ -19,8 +19,8 @@ from jobs.models import JobInfo
 from jobs.tasking import webhooks
 from jobs.tasking.defer import job_defer
 from jobs.tasking.registry import task_options
-from tests.conftest import client_for, jobs, run_worker
 from tests.factories import make_user
+from tests.helpers import client_for, jobs, run_worker
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import job_status, query
 from tests.peers.webhook import ReceivedPost, StaticResolver, WebhookReceiver, self_signed_certificate

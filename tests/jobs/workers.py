@@ -3,30 +3,18 @@ of Procrastinate's tables."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from datetime import datetime
 
 from django.db import connection
 
-from tests.conftest import start_worker_process, wait_for
+from tests.helpers import start_worker_process, wait_for
 from tests.jobs.tasks_for_tests import WORKER_ENV
 
 
 def start_test_worker(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`manage.py procrastinate worker ARGS` that also imports tests/jobs/tasks_for_tests.py."""
     return start_worker_process(*args, env={**WORKER_ENV, **(env or {})})
-
-
-def stop_worker(process: subprocess.Popen, *, timeout: float = 20.0) -> str:
-    """SIGTERM, wait for the exit, return the output (for assertion messages)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        return process.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.communicate()[0]
 
 
 def wait_for_workers(count: int, *, timeout: float = 30.0) -> None:

@@ -14,8 +14,8 @@ from llm.models import LlmUsage
 from llm.services import LlmUnavailable, llm_complete
 from notes import services as note_services
 from notes.models import Note
-from tests.conftest import jobs, run_worker
 from tests.factories import make_user
+from tests.helpers import jobs, run_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -6,7 +6,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from notes.models import Note
-from tests.conftest import client_for, jobs
+from tests.helpers import client_for, jobs
 
 pytestmark = pytest.mark.django_db
 

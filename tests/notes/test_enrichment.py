@@ -16,9 +16,9 @@ from notes import services
 from notes.enrichment import parse_answer
 from notes.models import Note
 from tests.complexity import assert_linear_on_hostile_text
-from tests.conftest import jobs as all_jobs
-from tests.conftest import run_worker
 from tests.factories import make_user
+from tests.helpers import jobs as all_jobs
+from tests.helpers import run_worker
 from tests.jobs.workers import retry_delay
 
 pytestmark = pytest.mark.django_db(transaction=True)

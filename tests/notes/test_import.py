@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import signal
 import tracemalloc
 
 import psycopg
@@ -17,10 +16,19 @@ from django.test.utils import CaptureQueriesContext
 from procrastinate.contrib.django import app
 
 from jobs.models import JobInfo
-from notes import imports, services
+from notes import import_formats, services
 from notes.models import Note, NoteImport
-from tests.conftest import client_for, database_url, jobs, run_worker, start_worker_process, wait_for
 from tests.factories import make_user
+from tests.helpers import (
+    client_for,
+    database_url,
+    jobs,
+    kill_worker,
+    run_worker,
+    start_worker_process,
+    stop_worker,
+    wait_for,
+)
 
 URL = "/api/notes/import/"
 
@@ -211,9 +219,9 @@ def test_anonymous_import_requests_are_refused():
 # --- Parsing ----------------------------------------------------------------------------------
 
 
-def _rows(data: bytes, fmt: str) -> list[imports.ImportRow | str]:
-    with imports.open_text(io.BytesIO(data)) as text:
-        return [imports.row_validate(record) for record in imports.read_records(text, fmt)]
+def _rows(data: bytes, fmt: str) -> list[import_formats.ImportRow | str]:
+    with import_formats.open_text(io.BytesIO(data)) as text:
+        return [import_formats.row_validate(record) for record in import_formats.read_records(text, fmt)]
 
 
 def test_csv_keeps_quoted_multiline_fields_and_values_as_written():
@@ -231,13 +239,13 @@ def test_csv_keeps_quoted_multiline_fields_and_values_as_written():
     assert first.import_key == "ext-1"
     assert second.line == 6  # "\r\n" is one line end; the blank line is not a record
     assert second.content == '=HYPERLINK("http://x")'
-    assert second.import_key == imports.import_key_of(title="plain", content='=HYPERLINK("http://x")')
+    assert second.import_key == import_formats.import_key_of(title="plain", content='=HYPERLINK("http://x")')
 
 
 def test_the_import_key_is_the_external_id_or_a_hash_of_title_and_content():
-    key = imports.import_key_of(title="a", content="bc")
+    key = import_formats.import_key_of(title="a", content="bc")
     assert key.startswith("sha256:") and len(key) == 71
-    assert key != imports.import_key_of(title="ab", content="c")
+    assert key != import_formats.import_key_of(title="ab", content="c")
     [row] = _rows(jsonl_bytes([{"content": "x", "external_id": 42}]), "jsonl")
     assert row.import_key == "42"
 
@@ -248,7 +256,7 @@ def test_a_field_longer_than_any_note_is_reported_not_buffered(settings):
     data = b"content\n" + b"ok\n" + huge + b"\n" + b"after\n" + b'"' + huge + b"\n" + huge + b'"\nlast\n'
     results = _rows(data, "csv")
     assert results[0].content == "ok"
-    assert results[1] == f"a line is longer than {imports.line_limit()} characters"
+    assert results[1] == f"a line is longer than {import_formats.line_limit()} characters"
     assert results[2].content == "after"
     assert all(isinstance(r, str) for r in results[3:-1])  # the quoted monster, in bounded pieces
     assert results[-1].content == "last"
@@ -316,7 +324,7 @@ def test_jsonl_import_through_the_api(settings):
     by_key = {n.import_key: n for n in Note.objects.filter(owner=owner)}
     assert by_key["a-1"].tags == ["two", "three", "one"]
     assert by_key["7"].tags == ["x", "y"]
-    assert by_key[imports.import_key_of(title="", content="third")].title == ""
+    assert by_key[import_formats.import_key_of(title="", content="third")].title == ""
     assert len(enrich_jobs()) == 3
 
 
@@ -592,11 +600,9 @@ def test_an_import_whose_worker_is_sigkilled_mid_file_is_finished_without_duplic
     try:
         wait_for(lambda: NoteImport.objects.get(id=note_import.id).rows_done == 50, what="the first batch")
         wait_for(lambda: _backends_waiting_on_a_lock() > 0, what="the second batch to wait")
-        doomed.send_signal(signal.SIGKILL)
-        doomed.wait(10)
+        kill_worker(doomed)
     finally:
-        if doomed.poll() is None:
-            doomed.kill()
+        kill_worker(doomed)
         blocker.rollback()
         blocker.close()
     assert jobs("notes.import")[0]["status"] == "doing"  # nobody told the database
@@ -610,8 +616,7 @@ def test_an_import_whose_worker_is_sigkilled_mid_file_is_finished_without_duplic
             what="the rescued import to finish",
         )
     finally:
-        rescuer.send_signal(signal.SIGTERM)
-        output = rescuer.communicate(timeout=20)[0]
+        output = stop_worker(rescuer)
     note_import.refresh_from_db()
     assert (note_import.total, note_import.processed, note_import.imported) == (200, 200, 200), output
     assert (note_import.duplicates, note_import.skipped) == (0, 0)
@@ -640,8 +645,7 @@ def test_an_operator_abort_stops_the_import_after_the_batch_in_flight():
         wait_for(lambda: NoteImport.objects.get(id=note_import.id).status == "failed", what="the import to stop")
     finally:
         blocker.close()
-        worker.send_signal(signal.SIGTERM)
-        output = worker.communicate(timeout=20)[0]
+        output = stop_worker(worker)
     note_import.refresh_from_db()
     assert (note_import.rows_done, note_import.imported) == (100, 100), output
     assert "aborted" in note_import.failure_reason
@@ -658,7 +662,7 @@ def _insert_uncommitted(owner, *, title: str, content: str) -> psycopg.Connectio
         " enrichment_status, enrichment_error, ai_type, ai_tags, summary, connections, created_at, updated_at,"
         " import_key) VALUES (%s, %s, %s, 1, 1, '{}', '{}', 'note', 'pending', '', '', '{}', '', '{}', now(), now(),"
         " %s)",
-        [owner.id, title, content, imports.import_key_of(title=title, content=content)],
+        [owner.id, title, content, import_formats.import_key_of(title=title, content=content)],
     )
     return blocker
 

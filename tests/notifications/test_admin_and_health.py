@@ -7,8 +7,8 @@ from django.utils import timezone
 
 from notifications import services
 from notifications.models import DeliveryLog, NotificationJob
-from tests.conftest import client_for, jobs
 from tests.factories import make_recipient, make_user
+from tests.helpers import client_for, jobs
 
 pytestmark = pytest.mark.django_db
 

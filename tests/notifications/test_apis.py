@@ -7,8 +7,8 @@ from django.db import connection
 from django.utils import timezone
 
 from notifications.models import DeliveryLog, NotificationJob, Recipient
-from tests.conftest import client_for, jobs
 from tests.factories import make_recipient
+from tests.helpers import client_for, jobs
 
 pytestmark = pytest.mark.django_db
 
@@ -63,7 +63,8 @@ def test_send_email_answers_202_at_once_and_defers_a_job_with_ids_only(api, rita
     assert response.status_code == 202
     body = response.json()
     assert body["status"] == "queued" and body["message"]
-    notification = NotificationJob.objects.get(id=body["job_id"])
+    notification = NotificationJob.objects.get(id=body["notification_id"])
+    assert body["job_id"] == notification.id  # the deprecated alias, same value
     assert notification.status == "pending" and notification.payload == {"subject": "Hello", "body": "Hi there"}
     [job] = jobs("notifications.deliver")
     assert job["queue_name"] == "notifications"
@@ -127,8 +128,8 @@ def test_send_bulk_writes_all_rows_and_jobs_in_one_go(api, user):
         format="json",
     )
     assert response.status_code == 202
-    ids = response.json()["job_ids"]
-    assert len(ids) == 5
+    ids = response.json()["notification_ids"]
+    assert len(ids) == 5 and response.json()["job_ids"] == ids  # the deprecated alias, same value
     deferred = {j["args"]["notification_id"]: j["id"] for j in jobs("notifications.deliver")}
     assert set(deferred) == set(ids)
     for notification in NotificationJob.objects.filter(id__in=ids):

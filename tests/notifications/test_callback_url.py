@@ -14,8 +14,8 @@ from jobs.models import JobInfo
 from jobs.tasking import webhooks
 from jobs.tasking.webhooks import webhook_signature
 from notifications.models import NotificationJob
-from tests.conftest import client_for, jobs, run_worker
 from tests.factories import make_recipient, make_user
+from tests.helpers import client_for, jobs, run_worker
 from tests.peers.webhook import StaticResolver
 
 

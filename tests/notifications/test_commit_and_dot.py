@@ -22,8 +22,8 @@ from django.db import connection
 
 from notifications import services
 from notifications.models import NotificationJob
-from tests.conftest import BASE_DIR
 from tests.factories import make_recipient, make_user
+from tests.helpers import BASE_DIR
 
 SWITCH_INTERVAL = 0.1  # how long a GIL-hungry thread may hold the GIL when another one asks
 

@@ -17,9 +17,8 @@ from django.db import connection
 
 from notifications import services
 from notifications.models import NotificationJob
-from tests.conftest import BASE_DIR, smtp_env, wait_for
 from tests.factories import make_recipient, make_user
-from tests.jobs.workers import stop_worker
+from tests.helpers import BASE_DIR, smtp_env, stop_worker, wait_for
 from tests.peers.postgres import ThrowawayPostgres, sql
 
 # Records the synchronous_commit in force when the commit point's UPDATE runs, in its transaction.

@@ -10,8 +10,8 @@ from django.utils import timezone
 
 from notifications import services
 from notifications.models import DeliveryLog, NotificationJob
-from tests.conftest import jobs, run_worker
 from tests.factories import make_recipient, make_user
+from tests.helpers import jobs, run_worker
 from tests.jobs.workers import retry_delay
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -11,8 +11,8 @@ import pytest
 
 from notifications import selectors, services
 from notifications.models import NotificationJob
-from tests.conftest import database_url, smtp_env, start_worker_process, wait_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import database_url, smtp_env, start_worker_process, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

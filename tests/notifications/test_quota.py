@@ -3,14 +3,12 @@ it the API answers 429 with the reason and Retry-After, and parallel requests ne
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from django.db import connection
 
 from notifications.models import NotificationJob
-from tests.conftest import client_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import at_once, client_for
 
 
 def _send(api, recipient, **extra):
@@ -81,23 +79,7 @@ def test_parallel_sends_at_quota_minus_one_let_exactly_one_through(settings):
     api = client_for(owner)
     assert [_send(api, rita).status_code for _ in range(4)] == [202] * 4
 
-    statuses: list[int] = []
-    start = threading.Barrier(8)
-
-    def send() -> None:
-        try:
-            client = client_for(owner)
-            start.wait(10)
-            statuses.append(_send(client, rita).status_code)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=send) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-
+    statuses = at_once(8, lambda: _send(client_for(owner), rita).status_code)
     assert sorted(statuses) == [202] + [429] * 7
     assert NotificationJob.objects.filter(owner=owner).count() == 5
 
@@ -113,7 +95,7 @@ def test_the_digest_sweep_sends_only_what_the_quota_allows_and_keeps_the_rest_fo
     now = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
     owner = make_user("dora")
     schedules = [
-        digest_services.digest_schedule_create(
+        digest_services.recipient_digest_schedule_create(
             owner=owner,
             now=now - timedelta(days=1),
             recipient=make_recipient(owner, email=f"d{i}@example.com"),

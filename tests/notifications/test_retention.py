@@ -13,8 +13,8 @@ from django.utils import timezone
 from procrastinate.exceptions import AlreadyEnqueued
 
 from notifications.models import DeliveryLog, NotificationJob
-from tests.conftest import jobs, run_worker
 from tests.factories import make_recipient, make_user
+from tests.helpers import jobs, run_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -14,9 +14,8 @@ from django.db import connection
 
 from notifications import services
 from notifications.models import NotificationJob
-from tests.conftest import database_url, smtp_env, start_worker_process, wait_for
 from tests.factories import make_recipient, make_user
-from tests.jobs.workers import stop_worker
+from tests.helpers import database_url, smtp_env, start_worker_process, stop_worker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

