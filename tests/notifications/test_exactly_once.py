@@ -120,15 +120,24 @@ def _job_status(notification: NotificationJob) -> str:
         ).fetchone()[0]
 
 
+def _registered_workers() -> int:
+    with psycopg.connect(database_url()) as conn:
+        return conn.execute("SELECT count(*) FROM procrastinate_workers").fetchone()[0]
+
+
 def test_two_workers_share_one_rate_limit_and_send_each_email_once(smtp):
     owner = make_user("rosa")
     recipients = [make_recipient(owner, email=f"r{i}@example.com") for i in range(60)]
-    ids = services.notification_send_bulk(
-        owner=owner, recipients=recipients, subject="Bulk", body="Hi", notification_type="system", priority="normal"
-    )
     env = smtp_env(smtp, NOTIFICATIONS_RATE_PER_SECOND="20", PROCRASTINATE_LOG_LEVEL="INFO")
     workers = [start_worker_process("--queues", "notifications", "--concurrency", "4", env=env) for _ in range(2)]
     try:
+        # Both workers listening before the e-mails are queued: on a loaded machine one could
+        # otherwise still be starting while the other sends them all.
+        wait_for(lambda: _registered_workers() == 2, timeout=60, what="both workers to start")
+        ids = services.notification_send_bulk(
+            owner=owner, recipients=recipients, subject="Bulk", body="Hi", notification_type="system",
+            priority="normal",
+        )  # fmt: skip
         wait_for(lambda: len(smtp.messages) == 60, timeout=60, what="all 60 e-mails")
     finally:
         outputs = [_stop(w) for w in workers]
