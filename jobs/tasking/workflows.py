@@ -48,7 +48,17 @@ from jobs.tasking.webhooks import webhook_url_check
 POLICIES = ("cancel", "run")
 _ENDED = ("succeeded", "failed", "cancelled", "aborted")
 
-_batch: contextvars.ContextVar[int | None] = contextvars.ContextVar("jobs_batch", default=None)
+
+@dataclass
+class _BuildingBatch:
+    """The batch of a `with job_batch()` block: created in this transaction, so no other one sees
+    it, and its members are counted here and written once, when it is sealed."""
+
+    id: int
+    members: int = 0
+
+
+_batch: contextvars.ContextVar[_BuildingBatch | None] = contextvars.ContextVar("jobs_batch", default=None)
 
 
 @dataclass(frozen=True)
@@ -199,7 +209,8 @@ def _json(value: Any) -> Any:
 
 def batch_in_use(batch_id: int | None) -> int | None:
     """The batch a job being deferred joins: the one given, else the one of `with job_batch`."""
-    return batch_id if batch_id is not None else _batch.get()
+    building = _batch.get()
+    return batch_id if batch_id is not None else (building.id if building else None)
 
 
 _MEMBERS_ADD = "UPDATE jobs_batches SET total = total + %s WHERE id = %s AND state = 'open' RETURNING id"
@@ -209,6 +220,10 @@ def members_add(batch_id: int | None, count: int) -> None:
     """Count `count` new members (inserted in this transaction). Holds the batch's row lock until
     the transaction ends: members that end meanwhile wait to be counted."""
     if batch_id is None:
+        return
+    building = _batch.get()
+    if building is not None and building.id == batch_id:
+        building.members += count
         return
     with connection.cursor() as cursor:
         cursor.execute(_MEMBERS_ADD, [count, batch_id])
@@ -295,11 +310,13 @@ def job_batch(
             callback_url=callback_url,
             name=name,
         )
-        token = _batch.set(batch_id)
+        building = _BuildingBatch(batch_id)
+        token = _batch.set(building)
         try:
             yield Batch(batch_id)
         finally:
             _batch.reset(token)
+        members_add(batch_id, building.members)
         job_batch_seal(batch_id)
 
 
