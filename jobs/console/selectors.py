@@ -605,3 +605,28 @@ def batch_summary(*, batch: JobBatch) -> dict[str, Any]:
         "created_at": batch.created_at,
         "completed_at": batch.completed_at,
     }
+
+
+def dashboard_batches(*, limit: int = 20) -> list[dict[str, Any]]:
+    """Batches not done yet, then the most recently completed, up to `limit`."""
+    unfinished = list(JobBatch.objects.exclude(state="done").order_by("id")[:limit])
+    recent = list(JobBatch.objects.filter(state="done").order_by("-completed_at", "-id")[: limit - len(unfinished)])
+    return [batch_summary(batch=batch) for batch in unfinished + recent]
+
+
+def dashboard_blocked_jobs(*, limit: int = 50) -> list[dict[str, Any]]:
+    """Jobs waiting for their parents, oldest first, with the parents they still wait for."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT job.id, job.task_name, job.queue_name, job.jobs_parents_waiting,"
+            "       array_agg(d.parent_id ORDER BY d.parent_id) FILTER (WHERE d.state = 'waiting')"
+            "  FROM procrastinate_jobs AS job"
+            "  JOIN jobs_job_dependencies AS d ON d.child_id = job.id"
+            " WHERE job.status = 'todo' AND job.jobs_parents_waiting > 0"
+            " GROUP BY job.id ORDER BY job.id LIMIT %s",
+            [limit],
+        )
+        rows = cursor.fetchall()
+    return [
+        {"job_id": r[0], "task": r[1], "queue": r[2], "parents_waiting": r[3], "waiting_for": r[4] or []} for r in rows
+    ]
