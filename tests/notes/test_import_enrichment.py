@@ -62,3 +62,20 @@ def test_an_import_of_nothing_new_is_enriched_at_once():
     run_worker(queues=["imports"])
     body = client_for(owner).get(f"/api/notes/import/{note_import.id}/").json()
     assert (body["status"], body["duplicates"], body["enrichment"]["total"]) == ("enriched", 3, 0)
+
+
+def test_a_failed_import_still_reports_once_through_its_batch(receiver):  # noqa: F811
+    owner = make_user("pat")
+    note_import = services.note_import_create(
+        owner=owner, file=io.BytesIO(b"title,body\nx,y\n"), filename="x.csv", format="csv", callback_url=receiver.url()
+    )  # past the API's check: no content column, so the import fails for good
+
+    run_worker(queues=["imports"])  # the import fails; its (empty) batch completes at once
+    run_worker(queues=["imports"])  # the batch's callback
+    run_worker(queues=["webhooks"])
+
+    body = client_for(owner).get(f"/api/notes/import/{note_import.id}/").json()
+    assert body["status"] == "failed" and body["enrichment"]["state"] == "done"
+    [post] = receiver.posts
+    assert post.payload["result"]["status"] == "failed"
+    assert post.payload["result"]["enrichment"] == {"total": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
