@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,10 +13,12 @@ from core.clock import db_now
 from digests import schedule as rules
 from digests.models import RecipientDigestSchedule, WeeklyDigest
 from digests.selectors import digest_notes_horizon, notes_in_period, recipient_digest_schedules_unsent_notes
-from jobs import job_defer
+from jobs import job_batch, job_call, job_defer
 from llm.services import LlmUnavailable, llm_complete
 from notes.models import Note
 from notifications.services import QueuedEmail, email_quota_fits, notifications_queue
+
+logger = logging.getLogger(__name__)
 
 SWEEP_BATCH = 500
 WEEK = timedelta(days=7)
@@ -201,20 +204,44 @@ MAX_PROMPT_CHARS = 60_000
 
 
 def weekly_digest_fanout(*, period_end: datetime) -> int:
-    """One digest job per active user; a user never has two waiting (queueing lock)."""
-    from digests.tasks import weekly_digest  # tasks import services
+    """One digest job per active user; a user never has two waiting (queueing lock).
+
+    The jobs are one batch, deferred in one transaction: when the last has ended, its callback
+    (`digests.weekly_run_record`) records the run."""
+    from digests.tasks import weekly_digest, weekly_digest_run_record  # tasks import services
 
     deferred = 0
-    for user_id in get_user_model().objects.filter(is_active=True).values_list("id", flat=True).iterator():
-        job_id = job_defer(
-            weekly_digest,
-            queueing_lock=f"weekly-digest:{user_id}",
-            owner_id=user_id,
-            user_id=user_id,
-            period_end=int(period_end.timestamp()),
-        )
-        deferred += job_id is not None
+    ends_at = int(period_end.timestamp())
+    on_complete = job_call(weekly_digest_run_record, period_end=ends_at)
+    with job_batch(on_complete=on_complete, name=f"weekly digest {period_end:%Y-%m-%d}"):
+        for user_id in get_user_model().objects.filter(is_active=True).values_list("id", flat=True).iterator():
+            job_id = job_defer(
+                weekly_digest,
+                queueing_lock=f"weekly-digest:{user_id}",
+                owner_id=user_id,
+                user_id=user_id,
+                period_end=ends_at,
+            )
+            deferred += job_id is not None
     return deferred
+
+
+def weekly_digest_run_record(
+    *, period_end: datetime, batch_id: int, total: int, succeeded: int, failed: int, cancelled: int
+) -> dict[str, Any]:
+    """The weekly fan-out's callback: how many users it served and how many got the plain
+    digest (AI unavailable). Logged, and kept as the callback job's result (the jobs API)."""
+    digests = WeeklyDigest.objects.filter(period_start=period_end - WEEK)
+    run = {
+        "period_end": period_end.isoformat(),
+        "users": total,
+        "digests": digests.count(),
+        "plain": digests.filter(ai_generated=False).count(),
+        "failed": failed,
+        "cancelled": cancelled,
+    }
+    logger.info("weekly digest run (batch %s): %s", batch_id, run)
+    return run
 
 
 def _plain_digest(notes: list[Note]) -> str:

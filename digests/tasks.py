@@ -44,3 +44,18 @@ def weekly_digest(context: JobContext, *, user_id: int, period_end: int) -> int:
         if will_retry(context, exc):
             raise
         return _weekly_digest_plain(user_id=user_id, period_end=period_end, error=exc)
+
+
+@job_task(name="digests.weekly_run_record", queue=queues.DIGESTS, result_ttl=90 * 24 * 3600)
+def weekly_digest_run_record(
+    *, period_end: int, batch_id: int, total: int, succeeded: int, failed: int, cancelled: int
+) -> dict:
+    """The callback of the weekly fan-out's batch: records the run (its result, kept 90 days)."""
+    return services.weekly_digest_run_record(
+        period_end=datetime.fromtimestamp(period_end, UTC),
+        batch_id=batch_id,
+        total=total,
+        succeeded=succeeded,
+        failed=failed,
+        cancelled=cancelled,
+    )

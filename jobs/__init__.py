@@ -27,6 +27,17 @@ if TYPE_CHECKING:  # what the lazy loading below returns, for type checkers and 
     from jobs.tasking.registry import RateLimit, job_task
     from jobs.tasking.retry import will_retry
     from jobs.tasking.webhooks import webhook_url_check, webhook_url_problem
+    from jobs.tasking.workflows import (
+        JobCall,
+        job_batch,
+        job_batch_counts,
+        job_batch_open,
+        job_batch_seal,
+        job_call,
+        job_chain,
+        job_fan_in,
+        job_parent_results,
+    )
 
 _SOURCES = {
     # Declaring and deferring tasks.
@@ -36,9 +47,19 @@ _SOURCES = {
     "job_defer_bulk": "jobs.tasking.defer",
     "job_cancel_waiting": "jobs.tasking.erasure",
     "queues": "jobs.tasking.queues",  # the module itself
+    # Workflows: dependencies and batches.
+    "JobCall": "jobs.tasking.workflows",
+    "job_call": "jobs.tasking.workflows",
+    "job_chain": "jobs.tasking.workflows",
+    "job_fan_in": "jobs.tasking.workflows",
+    "job_batch": "jobs.tasking.workflows",
+    "job_batch_open": "jobs.tasking.workflows",
+    "job_batch_seal": "jobs.tasking.workflows",
+    "job_batch_counts": "jobs.tasking.workflows",
     # Inside a task.
     "job_progress": "jobs.tasking.progress",
     "job_progress_async": "jobs.tasking.progress",
+    "job_parent_results": "jobs.tasking.workflows",
     "will_retry": "jobs.tasking.retry",
     "TimeLimitExceeded": "jobs.tasking.limits",
     "rate_limit_wait": "jobs.tasking.ratelimit",
@@ -56,15 +77,24 @@ _SOURCES = {
 
 __all__ = [
     "RETRY_PERMISSION",
+    "JobCall",
     "RateLimit",
     "TimeLimitExceeded",
     "breaker_check",
     "breaker_record_failure",
     "breaker_record_success",
     "breaker_state",
+    "job_batch",
+    "job_batch_counts",
+    "job_batch_open",
+    "job_batch_seal",
+    "job_call",
     "job_cancel_waiting",
+    "job_chain",
     "job_defer",
     "job_defer_bulk",
+    "job_fan_in",
+    "job_parent_results",
     "job_progress",
     "job_progress_async",
     "job_task",

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.db.models.functions import Now
 
 
 class RateLimitBucket(models.Model):
@@ -120,3 +121,47 @@ class WebhookSecret(models.Model):
 
     def __str__(self) -> str:
         return f"webhook secret of user {self.user_id}"
+
+
+class JobBatch(models.Model):
+    """A group of jobs whose callbacks are deferred once, when the last of them has ended.
+
+    `state`: `open` while members may still be added, `sealed` once none will be (it completes
+    when every member has ended), `done`. The counts are kept by the status trigger of migration
+    0008, which also defers the callbacks (`callbacks`: {"on_success"|"on_failure"|"on_complete":
+    {"task", "queue", "priority", "lock", "kwargs"}}) in the transaction that ends the last
+    member. Members are the jobs whose `procrastinate_jobs.jobs_batch_id` is this id.
+    """
+
+    class State(models.TextChoices):
+        OPEN = "open"
+        SEALED = "sealed"
+        DONE = "done"
+
+    key = models.CharField(max_length=200, null=True, blank=True, unique=True)
+    name = models.CharField(max_length=200, blank=True, default="", db_default="")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    state = models.CharField(max_length=6, default=State.OPEN, db_default=State.OPEN)
+    total = models.BigIntegerField(default=0, db_default=0)
+    succeeded = models.BigIntegerField(default=0, db_default=0)
+    failed = models.BigIntegerField(default=0, db_default=0)
+    cancelled = models.BigIntegerField(default=0, db_default=0)
+    callbacks = models.JSONField(default=dict, blank=True)
+    callback_url = models.URLField(max_length=2000, blank=True, default="", db_default="")
+    callback_job_ids = models.JSONField(default=list, blank=True)
+    completions = models.IntegerField(default=0, db_default=0)
+    created_at = models.DateTimeField(db_default=Now())
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "jobs_batches"
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"batch {self.id}"
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed + self.cancelled

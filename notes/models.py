@@ -93,6 +93,11 @@ class ImportStatus(models.TextChoices):
     FAILED = "failed"
 
 
+# Not a stored status (the row stays `done`): the API shows a `done` import as `enriched` once
+# the enrichment of every note it inserted has ended (its batch completed; notes.services).
+IMPORT_ENRICHED = "enriched"
+
+
 class NoteImportManager(models.Manager["NoteImport"]):
     def get_queryset(self) -> models.QuerySet[NoteImport]:
         # The file can be tens of megabytes: nothing loads it by accident (the admin, the API).

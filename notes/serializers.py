@@ -4,13 +4,15 @@ from typing import Any
 
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from core.errors import ApplicationError
 from core.fields import StrictCharField
 from jobs import webhook_url_check
 from notes import import_formats
-from notes.models import ImportFormat, Note, NoteImport, NoteType
+from notes.models import IMPORT_ENRICHED, ImportFormat, ImportStatus, Note, NoteImport, NoteType
+from notes.selectors import note_import_enrichment
 
 
 class NoteInputSerializer(serializers.Serializer):
@@ -98,9 +100,20 @@ def upload_too_large(size: int | None) -> ApplicationError:
     return ApplicationError("File too large.", status_code=413, extra={"file": [message]})
 
 
+class _Enrichment(serializers.Serializer):
+    state = serializers.CharField()
+    total = serializers.IntegerField()
+    done = serializers.IntegerField()
+    succeeded = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    cancelled = serializers.IntegerField()
+
+
 class NoteImportOutputSerializer(serializers.ModelSerializer):
     processed = serializers.IntegerField(source="rows_done")
     errors = serializers.SerializerMethodField()
+    status = serializers.SerializerMethodField()
+    enrichment = serializers.SerializerMethodField()
 
     class Meta:
         model = NoteImport
@@ -116,6 +129,7 @@ class NoteImportOutputSerializer(serializers.ModelSerializer):
             "duplicates",
             "skipped",
             "errors",
+            "enrichment",
             "failure_reason",
             "job_id",
             "created_at",
@@ -126,6 +140,26 @@ class NoteImportOutputSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     ERRORS_SHOWN = 100
+
+    def _enrichment(self, note_import: NoteImport) -> dict[str, Any] | None:
+        cache = self.context.setdefault("enrichment", {})
+        if note_import.id not in cache:
+            cache[note_import.id] = note_import_enrichment(import_id=note_import.id)
+        return cache[note_import.id]
+
+    @extend_schema_field(serializers.ChoiceField(choices=[*ImportStatus.values, IMPORT_ENRICHED]))
+    def get_status(self, note_import: NoteImport) -> str:
+        """`done` once the rows are in; `enriched` once every inserted note's enrichment ended."""
+        enrichment = self._enrichment(note_import)
+        if note_import.status == ImportStatus.DONE and enrichment and enrichment["state"] == "done":
+            return IMPORT_ENRICHED
+        return note_import.status
+
+    @extend_schema_field(_Enrichment(allow_null=True))
+    def get_enrichment(self, note_import: NoteImport) -> dict[str, Any] | None:
+        """The enrichment of the notes inserted: `state` (`open` while rows are read, `sealed`,
+        `done`), `total`, `done`, `succeeded`, `failed`, `cancelled`; null for an older import."""
+        return self._enrichment(note_import)
 
     def get_errors(self, note_import: NoteImport) -> list[dict[str, Any]]:
         """The first skipped rows, {"line": n, "reason": "..."}; `skipped` counts them all."""

@@ -18,11 +18,19 @@ from django.utils import timezone
 from rest_framework import status as http
 
 from core.errors import ApplicationError, ProviderError
-from jobs import job_cancel_waiting, job_defer, job_defer_bulk, webhook_url_check
+from jobs import (
+    job_batch_open,
+    job_batch_seal,
+    job_call,
+    job_cancel_waiting,
+    job_defer,
+    job_defer_bulk,
+    webhook_url_check,
+)
 from llm.services import LlmUnavailable, llm_complete
 from notes import enrichment, import_formats, tier1
-from notes.models import EnrichmentStatus, ImportStatus, Note, NoteImport
-from notes.selectors import note_enrichment_candidates
+from notes.models import IMPORT_ENRICHED, EnrichmentStatus, ImportStatus, Note, NoteImport
+from notes.selectors import enrichment_batch_key, note_enrichment_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -192,12 +200,46 @@ def note_import_create(
     job_id = job_defer(
         note_import,
         owner_id=owner.pk,
-        callback_url=callback_url or None,
         lock=f"note-import:{import_id}",  # two runs of one import never overlap
         import_id=import_id,
     )
+    # The completion webhook goes with the enrichment batch's callback: once, after the last
+    # note's enrichment has ended, not when the rows are in.
+    _enrichment_batch(owner_id=owner.pk, import_id=import_id, callback_url=callback_url)
     NoteImport.objects.filter(id=import_id).update(job_id=job_id)
     return NoteImport.objects.get(id=import_id)
+
+
+def _enrichment_batch(*, owner_id: int, import_id: int, callback_url: str | None = None) -> int:
+    """The batch of the import's enrichment jobs (opened with the import; an import created
+    before batches existed gets one, without a webhook, at its next batch of rows)."""
+    from notes.tasks import note_import_enriched  # tasks import services; import late to avoid a cycle
+
+    return job_batch_open(
+        key=enrichment_batch_key(import_id),
+        on_complete=job_call(note_import_enriched, import_id=import_id),
+        owner_id=owner_id,
+        callback_url=callback_url,
+        name=f"enrichment of import {import_id}",
+    )
+
+
+def note_import_enriched(
+    *, import_id: int, batch_id: int, total: int, succeeded: int, failed: int, cancelled: int
+) -> dict[str, Any]:
+    """The enrichment batch's callback: every note the import inserted has been enriched (or
+    failed, or was cancelled). Returns the import's summary, the completion webhook's `result`."""
+    note_import = NoteImport.objects.get(id=import_id)
+    status = IMPORT_ENRICHED if note_import.status == ImportStatus.DONE else note_import.status
+    return {
+        "import_id": import_id,
+        "status": status,
+        "total": note_import.total,
+        "imported": note_import.imported,
+        "duplicates": note_import.duplicates,
+        "skipped": note_import.skipped,
+        "enrichment": {"total": total, "succeeded": succeeded, "failed": failed, "cancelled": cancelled},
+    }
 
 
 # Held to the end of the upload's transaction: one user's uploads are checked and stored one at
@@ -311,17 +353,25 @@ def note_import_run(*, import_id: int, on_progress: Callable[[ImportProgress], N
             if on_progress:
                 on_progress(_import_progress(note_import))
 
-    NoteImport.objects.filter(id=import_id).exclude(status=ImportStatus.DONE).update(
-        status=ImportStatus.DONE, finished_at=timezone.now()
-    )
+    with transaction.atomic():
+        NoteImport.objects.filter(id=import_id).exclude(status=ImportStatus.DONE).update(
+            status=ImportStatus.DONE, finished_at=timezone.now()
+        )
+        # No more notes: the batch completes when the last enrichment ends (now, if they have).
+        job_batch_seal(_enrichment_batch(owner_id=note_import.owner_id, import_id=import_id))
     return NoteImport.objects.get(id=import_id)
 
 
 def note_import_failed(*, import_id: int, reason: str) -> None:
-    """The import's job gave up (its last attempt failed, or an operator aborted it)."""
-    NoteImport.objects.filter(id=import_id).exclude(status=ImportStatus.DONE).update(
-        status=ImportStatus.FAILED, failure_reason=reason[:2000], finished_at=timezone.now()
-    )
+    """The import's job gave up (its last attempt failed, or an operator aborted it). The notes
+    it inserted are still enriched; the batch's callback (and webhook) then reports `failed`."""
+    with transaction.atomic():
+        NoteImport.objects.filter(id=import_id).exclude(status=ImportStatus.DONE).update(
+            status=ImportStatus.FAILED, failure_reason=reason[:2000], finished_at=timezone.now()
+        )
+        owner_id = NoteImport.objects.filter(id=import_id).values_list("owner_id", flat=True).first()
+        if owner_id is not None:
+            job_batch_seal(_enrichment_batch(owner_id=owner_id, import_id=import_id))
 
 
 # Batches in their own short transactions, skipping imports a run holds. Setting the column to
@@ -423,6 +473,7 @@ def _note_import_batch(*, note_import: NoteImport, records: list[import_formats.
         [{"note_id": note_id} for note_id in note_ids],
         owner_id=note_import.owner_id,
         priority=IMPORT_ENRICH_PRIORITY,
+        batch_id=_enrichment_batch(owner_id=note_import.owner_id, import_id=note_import.id) if note_ids else None,
     )
 
     room = max(IMPORT_ERRORS_KEPT - len(current.errors), 0)

@@ -53,3 +53,13 @@ def note_import(context: JobContext, *, import_id: int) -> dict[str, Any]:
         "duplicates": note_import.duplicates,
         "skipped": note_import.skipped,
     }
+
+
+@job_task(name="notes.import_enriched", queue=queues.IMPORTS, retries=3)
+def note_import_enriched(
+    *, import_id: int, batch_id: int, total: int, succeeded: int, failed: int, cancelled: int
+) -> dict[str, Any]:
+    """The callback of an import's enrichment batch; its result is the import's webhook payload."""
+    return services.note_import_enriched(
+        import_id=import_id, batch_id=batch_id, total=total, succeeded=succeeded, failed=failed, cancelled=cancelled
+    )

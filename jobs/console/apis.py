@@ -21,6 +21,9 @@ from core.idempotency import idempotent
 from jobs.console import selectors, services
 from jobs.console.filters import JobFilter
 from jobs.console.serializers import (
+    BatchDetailSerializer,
+    BatchRetrySerializer,
+    BatchSerializer,
     JobDetailSerializer,
     JobSerializer,
     MetricsQuerySerializer,
@@ -30,6 +33,7 @@ from jobs.console.serializers import (
 )
 from jobs.console.stream import LIMIT_RETRY_AFTER_SECONDS, job_event_stream, job_stream_open, sse_event
 from jobs.console.stream_hub import StreamLimitReached, StreamUnavailable
+from jobs.models import JobBatch
 
 
 def _check_may_act(request: Request, job: ProcrastinateJob, permission: str) -> None:
@@ -95,6 +99,59 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         _check_may_act(request, job, "jobs.retry_job")
         services.job_retry(job_id=job.id)
         return Response(JobSerializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
+
+
+class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Your batches (staff: everyone's): progress, counts, members and callbacks. Another user's
+    batch is a 404."""
+
+    queryset = JobBatch.objects.none()  # for the schema; requests use get_queryset()
+    serializer_class = BatchSerializer
+    lookup_value_regex = r"\d+"
+
+    def get_queryset(self):
+        return selectors.batch_queryset(user=self.request.user)
+
+    def list(self, request: Request) -> Response:
+        page = self.paginate_queryset(self.get_queryset())
+        data = BatchSerializer([selectors.batch_summary(batch=b) for b in page], many=True).data
+        return self.get_paginated_response(data)
+
+    @extend_schema(responses={200: BatchDetailSerializer})
+    def retrieve(self, request: Request, pk: str | None = None) -> Response:
+        return Response(BatchDetailSerializer(selectors.batch_detail(batch=self.get_object())).data)
+
+    def _check_may_act(self, batch: JobBatch, permission: str) -> None:
+        if batch.owner_id is not None and batch.owner_id == self.request.user.pk:
+            return
+        if not (self.request.user.is_staff and self.request.user.has_perm(permission)):
+            raise exceptions.PermissionDenied(f"Acting on another user's batch needs the {permission} permission.")
+
+    @extend_schema(
+        request=None,
+        responses={200: BatchDetailSerializer, 403: OpenApiResponse(description="Without jobs.cancel_job")},
+    )
+    @idempotent
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        """Cancel the members that have not started (running ones finish)."""
+        batch = self.get_object()
+        self._check_may_act(batch, "jobs.cancel_job")
+        services.job_batch_cancel(batch_id=batch.id)
+        return Response(BatchDetailSerializer(selectors.batch_detail(batch=self.get_object())).data)
+
+    @extend_schema(
+        request=None,
+        responses={202: BatchRetrySerializer, 403: OpenApiResponse(description="Without jobs.retry_job")},
+    )
+    @idempotent
+    @action(detail=True, methods=["post"])
+    def retry(self, request: Request, pk: str | None = None) -> Response:
+        """Retry the failed (and aborted) members; a completed batch completes again after them."""
+        batch = self.get_object()
+        self._check_may_act(batch, "jobs.retry_job")
+        outcome = services.job_batch_retry_failed(batch_id=batch.id)
+        return Response(BatchRetrySerializer(outcome).data, status=status.HTTP_202_ACCEPTED)
 
 
 def _require_staff(request: Request, permission: str | None = None) -> None:

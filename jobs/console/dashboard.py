@@ -1,7 +1,8 @@
 """The staff dashboard inside the admin (/admin/jobs/dashboard/).
 
 The page shows queue depths, throughput, latency per task, failing tasks, paused queues, live
-workers and the progress of running jobs. Its script polls `data/` every few seconds and
+workers, the progress of running jobs, batches (with cancel and retry of their failed members)
+and jobs blocked by their parents. Its script polls `data/` every few seconds and
 redraws, so every number comes from PostgreSQL at that moment. The actions (retry the failed
 jobs of a task, pause or resume a queue) are POSTs with the CSRF token that answer JSON.
 """
@@ -29,6 +30,7 @@ from jobs.models import CircuitBreaker
 from jobs.tasking import queues
 
 RETRY_PERMISSION = "jobs.retry_job"
+CANCEL_PERMISSION = "jobs.cancel_job"
 PAUSE_PERMISSION = "jobs.pause_queue"
 POLL_MILLISECONDS = 2500
 # Latency and failures are over the last day; throughput has its own two windows.
@@ -66,10 +68,16 @@ def dashboard_snapshot(*, user: Any) -> dict[str, Any]:
         "failing": selectors.dashboard_failing_tasks(seconds=WINDOW_HOURS * 3600),
         "workers": selectors.live_workers(stalled_after_seconds=settings.WORKER_STALLED_SECONDS),
         "running": selectors.dashboard_running_progress(),
+        "batches": selectors.dashboard_batches(),
+        "blocked": selectors.dashboard_blocked_jobs(),
         "breakers": list(
             CircuitBreaker.objects.order_by("name").values("name", "state", "consecutive_failures", "opened_until")
         ),
-        "permissions": {"retry": user_may(user, RETRY_PERMISSION), "pause": user_may(user, PAUSE_PERMISSION)},
+        "permissions": {
+            "retry": user_may(user, RETRY_PERMISSION),
+            "pause": user_may(user, PAUSE_PERMISSION),
+            "cancel": user_may(user, CANCEL_PERMISSION),
+        },
     }
 
 
@@ -151,6 +159,26 @@ def retry_failed(request: HttpRequest, body: dict[str, Any]) -> dict[str, Any]:
     return {"task": task, **outcome}
 
 
+def _batch_field(body: dict[str, Any]) -> int:
+    value = body.get("batch")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ApplicationError("Invalid input.", extra={"batch": ["A batch id is required."]}) from None
+
+
+@staff_action(CANCEL_PERMISSION)
+def batch_cancel(request: HttpRequest, body: dict[str, Any]) -> dict[str, Any]:
+    batch_id = _batch_field(body)
+    return {"batch": batch_id, "cancelled": services.job_batch_cancel(batch_id=batch_id)}
+
+
+@staff_action(RETRY_PERMISSION)
+def batch_retry(request: HttpRequest, body: dict[str, Any]) -> dict[str, Any]:
+    batch_id = _batch_field(body)
+    return {"batch": batch_id, **services.job_batch_retry_failed(batch_id=batch_id)}
+
+
 @staff_action(PAUSE_PERMISSION)
 def queue_pause(request: HttpRequest, body: dict[str, Any]) -> dict[str, Any]:
     queue = _queue_field(body)
@@ -170,5 +198,7 @@ urlpatterns = [
     path("data/", admin.site.admin_view(dashboard_data), name="jobs-dashboard-data"),
     path("retry-failed/", retry_failed, name="jobs-dashboard-retry-failed"),
     path("pause/", queue_pause, name="jobs-dashboard-pause"),
+    path("batch-cancel/", batch_cancel, name="jobs-dashboard-batch-cancel"),
+    path("batch-retry/", batch_retry, name="jobs-dashboard-batch-retry"),
     path("resume/", queue_resume, name="jobs-dashboard-resume"),
 ]

@@ -14,7 +14,7 @@ from django.db.models.functions import Cast, Now
 from django.utils import timezone
 from procrastinate.contrib.django.models import ProcrastinateEvent, ProcrastinateJob
 
-from jobs.models import CircuitBreaker, JobInfo, PausedQueue
+from jobs.models import CircuitBreaker, JobBatch, JobInfo, PausedQueue
 from jobs.tasking import queues
 
 
@@ -181,6 +181,7 @@ def job_detail(*, job: ProcrastinateJob) -> dict[str, Any]:
         "result": info.result if result_live else None,
         "result_expires_at": info.result_expires_at if result_live else None,
         "error": (info.error or None) if info is not None else None,
+        **job_workflow(job_id=job.id),
     }
 
 
@@ -527,3 +528,105 @@ def job_attempts_by_task() -> list[tuple[str, int, int]]:
 def circuit_breaker_states() -> dict[str, str]:
     """The state (`closed`, `half_open`, `open`) of every breaker that has failed at least once."""
     return dict(CircuitBreaker.objects.values_list("name", "state"))
+
+
+# --- Workflows: a job's parents, children and batch; batches --------------------------------
+
+_RELATIVES = """
+SELECT 'parent' AS side, d.parent_id AS id, d.state, d.on_parent_failure, job.task_name, job.status::text
+  FROM jobs_job_dependencies AS d JOIN procrastinate_jobs AS job ON job.id = d.parent_id
+ WHERE d.child_id = %(id)s
+UNION ALL
+SELECT 'child', d.child_id, d.state, d.on_parent_failure, job.task_name, job.status::text
+  FROM jobs_job_dependencies AS d JOIN procrastinate_jobs AS job ON job.id = d.child_id
+ WHERE d.parent_id = %(id)s
+ORDER BY 1, 2
+"""
+
+
+def job_workflow(*, job_id: int) -> dict[str, Any]:
+    """A job's batch, its parents (with the state of each dependency: waiting, succeeded,
+    failed) and children, and how many parents it still waits for."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT jobs_batch_id, jobs_parents_waiting FROM procrastinate_jobs WHERE id = %s", [job_id])
+        row = cursor.fetchone()
+        cursor.execute(_RELATIVES, {"id": job_id})
+        relatives = cursor.fetchall()
+    batch_id, waiting = row if row else (None, 0)
+    parents = [
+        {"id": r[1], "task": r[4], "status": r[5], "dependency": r[2], "on_parent_failure": r[3]}
+        for r in relatives
+        if r[0] == "parent"
+    ]
+    children = [{"id": r[1], "task": r[4], "status": r[5]} for r in relatives if r[0] == "child"]
+    return {"batch_id": batch_id, "parents_waiting": waiting, "parents": parents, "children": children}
+
+
+def batch_queryset(*, user: AbstractBaseUser) -> QuerySet[JobBatch]:
+    """The batches `user` may see: their own (staff: all), newest first."""
+    batches = JobBatch.objects.all()
+    return batches if user.is_staff else batches.filter(owner_id=user.pk)
+
+
+BATCH_MEMBERS_SHOWN = 200
+
+
+def batch_detail(*, batch: JobBatch, members_shown: int = BATCH_MEMBERS_SHOWN) -> dict[str, Any]:
+    """A batch's counts and progress, its members by status, the first members and its callbacks."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT status::text, count(*) FROM procrastinate_jobs WHERE jobs_batch_id = %s GROUP BY 1", [batch.id]
+        )
+        by_status = dict(cursor.fetchall())
+        cursor.execute(
+            "SELECT id, task_name, status::text FROM procrastinate_jobs WHERE jobs_batch_id = %s ORDER BY id LIMIT %s",
+            [batch.id, members_shown],
+        )
+        members = [{"id": r[0], "task": r[1], "status": r[2]} for r in cursor.fetchall()]
+    return {**batch_summary(batch=batch), "members_by_status": by_status, "members": members}
+
+
+def batch_summary(*, batch: JobBatch) -> dict[str, Any]:
+    done = batch.done
+    return {
+        "id": batch.id,
+        "name": batch.name,
+        "owner_id": batch.owner_id,
+        "state": batch.state,
+        "total": batch.total,
+        "done": done,
+        "succeeded": batch.succeeded,
+        "failed": batch.failed,
+        "cancelled": batch.cancelled,
+        "percent": round(done / batch.total * 100, 1) if batch.total else (100.0 if batch.state == "done" else None),
+        "callbacks": sorted(batch.callbacks),
+        "callback_job_ids": list(batch.callback_job_ids),
+        "completions": batch.completions,
+        "created_at": batch.created_at,
+        "completed_at": batch.completed_at,
+    }
+
+
+def dashboard_batches(*, limit: int = 20) -> list[dict[str, Any]]:
+    """Batches not done yet, then the most recently completed, up to `limit`."""
+    unfinished = list(JobBatch.objects.exclude(state="done").order_by("id")[:limit])
+    recent = list(JobBatch.objects.filter(state="done").order_by("-completed_at", "-id")[: limit - len(unfinished)])
+    return [batch_summary(batch=batch) for batch in unfinished + recent]
+
+
+def dashboard_blocked_jobs(*, limit: int = 50) -> list[dict[str, Any]]:
+    """Jobs waiting for their parents, oldest first, with the parents they still wait for."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT job.id, job.task_name, job.queue_name, job.jobs_parents_waiting,"
+            "       array_agg(d.parent_id ORDER BY d.parent_id) FILTER (WHERE d.state = 'waiting')"
+            "  FROM procrastinate_jobs AS job"
+            "  JOIN jobs_job_dependencies AS d ON d.child_id = job.id"
+            " WHERE job.status = 'todo' AND job.jobs_parents_waiting > 0"
+            " GROUP BY job.id ORDER BY job.id LIMIT %s",
+            [limit],
+        )
+        rows = cursor.fetchall()
+    return [
+        {"job_id": r[0], "task": r[1], "queue": r[2], "parents_waiting": r[3], "waiting_for": r[4] or []} for r in rows
+    ]

@@ -45,6 +45,54 @@ class TimelineEventSerializer(serializers.Serializer):
     duration_ms = serializers.FloatField(allow_null=True, help_text="Milliseconds since the previous event.")
 
 
+class RelativeSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    task = serializers.CharField()
+    status = serializers.CharField()
+
+
+class ParentSerializer(RelativeSerializer):
+    dependency = serializers.ChoiceField(
+        choices=["waiting", "succeeded", "failed"], help_text="`failed`: the parent failed, was cancelled or aborted."
+    )
+    on_parent_failure = serializers.ChoiceField(choices=["cancel", "run"])
+
+
+class BatchSerializer(serializers.Serializer):
+    """A batch (the dict of `selectors.batch_summary`)."""
+
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    owner_id = serializers.IntegerField(allow_null=True)
+    state = serializers.ChoiceField(
+        choices=["open", "sealed", "done"],
+        help_text="`open`: members may still be added; `sealed`: waiting for members to end; `done`.",
+    )
+    total = serializers.IntegerField()
+    done = serializers.IntegerField(help_text="Members that have ended: succeeded + failed + cancelled.")
+    succeeded = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    cancelled = serializers.IntegerField(help_text="Cancelled or aborted.")
+    percent = serializers.FloatField(allow_null=True)
+    callbacks = serializers.ListField(child=serializers.CharField(), help_text="on_success, on_failure, on_complete")
+    callback_job_ids = serializers.ListField(child=serializers.IntegerField(), help_text="The callback jobs deferred.")
+    completions = serializers.IntegerField(help_text="1 once done; more when retried members reopened it.")
+    created_at = serializers.DateTimeField()
+    completed_at = serializers.DateTimeField(allow_null=True)
+
+
+class BatchDetailSerializer(BatchSerializer):
+    members_by_status = serializers.DictField(child=serializers.IntegerField())
+    members = RelativeSerializer(many=True, help_text="The first 200 members, by id.")
+
+
+class BatchRetrySerializer(serializers.Serializer):
+    retried = serializers.ListField(child=serializers.IntegerField())
+    refused = serializers.ListField(
+        child=serializers.IntegerField(), help_text="A job with the same queueing lock waits and does their work."
+    )
+
+
 class JobDetailSerializer(serializers.Serializer):
     """One job in full (the dict of `selectors.job_detail`)."""
 
@@ -67,6 +115,10 @@ class JobDetailSerializer(serializers.Serializer):
     result = serializers.JSONField(allow_null=True, help_text="Null once its retention has passed.")
     result_expires_at = serializers.DateTimeField(allow_null=True)
     error = serializers.CharField(allow_null=True, help_text="The last error, if any.")
+    batch_id = serializers.IntegerField(allow_null=True, help_text="The batch the job belongs to.")
+    parents_waiting = serializers.IntegerField(help_text="How many of its parents have not ended: blocked while > 0.")
+    parents = ParentSerializer(many=True)
+    children = RelativeSerializer(many=True)
 
 
 class QueueSerializer(serializers.Serializer):

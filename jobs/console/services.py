@@ -338,3 +338,50 @@ def webhook_secret_rotate(*, user_id: int) -> WebhookSecret:
         user_id=user_id, defaults={"secret": _new_webhook_secret(), "created_at": timezone.now()}
     )
     return secret
+
+
+# --- Batches as a whole -----------------------------------------------------------------------
+
+# Running members finish; the trigger counts the cancelled ones (the batch may complete now).
+_BATCH_CANCEL = """
+WITH cancelled AS (
+    UPDATE procrastinate_jobs SET status = 'cancelled'
+     WHERE jobs_batch_id = %(batch_id)s AND status = 'todo'
+    RETURNING id
+), reasons AS (
+    INSERT INTO jobs_job_info (job_id, error)
+    SELECT id, 'Cancelled with its batch ' || %(batch_id)s FROM cancelled
+    ON CONFLICT (job_id) DO UPDATE SET error = EXCLUDED.error
+)
+SELECT count(*) FROM cancelled
+"""
+
+
+def job_batch_cancel(*, batch_id: int) -> int:
+    """Cancel the batch's members that have not started; returns how many. Running members
+    finish. The callbacks run as usual once every member has ended (with the cancelled counted)."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_BATCH_CANCEL, {"batch_id": batch_id})
+        return cursor.fetchone()[0]
+
+
+def job_batch_retry_failed(*, batch_id: int) -> dict[str, list[int]]:
+    """Retry the batch's failed (and aborted) members, each as `job_retry` would. A completed
+    batch reopens, and completes again (its callbacks once more) when they have ended.
+    Returns {"retried": [...], "refused": [...]} (refused: a job of its queueing lock waits)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT id FROM procrastinate_jobs WHERE jobs_batch_id = %s AND status IN ('failed', 'aborted')"
+            " ORDER BY id",
+            [batch_id],
+        )
+        failed = [row[0] for row in cursor.fetchall()]
+    outcome: dict[str, list[int]] = {"retried": [], "refused": []}
+    for job_id in failed:
+        try:
+            job_retry(job_id=job_id)
+        except ApplicationError:
+            outcome["refused"].append(job_id)
+        else:
+            outcome["retried"].append(job_id)
+    return outcome

@@ -3,9 +3,18 @@ from __future__ import annotations
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from jobs.console.apis import JobMetricsApi, JobStreamApi, JobViewSet, QueueListApi, QueuePauseApi, QueueResumeApi
+from jobs.console.apis import (
+    BatchViewSet,
+    JobMetricsApi,
+    JobStreamApi,
+    JobViewSet,
+    QueueListApi,
+    QueuePauseApi,
+    QueueResumeApi,
+)
 
 router = SimpleRouter(trailing_slash=True)
+router.register("batches", BatchViewSet, basename="job-batch")
 router.register("", JobViewSet, basename="job")
 
 urlpatterns = [

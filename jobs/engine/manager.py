@@ -2,7 +2,8 @@
 
 - Claims: one query takes up to N jobs (as many as the worker has free slots), never from a
   paused queue (`jobs_paused_queues`, so a pause holds for every worker at its next fetch),
-  never two jobs of one lock, highest priority first: Procrastinate's own
+  never two jobs of one lock, never a job whose parents have not ended (dependencies),
+  highest priority first: Procrastinate's own
   `procrastinate_fetch_job_v2` rules, with `LIMIT n` instead of `LIMIT 1`.
 - Completions: a finished job is written with the next batch (one UPDATE for every job that
   finished while the previous batch was being written), not one statement per job. A batch
@@ -76,6 +77,8 @@ candidates AS (
        AND (%(queues)s::varchar[] IS NULL OR jobs.queue_name = ANY(%(queues)s::varchar[]))
        AND (jobs.scheduled_at IS NULL OR jobs.scheduled_at <= now())
        AND NOT jobs_queue_paused(jobs.queue_name)
+       -- Dependencies: a job waits until every parent has ended (migration 0008).
+       AND jobs.jobs_parents_waiting = 0
      ORDER BY jobs.priority DESC, jobs.id ASC
      LIMIT {limit}
        FOR UPDATE OF jobs SKIP LOCKED

@@ -1,8 +1,9 @@
 """Deferring jobs inside the caller's transaction: one job (with owner, deduplication, callback,
-locks) or many of one task in one statement."""
+locks, parents, batch) or many of one task in one statement."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -11,6 +12,7 @@ from procrastinate.jobs import Job
 from procrastinate.tasks import Task
 from psycopg.types.json import Jsonb
 
+from jobs.tasking import workflows
 from jobs.tasking.webhooks import webhook_url_check
 
 # One statement for the job and, when there is anything to know about it, its info row. It is
@@ -18,8 +20,10 @@ from jobs.tasking.webhooks import webhook_url_check
 # waiting job with the same queueing lock makes it insert nothing (no savepoint needed).
 _DEFER = """
 WITH job AS (
-    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at)
-    VALUES (%(queue)s, %(task)s, %(priority)s, %(lock)s, %(queueing_lock)s, %(args)s, %(scheduled_at)s)
+    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
+                                    jobs_parents_waiting, jobs_batch_id)
+    VALUES (%(queue)s, %(task)s, %(priority)s, %(lock)s, %(queueing_lock)s, %(args)s, %(scheduled_at)s,
+            %(parents_waiting)s, %(batch_id)s)
     ON CONFLICT (queueing_lock) WHERE status = 'todo' DO NOTHING
     RETURNING id
 ), info AS (
@@ -39,8 +43,11 @@ WITH given AS (
     SELECT args, owner_id, n
       FROM unnest(%(args)s::jsonb[], %(owner_ids)s::bigint[]) WITH ORDINALITY AS g (args, owner_id, n)
 ), jobs AS (
-    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at)
-    SELECT %(queue)s, %(task)s, %(priority)s, %(lock)s, NULL, given.args, %(scheduled_at)s FROM given ORDER BY n
+    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
+                                    jobs_parents_waiting, jobs_batch_id)
+    SELECT %(queue)s, %(task)s, %(priority)s, %(lock)s, NULL, given.args, %(scheduled_at)s,
+           %(parents_waiting)s, %(batch_id)s
+      FROM given ORDER BY n
     RETURNING id
 ), numbered AS (
     SELECT id, row_number() OVER (ORDER BY id) AS n FROM jobs
@@ -66,6 +73,9 @@ def job_defer(
     lock: str | None = None,
     priority: int | None = None,
     schedule_at: datetime | None = None,
+    after: Sequence[int] = (),
+    on_parent_failure: str = "cancel",
+    batch_id: int | None = None,
     **task_kwargs: Any,
 ) -> int | None:
     """Defer `task` on the current database connection, so inside the caller's transaction.
@@ -81,6 +91,10 @@ def job_defer(
     - `queueing_lock`: a job already waiting with the same lock makes this a no-op (returns
       None); that waiting job reads the latest rows when it runs.
     - `lock`: jobs sharing it never run at the same time.
+    - `after`: ids of jobs this one waits for: it runs once all have succeeded. A parent that
+      fails for good or is cancelled cancels it (`on_parent_failure="cancel"`, the default) or
+      lets it run anyway (`"run"`); see jobs/tasking/workflows.py.
+    - `batch_id`: the open batch the job joins (inside `with job_batch(...)`, that batch).
     """
     if dedup_key and not (dedup_seconds and dedup_seconds > 0):
         raise ValueError("dedup_key needs a positive dedup_seconds (the deduplication window)")
@@ -99,14 +113,23 @@ def job_defer(
         "callback_url": callback_url or "",
         "with_info": owner_id is not None or bool(dedup_key) or bool(callback_url),
     }
-    if not dedup_key:
-        return _fetch_id(_DEFER, params)
+    batch_id = workflows.batch_in_use(batch_id)
+    if not dedup_key and not after and batch_id is None:
+        return _fetch_id(_DEFER, {**params, "parents_waiting": 0, "batch_id": None})  # the hot path
     with transaction.atomic(), connection.cursor() as cursor:
-        # Serialises defers of one key until the transaction ends: no two jobs slip in.
-        cursor.execute(_DEDUP_LOCK, [f"jobs-dedup:{dedup_key}"])
-        cursor.execute(_DEDUP_EXISTING, [dedup_key])
-        existing = cursor.fetchone()[0]
-        return existing if existing is not None else _fetch_id(_DEFER, params)
+        if dedup_key:
+            # Serialises defers of one key until the transaction ends: no two jobs slip in.
+            cursor.execute(_DEDUP_LOCK, [f"jobs-dedup:{dedup_key}"])
+            cursor.execute(_DEDUP_EXISTING, [dedup_key])
+            existing = cursor.fetchone()[0]
+            if existing is not None:
+                return existing
+        waiting = workflows.parents_lock(after, on_parent_failure)
+        job_id = _fetch_id(_DEFER, {**params, "parents_waiting": len(waiting), "batch_id": batch_id})
+        if job_id is not None:
+            workflows.members_add(batch_id, 1)
+            workflows.parents_link([job_id], after, waiting, on_parent_failure)
+        return job_id
 
 
 def job_defer_bulk(
@@ -116,9 +139,13 @@ def job_defer_bulk(
     owner_id: int | list[int | None] | None = None,
     priority: int | None = None,
     schedule_at: datetime | None = None,
+    after: Sequence[int] = (),
+    on_parent_failure: str = "cancel",
+    batch_id: int | None = None,
 ) -> list[int]:
     """Defer many jobs of one task in one statement, their owner rows included (`owner_id`: one
-    for all, or one per job). Returns their ids in the order of `kwargs_list`."""
+    for all, or one per job). Returns their ids in the order of `kwargs_list`. `after` and
+    `batch_id` as for `job_defer`, the same for every job (a fan-out after its parents)."""
     if not kwargs_list:
         return []
     owner_ids = owner_id if isinstance(owner_id, list) else [owner_id] * len(kwargs_list)
@@ -127,9 +154,14 @@ def job_defer_bulk(
     options = {"priority": priority, "schedule_at": schedule_at}
     job = task.configure(**{k: v for k, v in options.items() if v is not None}).make_new_job()
     params = {**_job_params(job), "args": [Jsonb(kwargs) for kwargs in kwargs_list], "owner_ids": owner_ids}
-    with connection.cursor() as cursor:
-        cursor.execute(_DEFER_MANY, params)
-        return [row[0] for row in cursor.fetchall()]
+    batch_id = workflows.batch_in_use(batch_id)
+    with transaction.atomic(), connection.cursor() as cursor:
+        waiting = workflows.parents_lock(after, on_parent_failure)
+        cursor.execute(_DEFER_MANY, {**params, "parents_waiting": len(waiting), "batch_id": batch_id})
+        ids = [row[0] for row in cursor.fetchall()]
+        workflows.members_add(batch_id, len(ids))
+        workflows.parents_link(ids, after, waiting, on_parent_failure)
+        return ids
 
 
 def _job_params(job: Job) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
 from digests.models import WeeklyDigest
+from jobs.models import JobBatch
 from tests.factories import make_recipient, make_user
 from tests.helpers import client_for
 
@@ -57,6 +58,9 @@ OWNED: dict[str, dict] = {
     "DELETE /api/jobs/{id}/": {"object": "job"},
     "POST /api/jobs/{id}/retry/": {"object": "job"},
     "GET /api/jobs/{id}/stream/": {"object": "job"},
+    "GET /api/jobs/batches/{id}/": {"object": "batch"},
+    "POST /api/jobs/batches/{id}/cancel/": {"object": "batch"},
+    "POST /api/jobs/batches/{id}/retry/": {"object": "batch"},
 }
 # Lists and metrics: scoped to the caller, so another user's objects never show.
 LISTS = {
@@ -66,6 +70,7 @@ LISTS = {
     "GET /api/digests/",
     "GET /api/notifications/jobs/",
     "GET /api/jobs/",
+    "GET /api/jobs/batches/",
     "GET /api/jobs/metrics/",
     "GET /api/notifications/metrics/",
 }
@@ -197,6 +202,7 @@ def _objects_of(owner) -> dict[str, int]:
         "import": note_import.json()["import_id"],
         "job": note_import.json()["job_id"],
         "digest": digest.id,
+        "batch": JobBatch.objects.get(owner=owner).id,  # the import's enrichment
     }
 
 
@@ -300,6 +306,8 @@ DASHBOARD_ACTIONS = [
     "/admin/jobs/dashboard/retry-failed/",
     "/admin/jobs/dashboard/pause/",
     "/admin/jobs/dashboard/resume/",
+    "/admin/jobs/dashboard/batch-cancel/",
+    "/admin/jobs/dashboard/batch-retry/",
 ]
 
 
@@ -332,7 +340,7 @@ def test_dashboard_pages_need_staff(client, user, path):
 @pytest.mark.django_db
 @pytest.mark.parametrize("path", DASHBOARD_ACTIONS)
 def test_dashboard_actions_need_staff_with_the_permission(client, user, path):
-    body = {"task": "notes.enrich", "queue": "imports"}
+    body = {"task": "notes.enrich", "queue": "imports", "batch": 1}
     assert client.post(path, body, content_type="application/json").status_code == 403
     client.force_login(user)
     assert client.post(path, body, content_type="application/json").status_code == 403

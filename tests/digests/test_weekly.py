@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -135,3 +136,31 @@ def test_past_its_time_limit_on_the_last_attempt_the_plain_digest_is_written(cla
     digest = WeeklyDigest.objects.get(owner=owner)
     assert not digest.ai_generated and digest.fallback_reason.startswith("AI failed:")
     assert "- a slow week again" in digest.content
+
+
+def test_the_fanout_is_a_batch_whose_callback_records_the_run(claude):
+    ai, plain = make_user("fay"), make_user("gus")
+    _notes_last_week(ai, "Chose PostgreSQL #infra")  # gus has no notes: the plain digest
+    claude.default.text = "You chose PostgreSQL."
+    assert services.weekly_digest_fanout(period_end=FRIDAY) == 2
+    assert jobs("digests.weekly_run_record") == []  # not before the last digest has ended
+
+    run_worker(queues=["digests"])
+    run_worker(queues=["digests"])  # the callback, deferred by the last digest's end
+
+    [record] = jobs("digests.weekly_run_record")
+    assert record["status"] == "succeeded"
+    assert {k: record["args"][k] for k in ("total", "succeeded", "failed")} == {"total": 2, "succeeded": 2, "failed": 0}
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT result FROM jobs_job_info WHERE job_id = %s", [record["id"]])
+        result = cursor.fetchone()[0]
+    result = json.loads(result) if isinstance(result, str) else result
+    assert result == {
+        "period_end": FRIDAY.isoformat(),
+        "users": 2,
+        "digests": 2,
+        "plain": 1,
+        "failed": 0,
+        "cancelled": 0,
+    }
+    assert WeeklyDigest.objects.get(owner=plain).ai_generated is False

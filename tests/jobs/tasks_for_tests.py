@@ -19,6 +19,7 @@ from core.errors import ProviderError
 from jobs.tasking import queues
 from jobs.tasking.progress import job_progress, job_progress_async
 from jobs.tasking.registry import RateLimit, job_task
+from jobs.tasking.workflows import job_parent_results
 
 WORKER_ENV = {"PROCRASTINATE_IMPORT_PATHS": __name__}
 
@@ -159,3 +160,29 @@ def run_per_attempt(context: JobContext, *, dir_path: str) -> dict:
     wait_for_file(str(Path(dir_path, f"release-{run}")), timeout=120)
     Path(dir_path, f"finished-{run}").write_text("")
     return {"run": run}
+
+
+@job_task(name="tests.parent_results", queue=QUEUE_A, pass_context=True, result_ttl=60)
+def parent_results(context: JobContext) -> dict:
+    """Returns what it read of its parents' results (keys are strings once stored as JSON)."""
+    return {str(parent): result for parent, result in job_parent_results(context).items()}
+
+
+@job_task(name="tests.fail_unless_file", queue=QUEUE_A)
+def fail_unless_file(*, path: str) -> str:
+    """Fails for good until `path` exists (an operator's retry then succeeds)."""
+    if not Path(path).exists():
+        raise ProviderError(f"{path} is missing", permanent=True)
+    return "ok"
+
+
+@job_task(name="tests.wait_for_release", queue=QUEUE_A)
+def wait_for_release(*, release_path: str, n: int = 0) -> int:
+    wait_for_file(release_path, timeout=60)
+    return n
+
+
+@job_task(name="tests.batch_report", queue=QUEUE_B, result_ttl=600)
+def batch_report(**counts: object) -> dict:
+    """A batch's callback: returns the arguments it was given."""
+    return counts

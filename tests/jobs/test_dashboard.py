@@ -134,7 +134,7 @@ def test_data_reports_depths_failures_progress_workers_and_pauses(operator):
     assert progress == {**progress, "job_id": running, "processed": 250, "total": 1000, "percent": 25.0}
     assert [w["id"] for w in data["workers"]] == [live_id]
     assert data["workers"][0]["running"] == 1
-    assert data["permissions"] == {"retry": True, "pause": True}
+    assert data["permissions"] == {"retry": True, "pause": True, "cancel": False}
     assert sum(b["failed"] for b in data["throughput"]["hour"]) == 2
     assert len(data["throughput"]["hour"]) == 60 and len(data["throughput"]["day"]) == 24
 
@@ -180,7 +180,7 @@ def test_actions_answer_403_json_without_the_permission(viewer):
         response = viewer.post(DASHBOARD + path, body, content_type="application/json")
         assert response.status_code == 403 and "permission" in response.json()["detail"]
     assert jobs()[0]["status"] == "failed" and not PausedQueue.objects.exists()
-    assert viewer.get(DATA).json()["permissions"] == {"retry": False, "pause": False}
+    assert viewer.get(DATA).json()["permissions"] == {"retry": False, "pause": False, "cancel": False}
 
 
 def test_pause_permission_alone_does_not_allow_retry():
@@ -188,7 +188,7 @@ def test_pause_permission_alone_does_not_allow_retry():
     make_job("notifications.deliver", "notifications", "failed")
     assert client.post(DASHBOARD + "retry-failed/", {"task": "notifications.deliver"}).status_code == 403
     assert client.post(DASHBOARD + "pause/", {"queue": "imports"}).status_code == 200  # form-encoded works too
-    assert client.get(DATA).json()["permissions"] == {"retry": False, "pause": True}
+    assert client.get(DATA).json()["permissions"] == {"retry": False, "pause": True, "cancel": False}
 
 
 def test_actions_refuse_non_staff_even_with_the_permission():
@@ -324,3 +324,60 @@ def test_dashboard_in_a_browser_updates_live_pauses_and_retries(live_server, bro
 
     assert page.evaluate("window.notReloaded") is True
     page.screenshot(path=os.path.join(tempfile.gettempdir(), "secondbrain-dashboard.png"), full_page=True)
+
+
+def test_data_shows_batches_with_progress_and_jobs_blocked_by_their_parents(operator):
+    from jobs.tasking.defer import job_defer
+    from jobs.tasking.workflows import job_batch
+    from tests.jobs import tasks_for_tests as tasks
+
+    with job_batch(name="nightly") as batch:
+        members = [job_defer(tasks.echo, value=i) for i in range(4)]
+    child = job_defer(tasks.echo, after=members[:2], value="after")
+    with connection.cursor() as cursor:  # one member ends
+        cursor.execute("UPDATE procrastinate_jobs SET status = 'doing' WHERE id = %s", [members[0]])
+        cursor.execute("UPDATE procrastinate_jobs SET status = 'succeeded' WHERE id = %s", [members[0]])
+
+    data = operator.get(DATA).json()
+
+    [shown] = data["batches"]
+    assert (shown["id"], shown["name"], shown["state"], shown["done"], shown["total"], shown["percent"]) == (
+        batch.id,
+        "nightly",
+        "sealed",
+        1,
+        4,
+        25.0,
+    )
+    assert data["blocked"] == [
+        {
+            "job_id": child,
+            "task": "tests.echo",
+            "queue": tasks.QUEUE_A,
+            "parents_waiting": 1,
+            "waiting_for": [members[1]],
+        }
+    ]
+
+
+def test_batch_actions_cancel_and_retry_with_their_permissions(operator):
+    from jobs.tasking.defer import job_defer
+    from jobs.tasking.workflows import job_batch
+    from tests.jobs import tasks_for_tests as tasks
+
+    with job_batch() as batch:
+        waiting = job_defer(tasks.echo, value=1)
+        failed = job_defer(tasks.echo, value=2)
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE procrastinate_jobs SET status = 'doing' WHERE id = %s", [failed])
+        cursor.execute("UPDATE procrastinate_jobs SET status = 'failed' WHERE id = %s", [failed])
+
+    response = operator.post(DASHBOARD + "batch-cancel/", {"batch": batch.id}, content_type="application/json")
+    assert response.status_code == 403  # the operator may retry and pause, not cancel
+    response = operator.post(DASHBOARD + "batch-retry/", {"batch": batch.id}, content_type="application/json")
+    assert response.json() == {"batch": batch.id, "retried": [failed], "refused": []}
+    canceller = client_of(staff("canceller", "cancel_job"))
+    response = canceller.post(DASHBOARD + "batch-cancel/", {"batch": batch.id}, content_type="application/json")
+    assert response.json() == {"batch": batch.id, "cancelled": 2}
+    statuses = {job["id"]: job["status"] for job in jobs()}
+    assert [statuses[waiting], statuses[failed]] == ["cancelled", "cancelled"]

@@ -15,7 +15,7 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from procrastinate.contrib.django import app
 
-from jobs.models import JobInfo
+from jobs.models import JobBatch, JobInfo
 from notes import import_formats, services
 from notes.models import Note, NoteImport
 from tests.factories import make_user
@@ -182,11 +182,14 @@ def test_a_file_over_the_limit_is_refused_with_413(api, settings):
 
 
 @pytest.mark.django_db
-def test_an_allowed_callback_url_is_kept_for_the_job(api, settings):
+def test_an_allowed_callback_url_is_kept_for_the_enrichment_batch(api, settings):
+    # The webhook goes when the notes are enriched (the batch's callback), not when the rows are in.
     settings.JOBS_WEBHOOK_ALLOWED_HOSTS = ["hooks.example.com"]
     response = upload(api, b"content\nx\n", callback_url="https://hooks.example.com/imports?k=1")
     assert response.status_code == 202
-    assert JobInfo.objects.get(job_id=response.json()["job_id"]).callback_url == "https://hooks.example.com/imports?k=1"
+    assert JobInfo.objects.get(job_id=response.json()["job_id"]).callback_url == ""
+    batch = JobBatch.objects.get(key=f"note-import:{response.json()['import_id']}")
+    assert batch.callback_url == "https://hooks.example.com/imports?k=1"
 
 
 @pytest.mark.django_db

@@ -10,6 +10,8 @@
     retry: root.dataset.retryUrl,
     pause: root.dataset.pauseUrl,
     resume: root.dataset.resumeUrl,
+    "batch-cancel": root.dataset.batchCancelUrl,
+    "batch-retry": root.dataset.batchRetryUrl,
   };
   const pollMs = Number(root.dataset.pollMs) || 2500;
   const csrfToken = root.dataset.csrfToken;
@@ -245,6 +247,46 @@
     fillBody("dash-running", rows, 5, "No running job reports progress.");
   }
 
+  function drawBatches(data) {
+    const rows = data.batches.map((batch) => {
+      const bar = el("span", { className: "dash-bar" }, el("span", {}));
+      bar.firstChild.style.width = (batch.percent || 0) + "%";
+      const text = `${batch.done} / ${batch.total}` + (batch.percent === null ? "" : ` (${batch.percent}%)`);
+      return el(
+        "tr",
+        { "data-batch": batch.id },
+        el("td", {}, "#" + batch.id),
+        el("td", {}, batch.name || "–"),
+        el("td", {}, batch.state),
+        el("td", {}, bar, " ", text),
+        num(batch.succeeded),
+        num(batch.failed),
+        num(batch.cancelled),
+        el(
+          "td",
+          {},
+          data.permissions.cancel && batch.state !== "done" ? button("Cancel", "batch-cancel", { batch: batch.id }) : null,
+          data.permissions.retry && batch.failed > 0 ? button("Retry failed", "batch-retry", { batch: batch.id }) : null,
+        ),
+      );
+    });
+    fillBody("dash-batches", rows, 8, "No batch.");
+  }
+
+  function drawBlocked(data) {
+    const rows = data.blocked.map((job) =>
+      el(
+        "tr",
+        { "data-job": job.job_id },
+        el("td", {}, "#" + job.job_id),
+        el("td", {}, job.task),
+        el("td", {}, job.queue),
+        el("td", {}, job.waiting_for.map((id) => "#" + id).join(", ") || `${job.parents_waiting} parent(s)`),
+      ),
+    );
+    fillBody("dash-blocked", rows, 4, "No job waits for its parents.");
+  }
+
   function draw(data) {
     drawQueues(data);
     drawChart("dash-chart-hour", "dash-total-hour", data.throughput.hour, 10, hhmm);
@@ -255,6 +297,8 @@
     drawPaused(data);
     drawBreakers(data);
     drawRunning(data);
+    drawBatches(data);
+    drawBlocked(data);
     const updated = document.getElementById("dash-updated");
     updated.dateTime = data.generated_at;
     updated.textContent = new Date(data.generated_at).toLocaleTimeString();
@@ -302,7 +346,12 @@
 
   async function act(buttonNode) {
     const action = buttonNode.dataset.action;
-    const body = action === "retry" ? { task: buttonNode.dataset.task } : { queue: buttonNode.dataset.queue };
+    const body =
+      action === "retry"
+        ? { task: buttonNode.dataset.task }
+        : action.startsWith("batch-")
+          ? { batch: buttonNode.dataset.batch }
+          : { queue: buttonNode.dataset.queue };
     buttonNode.disabled = true;
     try {
       const response = await fetch(urls[action], {
@@ -323,6 +372,9 @@
         return;
       }
       if (action === "retry") say(retryMessage(answer), answer.skipped ? "refused" : "done");
+      else if (action === "batch-cancel") say(`Batch ${answer.batch}: ${answer.cancelled} waiting job(s) cancelled.`, "done");
+      else if (action === "batch-retry")
+        say(`Batch ${answer.batch}: ${answer.retried.length} failed job(s) retried, ${answer.refused.length} refused.`, "done");
       else say(`Queue ${answer.queue} ${answer.paused ? "paused" : "resumed"}.`, "done");
       await refresh();
     } catch (error) {
