@@ -19,9 +19,9 @@ from jobs.tasking.workflows import (
     job_chain,
     job_fan_in,
 )
-from tests.helpers import run_worker, wait_for
+from tests.helpers import run_worker, stop_worker, wait_for
 from tests.jobs import tasks_for_tests as tasks
-from tests.jobs.workers import event_times, job_status, query, start_test_worker, stop_worker, wait_for_workers
+from tests.jobs.workers import event_times, job_status, query, start_test_worker, wait_for_workers
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
