@@ -343,7 +343,7 @@ def fairness(bench: Bench, *, quick: bool = False) -> list[Figure]:
             "e-mails/s",
             "fair claims off",
             fair_off["rate"],
-            notes="A's backlog's delivery rate while B sends: taking turns costs A nothing measurable",
+            notes="A's e-mails delivered by the same worker while B sends and waits (from 200 in to the end)",
         ),
     ]
 

@@ -44,7 +44,7 @@ WITH given AS (
     SELECT args, owner_id, n, COALESCE(owner_id, 0) AS line,
            row_number() OVER (PARTITION BY owner_id ORDER BY n) - 1 AS turn
       FROM unnest(%(args)s::jsonb[], %(owner_ids)s::bigint[]) WITH ORDINALITY AS g (args, owner_id, n)
-), lines AS (
+), lines AS MATERIALIZED (  -- once per owner, not once per job
     SELECT line, {first_rank_sql(queue="%(queue)s", owner="owners.line", priority="%(priority)s")} AS rank
       FROM (SELECT DISTINCT line FROM given) AS owners
 ), jobs AS (

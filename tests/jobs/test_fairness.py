@@ -210,3 +210,10 @@ def test_with_real_workers_the_single_job_starts_in_the_first_batch(fair):
         assert started_before < 10, output  # in the worker's first claim of 10
     else:
         assert started_before == 300, output  # behind the whole backlog
+
+
+def test_the_clock_is_the_sequence_of_procrastinates_job_ids():
+    # jobs/tasking/fairness.py reads it by name: a Procrastinate schema that renamed it would
+    # leave every rank without its clock.
+    [(sequence,)] = query("SELECT pg_get_serial_sequence('procrastinate_jobs', 'id')")
+    assert sequence == "public.procrastinate_jobs_id_seq"
