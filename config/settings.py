@@ -356,9 +356,9 @@ PROCRASTINATE_WORKER_DEFAULTS = {
 PROCRASTINATE_READONLY_MODELS = True
 # Claims take turns between owners (jobs/tasking/fairness.py); false: highest priority, then oldest.
 JOBS_FAIR_CLAIMS = env.bool("JOBS_FAIR_CLAIMS", default=True)
-# How many defers (anywhere) one turn of an owner's line spans: a single job deferred while
-# another owner has a backlog waits behind about (defers since that backlog) / turn of its jobs.
-JOBS_FAIR_TURN = env.int("JOBS_FAIR_TURN", default=1_000_000)
+# How many defers, anywhere, move the fair clock by a round (jobs/tasking/fairness.py): the
+# bound on a backlog's wait for its next turn while new owners alone keep every worker busy.
+JOBS_FAIR_DEFERS_PER_ROUND = env.int("JOBS_FAIR_DEFERS_PER_ROUND", default=1_000_000)
 # Extra task modules beyond each app's tasks.py (the benchmark's no-op task: bench.tasks).
 PROCRASTINATE_IMPORT_PATHS = env.list("PROCRASTINATE_IMPORT_PATHS", default=[])
 # Installs the job layer into the worker: paused queues, rate limits, time limits, results.

@@ -91,11 +91,11 @@ UPDATE procrastinate_jobs AS job
 RETURNING job.id, job.queue_name, job.task_name, job.priority, job.lock, job.queueing_lock, job.args,
           job.scheduled_at, job.attempts, job.status, job.abort_requested, job.worker_id
 """
-# Fair claims (jobs/tasking/fairness.py): the service band first, then each job's fair rank, the
+# Fair claims (jobs/tasking/fairness.py): the service band first, then each job's round, the
 # order of migration 0010's jobs_fair_claim_idx (the expressions must be written as there).
 # JOBS_FAIR_CLAIMS=false: Procrastinate's priority then age, on its priority index.
 FAIR_ORDER = (
-    f"GREATEST(jobs.priority, {SERVICE_PRIORITY - 1}) DESC, jobs.fair_rank ASC NULLS FIRST,"
+    f"GREATEST(jobs.priority, {SERVICE_PRIORITY - 1}) DESC, jobs.fair_round ASC NULLS FIRST,"
     " jobs.priority DESC, jobs.id ASC"
 )
 PRIORITY_ORDER = "jobs.priority DESC, jobs.id ASC"

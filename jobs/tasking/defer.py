@@ -11,19 +11,19 @@ from procrastinate.jobs import Job
 from procrastinate.tasks import Task
 from psycopg.types.json import Jsonb
 
-from jobs.tasking.fairness import fair_turn, first_rank_sql
+from jobs.tasking.fairness import defers_per_round, first_round_sql
 from jobs.tasking.webhooks import webhook_url_check
 
 # One statement for the job and, when there is anything to know about it, its info row. It is
 # Procrastinate's own insert (procrastinate_defer_jobs_v1) without the function call, and a
 # waiting job with the same queueing lock makes it insert nothing (no savepoint needed).
-# The owner and the rank are for the fair claim (jobs/tasking/fairness.py).
+# The owner and the round are for the fair claim (jobs/tasking/fairness.py).
 _DEFER = f"""
 WITH job AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
-                                    owner_id, fair_rank)
+                                    owner_id, fair_round)
     VALUES (%(queue)s, %(task)s, %(priority)s, %(lock)s, %(queueing_lock)s, %(args)s, %(scheduled_at)s,
-            %(owner_id)s, {first_rank_sql(queue="%(queue)s", owner="%(owner_id)s::bigint", priority="%(priority)s")})
+            %(owner_id)s, {first_round_sql(queue="%(queue)s", owner="%(owner_id)s::bigint", priority="%(priority)s")})
     ON CONFLICT (queueing_lock) WHERE status = 'todo' DO NOTHING
     RETURNING id
 ), info AS (
@@ -38,20 +38,20 @@ SELECT id FROM job
 """
 # Ids come from the sequence in the order of the SELECT, so numbering the returned ids gives
 # each its row of `given` (and so its owner); Procrastinate's batch_defer relies on the same.
-# Each owner's jobs take turns a turn apart from their line's next rank (one lookup per owner).
+# Each owner's jobs take the rounds from their line's next one (one lookup per owner).
 _DEFER_MANY = f"""
 WITH given AS (
     SELECT args, owner_id, n, COALESCE(owner_id, 0) AS line,
            row_number() OVER (PARTITION BY owner_id ORDER BY n) - 1 AS turn
       FROM unnest(%(args)s::jsonb[], %(owner_ids)s::bigint[]) WITH ORDINALITY AS g (args, owner_id, n)
 ), lines AS MATERIALIZED (  -- once per owner, not once per job
-    SELECT line, {first_rank_sql(queue="%(queue)s", owner="owners.line", priority="%(priority)s")} AS rank
+    SELECT line, {first_round_sql(queue="%(queue)s", owner="owners.line", priority="%(priority)s")} AS rank
       FROM (SELECT DISTINCT line FROM given) AS owners
 ), jobs AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
-                                    owner_id, fair_rank)
+                                    owner_id, fair_round)
     SELECT %(queue)s, %(task)s, %(priority)s, %(lock)s, NULL, given.args, %(scheduled_at)s,
-           given.owner_id, lines.rank + given.turn * %(fair_turn)s
+           given.owner_id, lines.rank + given.turn
       FROM given JOIN lines USING (line)
      ORDER BY n
     RETURNING id
@@ -153,7 +153,7 @@ def _job_params(job: Job) -> dict[str, Any]:
         "lock": job.lock,
         "args": Jsonb(job.task_kwargs),
         "scheduled_at": job.scheduled_at,
-        "fair_turn": fair_turn(),
+        "defers_per_round": defers_per_round(),
     }
 
 

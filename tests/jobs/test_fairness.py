@@ -164,8 +164,8 @@ def test_a_users_urgent_email_stays_in_their_own_work_and_a_staff_members_does_n
 
 def test_a_backlog_is_not_starved_by_other_owners_that_keep_deferring(settings):
     # Every round other owners defer as many jobs as a claim takes, so the queue never drains;
-    # Alice's backlog still gets its turns (one every `turn` defers at the least).
-    settings.JOBS_FAIR_TURN = 3
+    # Alice's backlog still gets its turns (the clock alone would give her one every 3 defers).
+    settings.JOBS_FAIR_DEFERS_PER_ROUND = 3
     alice = make_user("alice")
     others = [make_user(f"user{n}") for n in range(5)]
     backlog = set(_backlog(alice, 10))
@@ -214,6 +214,6 @@ def test_with_real_workers_the_single_job_starts_in_the_first_batch(fair):
 
 def test_the_clock_is_the_sequence_of_procrastinates_job_ids():
     # jobs/tasking/fairness.py reads it by name: a Procrastinate schema that renamed it would
-    # leave every rank without its clock.
+    # leave every round without its clock.
     [(sequence,)] = query("SELECT pg_get_serial_sequence('procrastinate_jobs', 'id')")
     assert sequence == "public.procrastinate_jobs_id_seq"
