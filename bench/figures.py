@@ -309,6 +309,115 @@ def _email_run(bench: Bench, *, count: int, processes: int) -> Figure:
     )
 
 
+# --- 5b. Fairness between users -----------------------------------------------------------
+
+FAIRNESS_WAIT_LIMIT_SECONDS = 15.0  # how long the reference's last e-mail of B is waited for
+
+
+def fairness(bench: Bench, *, quick: bool = False) -> list[Figure]:
+    """User A has 20,000 e-mails queued; while one worker works through them, user B sends an
+    e-mail every 0.2 s. How long each of B's e-mails waits to start, with fair claims (the
+    default) and with JOBS_FAIR_CLAIMS=false (the reference: B waits behind A's backlog), in
+    the same run. The reference waits FAIRNESS_WAIT_LIMIT_SECONDS at most after B's last
+    e-mail: one still waiting then counts its wait so far (so its figure is a lower bound)."""
+    backlog = 3000 if quick else 20_000
+    fair_off = _fairness_run(bench, backlog=backlog, fair=False)
+    fair_on = _fairness_run(bench, backlog=backlog, fair=True)
+    on_p99, off_p99 = percentile(fair_on["waits"], 99), percentile(fair_off["waits"], 99)
+    return [
+        Figure(
+            "fairness: B's e-mail wait p99",
+            on_p99,
+            "ms",
+            "fair claims off",
+            off_p99,
+            "<= 1,000 ms",
+            on_p99 is not None and on_p99 <= 1000,
+            notes=f"{len(fair_on['waits'])} e-mails of B while A has {backlog:,} queued, 1 worker (concurrency 10);"
+            f" p50 {percentile(fair_on['waits'], 50):,.0f} ms (off: {percentile(fair_off['waits'], 50):,.0f} ms,"
+            f" {fair_off['censored']} still waiting after {FAIRNESS_WAIT_LIMIT_SECONDS:.0f} s)",
+        ),
+        Figure(
+            "fairness: A's e-mails delivered meanwhile",
+            fair_on["rate"],
+            "e-mails/s",
+            "fair claims off",
+            fair_off["rate"],
+            notes="A's e-mails delivered by the same worker while B sends and waits (from 200 in to the end)",
+        ),
+    ]
+
+
+def _fairness_run(bench: Bench, *, backlog: int, fair: bool) -> dict:
+    from bench.peers import CountingSmtpSink
+    from notifications.models import Recipient
+    from notifications.services import notification_send_bulk, notification_send_email
+    from tests.factories import make_user
+
+    bench.reset_jobs()
+    stamp = time.time_ns()
+    user_a, user_b = make_user(f"bench-fair-a-{stamp}"), make_user(f"bench-fair-b-{stamp}")
+    recipients = Recipient.objects.bulk_create(
+        [Recipient(owner=user_a, name=f"A{i}", email=f"a{i}@example.com") for i in range(backlog)]
+    )
+    for start in range(0, backlog, 1000):
+        notification_send_bulk(
+            owner=user_a,
+            recipients=recipients[start : start + 1000],
+            subject="Newsletter",
+            body="Hello",
+            notification_type="system",
+            priority="normal",
+        )
+    recipient_b = Recipient.objects.create(owner=user_b, name="B", email="b@example.com")
+    sink = CountingSmtpSink().start()
+    sends = 25
+    try:
+        env = {
+            "EMAIL_URL": f"smtp://127.0.0.1:{sink.port}",
+            "NOTIFICATIONS_RATE_PER_SECOND": "100000",
+            "JOBS_FAIR_CLAIMS": "true" if fair else "false",
+        }
+        bench.project_worker("-q", "notifications", env=env)
+        if not wait_until(lambda: sink.count >= 200, 60, interval=0.05):
+            raise TimeoutError(f"the worker delivered {sink.count} of A's e-mails in 60 s")
+        counted_from, begun = sink.count, time.monotonic()
+        for i in range(sends):
+            notification_send_email(
+                owner=user_b,
+                recipient=recipient_b,
+                subject=f"Just one {i}",
+                body="Hi",
+                notification_type="system",
+                priority="normal",
+            )
+            time.sleep(0.2)
+        wait_until(lambda: _fairness_waiting(bench, user_b.pk) == 0, FAIRNESS_WAIT_LIMIT_SECONDS, interval=0.1)
+        rate = _rate(sink.count - counted_from, time.monotonic() - begun)
+        rows = bench.sql(
+            """
+            SELECT EXTRACT(EPOCH FROM COALESCE(s.at, now()) - d.at) * 1000, s.at IS NULL
+              FROM jobs_job_info i
+              JOIN procrastinate_events d ON d.job_id = i.job_id AND d.type = 'deferred'
+              LEFT JOIN procrastinate_events s ON s.job_id = i.job_id AND s.type = 'started'
+             WHERE i.owner_id = %s
+            """,
+            [user_b.pk],
+        )
+    finally:
+        bench.stop_children()
+        sink.stop()
+    return {"waits": sorted(float(r[0]) for r in rows), "censored": sum(1 for r in rows if r[1]), "rate": rate}
+
+
+def _fairness_waiting(bench: Bench, owner_id: int) -> int:
+    return bench.scalar(
+        "SELECT count(*) FROM procrastinate_jobs j JOIN jobs_job_info i ON i.job_id = j.id"
+        " WHERE i.owner_id = %s AND j.status = 'todo'",
+        [owner_id],
+    )
+
+
 # --- 6. Bulk import ------------------------------------------------------------------------
 
 
@@ -448,6 +557,7 @@ GROUPS = {
     "latency": latency,
     "http": http_load,
     "email": email,
+    "fairness": fairness,
     "imports": imports,
     "digests": digest_sweep,
     "health": table_health,

@@ -354,6 +354,11 @@ PROCRASTINATE_WORKER_DEFAULTS = {
     "shutdown_graceful_timeout": WORKER_SHUTDOWN_GRACE_SECONDS,
 }
 PROCRASTINATE_READONLY_MODELS = True
+# Claims take turns between owners (jobs/tasking/fairness.py); false: highest priority, then oldest.
+JOBS_FAIR_CLAIMS = env.bool("JOBS_FAIR_CLAIMS", default=True)
+# How many defers, anywhere, move the fair clock by a round (jobs/tasking/fairness.py): the
+# bound on a backlog's wait for its next turn while new owners alone keep every worker busy.
+JOBS_FAIR_DEFERS_PER_ROUND = env.int("JOBS_FAIR_DEFERS_PER_ROUND", default=1_000_000)
 # Extra task modules beyond each app's tasks.py (the benchmark's no-op task: bench.tasks).
 PROCRASTINATE_IMPORT_PATHS = env.list("PROCRASTINATE_IMPORT_PATHS", default=[])
 # Installs the job layer into the worker: paused queues, rate limits, time limits, results.

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # what the lazy loading below returns, for type checkers and 
     from jobs.tasking.breaker import breaker_check, breaker_record_failure, breaker_record_success, breaker_state
     from jobs.tasking.defer import job_defer, job_defer_bulk
     from jobs.tasking.erasure import job_cancel_waiting
+    from jobs.tasking.fairness import SERVICE_PRIORITY
     from jobs.tasking.limits import TimeLimitExceeded
     from jobs.tasking.progress import job_progress, job_progress_async
     from jobs.tasking.ratelimit import rate_limit_wait
@@ -46,6 +47,7 @@ _SOURCES = {
     "job_defer": "jobs.tasking.defer",
     "job_defer_bulk": "jobs.tasking.defer",
     "job_cancel_waiting": "jobs.tasking.erasure",
+    "SERVICE_PRIORITY": "jobs.tasking.fairness",  # the band above every user's turn
     "queues": "jobs.tasking.queues",  # the module itself
     # Workflows: dependencies and batches.
     "JobCall": "jobs.tasking.workflows",
@@ -77,6 +79,7 @@ _SOURCES = {
 
 __all__ = [
     "RETRY_PERMISSION",
+    "SERVICE_PRIORITY",
     "JobCall",
     "RateLimit",
     "TimeLimitExceeded",

@@ -4,6 +4,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from jobs import SERVICE_PRIORITY
+
 
 class Recipient(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="recipients")
@@ -47,8 +49,20 @@ class Priority(models.TextChoices):
     LOW = "low"
 
 
-# Procrastinate runs higher numbers first.
+# Procrastinate runs higher numbers first. A user's priority orders only their own e-mails (the
+# claim takes turns between users); a staff member's urgent and high e-mails go in the service
+# band, ahead of every user's (jobs/tasking/fairness.py, docs/using.md "Priority and fairness").
 JOB_PRIORITY = {Priority.URGENT: 30, Priority.HIGH: 20, Priority.NORMAL: 10, Priority.LOW: 0}
+STAFF_JOB_PRIORITY = {
+    **JOB_PRIORITY,
+    Priority.URGENT: SERVICE_PRIORITY + 30,
+    Priority.HIGH: SERVICE_PRIORITY + 20,
+}
+
+
+def job_priority(priority: str, *, staff: bool) -> int:
+    """The job priority of a notification of this priority, sent by a staff member or not."""
+    return (STAFF_JOB_PRIORITY if staff else JOB_PRIORITY)[priority]
 
 
 class Status(models.TextChoices):

@@ -26,12 +26,12 @@ from jobs import (
 )
 from notifications.mail import CommitPointStalled, ExactlyOnceEmail, SendAborted, delivery_log_write
 from notifications.models import (
-    JOB_PRIORITY,
     DeliveryLog,
     DeliveryMethod,
     NotificationJob,
     Recipient,
     Status,
+    job_priority,
 )
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def notification_send_email(
     )
     notification.procrastinate_job_id = job_defer(
         notification_deliver,
-        priority=JOB_PRIORITY[priority],
+        priority=job_priority(priority, staff=owner.is_staff),
         schedule_at=scheduled_for,
         owner_id=owner.pk,
         callback_url=callback_url,
@@ -159,6 +159,7 @@ def notification_send_bulk(
         notification_type=notification_type,
         priority=priority,
         scheduled_for=scheduled_for,
+        staff=owner.is_staff,
     )
 
 
@@ -171,11 +172,17 @@ class QueuedEmail:
 
 
 def notifications_queue(
-    emails: list[QueuedEmail], *, notification_type: str, priority: str, scheduled_for: datetime | None = None
+    emails: list[QueuedEmail],
+    *,
+    notification_type: str,
+    priority: str,
+    scheduled_for: datetime | None = None,
+    staff: bool = False,
 ) -> list[int]:
     """Queue many e-mails, each its own notification and job, in three statements whatever their
     number. Call inside the caller's transaction (the rows and their jobs commit together), after
-    counting them against their owners' quotas (email_quota_take)."""
+    counting them against their owners' quotas (email_quota_take). `staff`: sent by a staff
+    member, whose urgent and high e-mails go ahead of every user's (notifications.models)."""
     from notifications.tasks import notification_deliver  # tasks import services
 
     notifications = NotificationJob.objects.bulk_create(
@@ -197,7 +204,7 @@ def notifications_queue(
         notification_deliver,
         [{"notification_id": i} for i in ids],
         owner_id=[email.owner_id for email in emails],
-        priority=JOB_PRIORITY[priority],
+        priority=job_priority(priority, staff=staff),
         schedule_at=scheduled_for,
     )
     with connection.cursor() as cursor:
@@ -249,7 +256,7 @@ def notification_retry(*, notification: NotificationJob) -> NotificationJob:
     notification.error = ""
     notification.procrastinate_job_id = job_defer(
         notification_deliver,
-        priority=JOB_PRIORITY[notification.priority],
+        priority=job_priority(notification.priority, staff=notification.owner.is_staff),
         owner_id=notification.owner_id,
         notification_id=notification.id,
     )
@@ -266,7 +273,7 @@ def _postpone(notification: NotificationJob, *, until: datetime, attempt: int) -
     with transaction.atomic():
         job_id = job_defer(
             notification_deliver,
-            priority=JOB_PRIORITY[notification.priority],
+            priority=job_priority(notification.priority, staff=notification.owner.is_staff),
             schedule_at=until,
             owner_id=notification.owner_id,
             notification_id=notification.id,

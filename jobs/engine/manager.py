@@ -2,9 +2,11 @@
 
 - Claims: one query takes up to N jobs (as many as the worker has free slots), never from a
   paused queue (`jobs_paused_queues`, so a pause holds for every worker at its next fetch),
-  never two jobs of one lock, never a job whose parents have not ended (dependencies),
-  highest priority first: Procrastinate's own
-  `procrastinate_fetch_job_v2` rules, with `LIMIT n` instead of `LIMIT 1`.
+  never two jobs of one lock, never a job whose parents have not ended (dependencies):
+  Procrastinate's own `procrastinate_fetch_job_v2` rules, with `LIMIT n` instead of `LIMIT 1`,
+  in the fair order (owners take turns, priorities below the service band order only their
+  owner's work: jobs/tasking/fairness.py), or with JOBS_FAIR_CLAIMS=false in Procrastinate's,
+  highest priority first.
 - Completions: a finished job is written with the next batch (one UPDATE for every job that
   finished while the previous batch was being written), not one statement per job. A batch
   only ends jobs the writing worker still holds (`doing` under its id): a worker declared dead
@@ -41,11 +43,13 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+from django.conf import settings
 from procrastinate import jobs as procrastinate_jobs
 from procrastinate import utils
 from procrastinate.manager import JobManager
 
 from jobs.engine.connector import is_connection_error
+from jobs.tasking.fairness import SERVICE_PRIORITY
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ candidates AS (
        AND NOT jobs_queue_paused(jobs.queue_name)
        -- Dependencies: a job waits until every parent has ended (migration 0008).
        AND jobs.jobs_parents_waiting = 0
-     ORDER BY jobs.priority DESC, jobs.id ASC
+     ORDER BY {order}
      LIMIT {limit}
        FOR UPDATE OF jobs SKIP LOCKED
 )
@@ -90,6 +94,14 @@ UPDATE procrastinate_jobs AS job
 RETURNING job.id, job.queue_name, job.task_name, job.priority, job.lock, job.queueing_lock, job.args,
           job.scheduled_at, job.attempts, job.status, job.abort_requested, job.worker_id
 """
+# Fair claims (jobs/tasking/fairness.py): the service band first, then each job's round, the
+# order of migration 0009's jobs_fair_claim_idx (the expressions must be written as there).
+# JOBS_FAIR_CLAIMS=false: Procrastinate's priority then age, on its priority index.
+FAIR_ORDER = (
+    f"GREATEST(jobs.priority, {SERVICE_PRIORITY - 1}) DESC, jobs.fair_round ASC NULLS FIRST,"
+    " jobs.priority DESC, jobs.id ASC"
+)
+PRIORITY_ORDER = "jobs.priority DESC, jobs.id ASC"
 
 # procrastinate_finish_job_v1 for many jobs at once, each only while its worker still holds it.
 # The queues where a job waits for a lock one of these held hear of it (as of a new job).
@@ -174,8 +186,9 @@ class BatchingJobManager(JobManager):
     async def fetch_jobs(
         self, queues: Iterable[str] | None, worker_id: int, limit: int
     ) -> list[procrastinate_jobs.Job]:
+        order = FAIR_ORDER if settings.JOBS_FAIR_CLAIMS else PRIORITY_ORDER
         rows = await self.connector.execute_query_all_async(
-            query=CLAIM_JOBS.format(limit=int(limit)),
+            query=CLAIM_JOBS.format(limit=int(limit), order=order),
             queues=list(queues) if queues is not None else None,
             worker_id=worker_id,
         )

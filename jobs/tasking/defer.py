@@ -13,17 +13,20 @@ from procrastinate.tasks import Task
 from psycopg.types.json import Jsonb
 
 from jobs.tasking import workflows
+from jobs.tasking.fairness import defers_per_round, first_round_sql
 from jobs.tasking.webhooks import webhook_url_check
 
 # One statement for the job and, when there is anything to know about it, its info row. It is
 # Procrastinate's own insert (procrastinate_defer_jobs_v1) without the function call, and a
 # waiting job with the same queueing lock makes it insert nothing (no savepoint needed).
-_DEFER = """
+# The owner and the round are for the fair claim (jobs/tasking/fairness.py).
+_DEFER = f"""
 WITH job AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
-                                    jobs_parents_waiting, jobs_batch_id)
+                                    jobs_parents_waiting, jobs_batch_id, owner_id, fair_round)
     VALUES (%(queue)s, %(task)s, %(priority)s, %(lock)s, %(queueing_lock)s, %(args)s, %(scheduled_at)s,
-            %(parents_waiting)s, %(batch_id)s)
+            %(parents_waiting)s, %(batch_id)s,
+            %(owner_id)s, {first_round_sql(queue="%(queue)s", owner="%(owner_id)s::bigint", priority="%(priority)s")})
     ON CONFLICT (queueing_lock) WHERE status = 'todo' DO NOTHING
     RETURNING id
 ), info AS (
@@ -38,16 +41,22 @@ SELECT id FROM job
 """
 # Ids come from the sequence in the order of the SELECT, so numbering the returned ids gives
 # each its row of `given` (and so its owner); Procrastinate's batch_defer relies on the same.
-_DEFER_MANY = """
+# Each owner's jobs take the rounds from their line's next one (one lookup per owner).
+_DEFER_MANY = f"""
 WITH given AS (
-    SELECT args, owner_id, n
+    SELECT args, owner_id, n, COALESCE(owner_id, 0) AS line,
+           row_number() OVER (PARTITION BY owner_id ORDER BY n) - 1 AS turn
       FROM unnest(%(args)s::jsonb[], %(owner_ids)s::bigint[]) WITH ORDINALITY AS g (args, owner_id, n)
+), lines AS MATERIALIZED (  -- once per owner, not once per job
+    SELECT line, {first_round_sql(queue="%(queue)s", owner="owners.line", priority="%(priority)s")} AS rank
+      FROM (SELECT DISTINCT line FROM given) AS owners
 ), jobs AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
-                                    jobs_parents_waiting, jobs_batch_id)
+                                    jobs_parents_waiting, jobs_batch_id, owner_id, fair_round)
     SELECT %(queue)s, %(task)s, %(priority)s, %(lock)s, NULL, given.args, %(scheduled_at)s,
-           %(parents_waiting)s, %(batch_id)s
-      FROM given ORDER BY n
+           %(parents_waiting)s, %(batch_id)s, given.owner_id, lines.rank + given.turn
+      FROM given JOIN lines USING (line)
+     ORDER BY n
     RETURNING id
 ), numbered AS (
     SELECT id, row_number() OVER (ORDER BY id) AS n FROM jobs
@@ -172,6 +181,7 @@ def _job_params(job: Job) -> dict[str, Any]:
         "lock": job.lock,
         "args": Jsonb(job.task_kwargs),
         "scheduled_at": job.scheduled_at,
+        "defers_per_round": defers_per_round(),
     }
 
 
