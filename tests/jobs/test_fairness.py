@@ -14,10 +14,10 @@ from procrastinate.contrib.django import app
 from jobs import SERVICE_PRIORITY
 from jobs.tasking.defer import job_defer, job_defer_bulk
 from notifications.services import notification_send_email
-from tests.conftest import wait_for
 from tests.factories import make_recipient, make_user
+from tests.helpers import stop_worker, wait_for
 from tests.jobs import tasks_for_tests as tasks
-from tests.jobs.workers import job_status, query, start_test_worker, stop_worker
+from tests.jobs.workers import job_status, query, start_test_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
