@@ -15,8 +15,8 @@ Two things outside this repository, prepared here when missing:
   from PyPI when missing, and brought up to date whenever that file or base.txt changes.
 
 The tests import the installed Procrastinate, never the source's copy: only its tests/ is used,
-copied with its pyproject.toml to a scratch directory under .data/ (a link would let pytest put
-DIR on sys.path), and
+copied with its pyproject.toml to a scratch directory under .data/ (pytest puts the directory of
+its settings file on sys.path: DIR's copy would be imported), and
 tests/upstream/ puts our manager, worker and pool in place of Procrastinate's in every process,
 the CLI workers of the acceptance tests included (`--stock` leaves Procrastinate's own, to
 compare). The embedded PostgreSQL (scripts/devdb.py) serves the databases the tests create and
@@ -30,6 +30,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -107,8 +108,8 @@ def prepare_source(source: Path, python: Path) -> None:
 
 
 def copy_tests(source: Path) -> None:
-    # A copy, not a link: pytest resolves a link and puts the directory holding the real tests/
-    # first on sys.path, where the source's own procrastinate/ would then be imported.
+    # pytest puts the directory of its settings file (and of the tests, links resolved) on
+    # sys.path: were it the source directory, the source's own procrastinate/ would be imported.
     target = SCRATCH / "tests"
     if target.is_symlink() or target.is_file():
         target.unlink()
@@ -117,6 +118,12 @@ def copy_tests(source: Path) -> None:
     SCRATCH.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source / "tests", target, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(source / "pyproject.toml", SCRATCH / "pyproject.toml")  # pytest's settings
+
+
+def _sigint_by_default() -> None:
+    # Started in the background of a script, this process and its children ignore SIGINT, and the
+    # acceptance tests stop their workers with one: a worker still starting would never stop.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def main(argv: list[str]) -> int:
@@ -172,7 +179,7 @@ def main(argv: list[str]) -> int:
         *paths,
     ]
     try:
-        return subprocess.run(command, cwd=SCRATCH, env=env).returncode
+        return subprocess.run(command, cwd=SCRATCH, env=env, preexec_fn=_sigint_by_default).returncode
     finally:
         if started:
             devdb.stop()
