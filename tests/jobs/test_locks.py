@@ -107,6 +107,7 @@ def test_the_claim_after_a_lock_holder_ends_sees_its_end(monkeypatch):
                 worker = asyncio.create_task(
                     worker_app.run_worker_async(
                         queues=[tasks.QUEUE_A],
+                        concurrency=1,  # no second slot claiming while the first job runs
                         wait=True,
                         install_signal_handlers=False,
                         listen_notify=False,
