@@ -2,10 +2,11 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | cksum | cut -d' ' -f1)
+# Only what .venv installs: requirements/upstream.txt is the upstream suite's own virtualenv.
+STAMP := $(VENV)/.installed-$(shell cat requirements/base.txt requirements/dev.txt | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: run test bench chaos lint format db stopdb clean
+.PHONY: run test bench chaos upstream lint format db stopdb clean
 
 $(STAMP): requirements/base.txt requirements/dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ bench: $(STAMP)  ## the benchmark suite (bench/): one table, also in bench/resul
 
 chaos: $(STAMP)  ## 20,000 e-mails through SIGKILLed workers and a PostgreSQL restart: nothing lost, nothing twice
 	$(BIN)/python -m bench.chaos $(ARGS)
+
+upstream: $(STAMP)  ## Procrastinate's own integration + acceptance tests on our engine (ARGS="--stock", or tests/...)
+	$(BIN)/python scripts/upstream_suite.py $(ARGS)
 
 lint: $(STAMP)  ## ruff, the layering of the apps (import-linter), and every relative link and #anchor of the docs
 	$(BIN)/ruff check .

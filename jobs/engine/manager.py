@@ -214,6 +214,17 @@ class BatchingJobManager(JobManager):
         self._lock_listeners.append(listener)
         return lambda: self._lock_listeners.remove(listener)
 
+    def lock_release_pending(self) -> bool:
+        """Whether an end waiting for its batch, or being written, frees a lock."""
+        return any(end.lock is not None for end in self._writing + self._finished)
+
+    async def wait_written(self) -> None:
+        """Until the ends buffered now are written (or the writer gives up on them)."""
+        if self._finished and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
+        if self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
     def pending_completion_ids(self) -> list[int]:
         """Jobs that ended in this process but are still `doing` in the database until written."""
         return [end.job_id for end in self._writing + self._finished]

@@ -102,6 +102,10 @@ class BatchingWorker(Worker):
                 # It stops at the first empty claim: that claim must see the jobs that just ended
                 # (a lock they held no longer blocks its next job).
                 await manager.flush_finished()
+            elif manager.lock_release_pending():
+                # A claim that ran before that end commits would find the lock's next job blocked,
+                # which then waits for the commit and one more claim: wait for the write instead.
+                await utils.wait_any(manager.wait_written(), self._stop_event.wait())
             slots = 1
             while slots < self.concurrency and not self._job_semaphore.locked():
                 await self._job_semaphore.acquire()  # free: returns at once
