@@ -39,7 +39,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from digests.models import WeeklyDigest
+from jobs import job_batch, job_defer
 from tests.factories import make_recipient, make_user
+from tests.jobs import tasks_for_tests
 
 CHECKS = [
     not_a_server_error,
@@ -96,6 +98,8 @@ def fuzz_world(db, settings, user, api):
     ).json()
     upload = SimpleUploadedFile("notes.csv", CSV_FILE, content_type="text/csv")
     note_import = api.post("/api/notes/import/", {"file": upload}, format="multipart").json()
+    with job_batch(owner_id=user.pk, name="fuzz") as batch:  # a batch of the user's, one member waiting
+        job_defer(tasks_for_tests.echo, owner_id=user.pk, value=1)
     now = timezone.now()
     digest = WeeklyDigest.objects.create(owner=user, period_start=now - timedelta(days=7), period_end=now, content="d")
     return {
@@ -112,6 +116,7 @@ def fuzz_world(db, settings, user, api):
             "/api/digests/{id}/": {"id": digest.id},
             "/api/notifications/jobs/{id}/": {"id": sent["job_id"]},
             "/api/jobs/{id}/": {"id": note_import["job_id"]},
+            "/api/jobs/batches/{id}/": {"id": batch.id},
             "/api/jobs/queues/{name}/": {"name": "imports"},
         },
         # Body fields that must name something real for the request to get past validation.
