@@ -96,6 +96,10 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # kept per thread would be a new connection per request: there each process shares a pool of
 # this many connections instead (DATABASE_CONN_MAX_AGE then does not apply). "0" turns it off.
 DATABASE_POOL_MAX_SIZE = env.int("DATABASE_POOL_MAX_SIZE", default=8)
+# How long a request waits for a pooled connection (all busy, or the database away) before 503.
+DATABASE_POOL_TIMEOUT_SECONDS = env.float("DATABASE_POOL_TIMEOUT_SECONDS", default=2.0)
+if DATABASE_POOL_TIMEOUT_SECONDS <= 0:
+    raise ImproperlyConfigured("DATABASE_POOL_TIMEOUT_SECONDS must be more than 0")
 DATABASES["default"].setdefault("OPTIONS", {})
 DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5))
 # A request that finds the database unreachable gets a 503 saying to retry after this long.

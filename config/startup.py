@@ -68,4 +68,7 @@ def use_connection_pool() -> None:
     db = settings.DATABASES["default"]
     db["CONN_MAX_AGE"] = 0  # required by Django's pool
     # A request waits this long for a free connection, then answers 503 (core/middleware.py).
-    db["OPTIONS"]["pool"] = {"min_size": 1, "max_size": size, "timeout": float(db["OPTIONS"].get("connect_timeout", 5))}
+    # While the database restarts every connection attempt fails at once, but the pool keeps
+    # trying until this timeout: kept short, so a request gets its 503 and Retry-After in
+    # seconds rather than hanging for the whole connect timeout (make chaos counts that a hang).
+    db["OPTIONS"]["pool"] = {"min_size": 1, "max_size": size, "timeout": settings.DATABASE_POOL_TIMEOUT_SECONDS}
