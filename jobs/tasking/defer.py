@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 
 from jobs.tasking import workflows
 from jobs.tasking.fairness import defers_per_round, first_round_sql
-from jobs.tasking.webhooks import webhook_url_check
+from jobs.tasking.webhooks import webhook_callback_check
 
 # One statement for the job and, when there is anything to know about it, its info row. It is
 # Procrastinate's own insert (procrastinate_defer_jobs_v1) without the function call, and a
@@ -108,9 +108,7 @@ def job_defer(
     if dedup_key and not (dedup_seconds and dedup_seconds > 0):
         raise ValueError("dedup_key needs a positive dedup_seconds (the deduplication window)")
     if callback_url:
-        if owner_id is None:
-            raise ValueError("callback_url needs an owner_id: the owner's secret signs the deliveries")
-        webhook_url_check(callback_url)
+        webhook_callback_check(callback_url, owner_id=owner_id)
     options = {"queueing_lock": queueing_lock, "lock": lock, "priority": priority, "schedule_at": schedule_at}
     job = task.configure(**{k: v for k, v in options.items() if v is not None}).make_new_job(**task_kwargs)
     params = {

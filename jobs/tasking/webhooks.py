@@ -186,6 +186,14 @@ def webhook_url_problem(url: str) -> str | None:
     return None
 
 
+def webhook_callback_check(url: str, *, owner_id: int | None) -> None:
+    """A job's or a batch's completion webhook: it needs an owner (whose secret signs the
+    deliveries) and a URL that passes webhook_url_check."""
+    if owner_id is None:
+        raise ValueError("callback_url needs an owner_id: the owner's secret signs the deliveries")
+    webhook_url_check(url)
+
+
 def webhook_url_check(url: str) -> None:
     """Refuse (400, naming the field) a callback URL that breaks a rule."""
     problem = webhook_url_problem(url)

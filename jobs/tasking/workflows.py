@@ -43,7 +43,7 @@ from procrastinate import JobContext
 from procrastinate.tasks import Task
 
 from jobs.models import JobBatch
-from jobs.tasking.webhooks import webhook_url_check
+from jobs.tasking.webhooks import webhook_callback_check
 
 POLICIES = ("cancel", "run")
 _ENDED = ("succeeded", "failed", "cancelled", "aborted")
@@ -255,9 +255,7 @@ def job_batch_open(
     - `key`: a unique name; opening a batch whose key exists returns that batch's id.
     """
     if callback_url:
-        if owner_id is None:
-            raise ValueError("callback_url needs an owner_id: the owner's secret signs the deliveries")
-        webhook_url_check(callback_url)
+        webhook_callback_check(callback_url, owner_id=owner_id)
     defaults = {
         "callbacks": _callbacks(on_success, on_failure, on_complete),
         "owner_id": owner_id,
