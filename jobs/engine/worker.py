@@ -57,6 +57,7 @@ class BatchingWorker(Worker):
         super().__init__(*args, **kwargs)
         self._database_lost_at: float | None = None
         self._check_own_jobs = False  # set by an outage: re-queue jobs this worker lost track of
+        self._jobs_ended = 0  # how many jobs ran to their end in this process (a one-shot run's stop)
         self._register_lock = asyncio.Lock()
 
     async def run(self) -> None:
@@ -116,6 +117,7 @@ class BatchingWorker(Worker):
             # the claim is in flight then still wakes the worker. Inserts NOTIFY once per
             # statement here (migration 0003), so a wake-up cleared after the claim is lost.
             self._new_job_event.clear()
+            ended_before_claim = self._jobs_ended
             try:
                 assert self.worker_id is not None
                 jobs = await manager.fetch_jobs(queues=self.queues, worker_id=self.worker_id, limit=slots)
@@ -145,13 +147,19 @@ class BatchingWorker(Worker):
             if self._check_own_jobs and await self._requeue_lost_jobs():
                 continue  # some went back to the queue: claim them (or others) now
             if not jobs:
-                if self.wait or not self._running_jobs:
+                if self.wait:
                     break  # the queue is empty for now: wait for a NOTIFY or the next poll
-                # wait=False stops once the queue is empty, but a running job may hold a lock
-                # (or defer a job): claim again when one of them ends.
-                await utils.wait_any(
-                    asyncio.wait(list(self._running_jobs), return_when=asyncio.FIRST_COMPLETED), self._stop_event.wait()
-                )
+                # wait=False stops once the queue is empty, but a running job may hold a lock,
+                # defer a job or be the parent of one: claim again when one of them ends. A job
+                # that ended while this claim was in flight counts too: the claim may have run
+                # before its end was written (the top of the loop writes it).
+                if self._running_jobs:
+                    await utils.wait_any(
+                        asyncio.wait(list(self._running_jobs), return_when=asyncio.FIRST_COMPLETED),
+                        self._stop_event.wait(),
+                    )
+                elif self._jobs_ended == ended_before_claim:
+                    break
 
     def _start(self, job) -> None:
         context = job_context.JobContext(
@@ -168,6 +176,7 @@ class BatchingWorker(Worker):
 
         def on_job_complete(done: asyncio.Task[Any]) -> None:
             del self._running_jobs[done]
+            self._jobs_ended += 1
             self._job_semaphore.release()
 
         task.add_done_callback(on_job_complete)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -89,6 +90,29 @@ def test_a_chain_and_a_fan_in_run_in_order():
     times = [(event_times(j, "started")[0], event_times(j, "succeeded")[0]) for j in (first, second, third)]
     assert times[0][1] <= times[1][0] and times[1][1] <= times[2][0]
     assert _result(report) == {str(part): {"echo": i} for i, part in enumerate(parts)}
+
+
+def test_a_one_shot_worker_runs_the_child_of_a_parent_that_ends_while_an_empty_claim_is_in_flight(monkeypatch):
+    """`wait=False` stops at the first empty claim with nothing running, but a job that ended
+    during that claim may have unblocked a child (its end is not written yet): claim again."""
+    from jobs.engine.manager import BatchingJobManager
+
+    fetch_jobs = BatchingJobManager.fetch_jobs
+
+    async def slow_when_empty(self, *args, **kwargs):
+        jobs = await fetch_jobs(self, *args, **kwargs)
+        if not jobs:
+            await asyncio.sleep(0.5)  # the parent (0.2 s) ends while this claim is "in flight"
+        return jobs
+
+    monkeypatch.setattr(BatchingJobManager, "fetch_jobs", slow_when_empty)
+    with transaction.atomic():
+        parent, child = job_chain(job_call(tasks.stamp_a, n=1, sleep=0.2), job_call(tasks.stamp_a, n=2))
+        quick = job_defer(tasks.echo, value="first to end")
+
+    run_worker(queues=[tasks.QUEUE_A], concurrency=2)
+
+    assert [job_status(quick), job_status(parent), job_status(child)] == ["succeeded"] * 3
 
 
 def test_a_parent_that_fails_cancels_its_children_and_theirs_with_the_reason():
