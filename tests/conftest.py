@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
+import uvicorn
+from django.core.asgi import get_asgi_application
 from django.db import connection
 from rest_framework.test import APIClient
 
+from bench.harness import free_port
 from tests.factories import make_user
-from tests.helpers import PROCRASTINATE_TABLES, client_for
+from tests.helpers import PROCRASTINATE_TABLES, client_for, wait_for
 from tests.peers.claude import FakeClaude
 from tests.peers.smtp import SmtpSink
 
@@ -71,3 +75,32 @@ def smtp(settings) -> Iterator[SmtpSink]:
     settings.NOTIFICATIONS_RATE_PER_SECOND = 1000
     yield sink
     sink.stop()
+
+
+@pytest.fixture
+def asgi_server(transactional_db, monkeypatch, settings):
+    """The project's ASGI application under uvicorn in a thread, so `settings` apply to it.
+
+    Not pytest-django's live_server: a WSGI server buffers an async stream whole."""
+    from jobs.console.stream import serve_streams_without_request_thread  # needs the app registry
+
+    # Each request runs in a thread of its own: close its connection at the end (the production
+    # server uses a pool instead, config/startup.py).
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+    settings.ALLOWED_HOSTS = [*settings.ALLOWED_HOSTS, "127.0.0.1"]
+    port = free_port()
+    config = uvicorn.Config(
+        serve_streams_without_request_thread(get_asgi_application()),
+        host="127.0.0.1",
+        port=port,
+        lifespan="off",
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, timeout=30, what="uvicorn")
+    yield type("LiveServer", (), {"url": f"http://127.0.0.1:{port}"})
+    server.should_exit = True
+    thread.join(30)

@@ -3,9 +3,12 @@ their own processes, reads of Procrastinate's tables, and waiting."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import pytest
 from django.db import connection
@@ -25,7 +29,10 @@ from tests.peers.smtp import SmtpSink
 T = TypeVar("T")
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-PROCRASTINATE_TABLES = "procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers, procrastinate_workers"
+PROCRASTINATE_TABLES = (
+    "procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers, procrastinate_workers,"
+    " jobs_batch_watches"  # raw SQL too (migration 0010)
+)
 
 # Procrastinate's own status transitions from `todo`: a job row moved along one writes the events
 # (through Procrastinate's triggers) that a worker would.
@@ -174,3 +181,89 @@ def at_once(count: int, call: Callable[[], T], *, timeout: float = 30.0) -> list
     for thread in threads:
         thread.join(timeout)
     return results
+
+
+# --- Event streams (tests/jobs/test_stream.py, test_batch_stream.py; the server: conftest's asgi_server)
+
+
+class SseClient:
+    """Reads an event stream line by line in a thread; events land in a queue as (event, data).
+
+    Plain HTTP/1.0 on its own socket, so the test can drop the connection like a closed tab."""
+
+    def __init__(self, base_url: str, path: str, token: str) -> None:
+        parts = urlsplit(base_url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+        self.sock.sendall(
+            f"GET {path} HTTP/1.0\r\nHost: {parts.netloc}\r\nAuthorization: Token {token}\r\n"
+            "Accept: text/event-stream\r\n\r\n".encode()
+        )
+        self.events: queue.Queue = queue.Queue()
+        self.received: list[tuple[str, dict]] = []
+        self.comments = 0
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            stream = self.sock.makefile("rb")
+            self.status = int(stream.readline().split()[1])
+            while (header := stream.readline().decode().rstrip("\r\n")) != "":
+                name, _, value = header.partition(":")
+                self.headers[name.lower()] = value.strip()
+            kind, data = None, []
+            while line := stream.readline():
+                line = line.decode().rstrip("\r\n")
+                if line.startswith(":"):
+                    self.comments += 1
+                elif line == "":
+                    if data:
+                        self.events.put((kind or "message", json.loads("\n".join(data))))
+                    kind, data = None, []
+                else:
+                    field, _, value = line.partition(":")
+                    value = value.removeprefix(" ")
+                    if field == "event":
+                        kind = value
+                    elif field == "data":
+                        data.append(value)
+        except (OSError, ValueError):
+            pass  # closed by the test
+        finally:
+            self.events.put(None)
+
+    def next(self, timeout: float = 30) -> tuple[str, dict] | None:
+        event = self.events.get(timeout=timeout)
+        if event is not None:
+            self.received.append(event)
+        return event
+
+    def until_closed(self, timeout: float = 30) -> list[tuple[str, dict]]:
+        while self.next(timeout) is not None:
+            pass
+        return self.received
+
+    def close(self) -> None:
+        """Go away like a browser tab being closed."""
+        with contextlib.suppress(OSError):  # already closed
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(10)
+
+
+def token_of(user) -> str:
+    """The user's API token (made on first use)."""
+    return Token.objects.get_or_create(user=user)[0].key
+
+
+def open_streams() -> int:
+    """Open streams: each holds one of its user's slots, an advisory lock of the process's
+    listening connection (the hub's)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock'"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        return cursor.fetchone()[0]

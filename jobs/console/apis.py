@@ -4,6 +4,7 @@ progress, cancel and retry, queue pause/resume, metrics, and a live stream of on
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
 from django.db import connection
@@ -31,8 +32,15 @@ from jobs.console.serializers import (
     RetryRefusedSerializer,
     WebhookSecretSerializer,
 )
-from jobs.console.stream import LIMIT_RETRY_AFTER_SECONDS, job_event_stream, job_stream_open, sse_event
-from jobs.console.stream_hub import StreamLimitReached, StreamUnavailable
+from jobs.console.stream import (
+    LIMIT_RETRY_AFTER_SECONDS,
+    batch_event_stream,
+    batch_stream_open,
+    job_event_stream,
+    job_stream_open,
+    sse_event,
+)
+from jobs.console.stream_hub import StreamLimitReached, StreamUnavailable, Subscription
 from jobs.models import JobBatch
 
 
@@ -237,29 +245,32 @@ class _StreamRefused(exceptions.APIException):
         self.wait = max(1, math.ceil(wait))
 
 
-class JobStreamApi(APIView):
-    """An async view: DRF's checks (authentication, permissions, throttles) and the job lookup
-    run in a thread; the stream itself runs on the event loop (jobs/console/stream.py)."""
+class _StreamApi(APIView):
+    """An async view: DRF's checks (authentication, permissions, throttles) and the lookup run in
+    a thread; the stream itself runs on the event loop (jobs/console/stream.py)."""
 
     renderer_classes = [renderers.JSONRenderer, EventStreamRenderer]
 
-    @extend_schema(
-        responses={
-            (200, "text/event-stream"): OpenApiTypes.STR,
-            429: OpenApiResponse(description="Too many open streams (per user or per server); see Retry-After"),
-        }
-    )
-    async def get(self, request: Request, pk: int) -> StreamingHttpResponse:
-        """Server-Sent Events of the job's status and progress, ending with `end`."""
+    def _lookup(self, request: Request, pk: int) -> int | None:
+        """The id to stream, if `request.user` may see it."""
+        raise NotImplementedError
+
+    async def _open(self, pk: int, user_id: int | None) -> Subscription:
+        raise NotImplementedError
+
+    def _events(self, subscription: Subscription) -> AsyncIterator[str]:
+        raise NotImplementedError
+
+    async def _stream(self, request: Request) -> StreamingHttpResponse:
         try:
-            subscription = await job_stream_open(job_id=self._job_id, user_id=request.user.pk)
+            subscription = await self._open(self._pk, request.user.pk)
         except StreamLimitReached as exc:
             raise _StreamRefused(exc.detail, status_code=429, wait=LIMIT_RETRY_AFTER_SECONDS) from None
         except StreamUnavailable as exc:
             raise _StreamRefused(
                 "Job streams cannot reach the database; retry later.", status_code=503, wait=exc.retry_after
             ) from None
-        response = StreamingHttpResponse(job_event_stream(subscription), content_type="text/event-stream")
+        response = StreamingHttpResponse(self._events(subscription), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # no proxy buffering (nginx)
         return response
@@ -268,10 +279,10 @@ class JobStreamApi(APIView):
         """DRF's initial() (it resolves request.user: the token lookup is a query) and the lookup."""
         try:
             self.initial(request)
-            job = selectors.job_queryset(user=request.user).filter(pk=pk).first()
-            if job is None:
+            found = self._lookup(request, pk)
+            if found is None:
                 raise exceptions.NotFound()
-            self._job_id = job.id
+            self._pk = found
         finally:
             # The stream keeps no database connection: give this thread's back (to the pool under
             # ASGI) now, not when the stream ends. Not inside a test's transaction.
@@ -296,3 +307,53 @@ class JobStreamApi(APIView):
             response = self.handle_exception(exc)
         self.response = self.finalize_response(request, response, *args, **kwargs)
         return self.response
+
+
+_STREAM_REFUSALS = {
+    404: OpenApiResponse(description="No such job or batch of yours"),
+    429: OpenApiResponse(description="Too many open streams (per user or per server); see Retry-After"),
+    503: OpenApiResponse(description="The streams cannot reach the database; see Retry-After"),
+}
+
+
+class JobStreamApi(_StreamApi):
+    @extend_schema(responses={(200, "text/event-stream"): OpenApiTypes.STR, **_STREAM_REFUSALS})
+    async def get(self, request: Request, pk: int) -> StreamingHttpResponse:
+        """Server-Sent Events of the job's status and progress, ending with `end`."""
+        return await self._stream(request)
+
+    def _lookup(self, request: Request, pk: int) -> int | None:
+        return selectors.job_queryset(user=request.user).filter(pk=pk).values_list("id", flat=True).first()
+
+    async def _open(self, pk: int, user_id: int | None) -> Subscription:
+        return await job_stream_open(job_id=pk, user_id=user_id)
+
+    def _events(self, subscription: Subscription) -> AsyncIterator[str]:
+        return job_event_stream(subscription)
+
+
+class BatchStreamApi(_StreamApi):
+    @extend_schema(
+        operation_id="jobs_batches_stream",
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(
+                response=OpenApiTypes.STR,
+                description="`progress` events (data: `state`, `total`, `done`, `succeeded`, `failed`,"
+                " `cancelled`, `percent`) as members end, then `end` (the same, with `callback_job_ids`)"
+                " once the batch is done, and the stream closes.",
+            ),
+            **_STREAM_REFUSALS,
+        },
+    )
+    async def get(self, request: Request, pk: int) -> StreamingHttpResponse:
+        """Server-Sent Events of the batch's progress, ending with `end` when it is done."""
+        return await self._stream(request)
+
+    def _lookup(self, request: Request, pk: int) -> int | None:
+        return selectors.batch_queryset(user=request.user).filter(pk=pk).values_list("id", flat=True).first()
+
+    async def _open(self, pk: int, user_id: int | None) -> Subscription:
+        return await batch_stream_open(batch_id=pk, user_id=user_id)
+
+    def _events(self, subscription: Subscription) -> AsyncIterator[str]:
+        return batch_event_stream(subscription)

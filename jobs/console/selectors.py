@@ -586,19 +586,32 @@ def batch_detail(*, batch: JobBatch, members_shown: int = BATCH_MEMBERS_SHOWN) -
     return {**batch_summary(batch=batch), "members_by_status": by_status, "members": members}
 
 
+def batch_progress(*, state: str, total: int, succeeded: int, failed: int, cancelled: int) -> dict[str, Any]:
+    """A batch's counts and progress (members done / total), as the API and its stream show them."""
+    done = succeeded + failed + cancelled
+    return {
+        "state": state,
+        "total": total,
+        "done": done,
+        "succeeded": succeeded,
+        "failed": failed,
+        "cancelled": cancelled,
+        "percent": round(done / total * 100, 1) if total else (100.0 if state == "done" else None),
+    }
+
+
 def batch_summary(*, batch: JobBatch) -> dict[str, Any]:
-    done = batch.done
     return {
         "id": batch.id,
         "name": batch.name,
         "owner_id": batch.owner_id,
-        "state": batch.state,
-        "total": batch.total,
-        "done": done,
-        "succeeded": batch.succeeded,
-        "failed": batch.failed,
-        "cancelled": batch.cancelled,
-        "percent": round(done / batch.total * 100, 1) if batch.total else (100.0 if batch.state == "done" else None),
+        **batch_progress(
+            state=batch.state,
+            total=batch.total,
+            succeeded=batch.succeeded,
+            failed=batch.failed,
+            cancelled=batch.cancelled,
+        ),
         "callbacks": sorted(batch.callbacks),
         "callback_job_ids": list(batch.callback_job_ids),
         "completions": batch.completions,

@@ -1,8 +1,8 @@
-"""One LISTEN connection per web process, fanned out to the process's job streams.
+"""One LISTEN connection per web process, fanned out to the process's job and batch streams.
 
 A stream (jobs/console/stream.py) costs a queue here, not a connection: the hub's single psycopg
-AsyncConnection (autocommit) LISTENs on the channel of every job that this process streams, and
-hands each notification to the streams of that job. The same connection carries every other
+AsyncConnection (autocommit) LISTENs on the channel of every job or batch (a `Topic`) that this
+process streams, and hands each notification to the streams of that topic. The same connection carries every other
 statement a stream needs (its cap slot, the watch, the initial state), one stream after the
 other: opening a stream never takes one of Django's pooled connections.
 
@@ -50,31 +50,88 @@ LOCK_TIMEOUT_MS = 5000
 # bound; past this, the stream ends instead and the client reconnects to read the state afresh.
 MAX_BACKLOG = 100
 
-# The same key as before the hub: a process streaming a job holds it shared; the last process
-# out (the one that gets it exclusively) resets `watched`.
-_JOB_LOCK_KEY = "hashtextextended('secondbrain-job-stream:' || %(job_id)s::text, 0)"
+# The same key as before the hub: a process streaming a job (or batch) holds it shared; the last
+# process out (the one that gets it exclusively) resets the watch.
+_TOPIC_LOCK_KEY = "hashtextextended('secondbrain-' || %(kind)s || '-stream:' || %(id)s::text, 0)"
 _SLOT_KEY = "hashtextextended('secondbrain-job-stream-user:' || %(user_id)s::text || ':' || s::text, 0)"
 # LIMIT 1 stops at the first slot whose lock is free: the others are not tried.
 _TAKE_SLOT = f"SELECT s FROM unnest(%(slots)s::int[]) AS s WHERE pg_try_advisory_lock({_SLOT_KEY}) LIMIT 1"
 _FREE_SLOT = f"SELECT pg_advisory_unlock({_SLOT_KEY}) FROM (SELECT %(slot)s::int AS s) AS slot"
-# Only a job this connection can see: a job whose transaction has not committed yet has its
-# jobs_job_info row uncommitted too, and upserting that row would wait for that transaction.
-_WATCH = """
-INSERT INTO jobs_job_info (job_id, watched) SELECT id, true FROM procrastinate_jobs WHERE id = %(job_id)s
+
+
+@dataclass(frozen=True)
+class _TopicSql:
+    """How a kind of topic is watched (its NOTIFYs turned on) and read."""
+
+    watch: str
+    unwatch: str
+    state: str  # one row, its first column the status; no row: no such job or batch
+    final: frozenset[str]  # statuses after which nothing more comes
+
+
+_SQL = {
+    # Only a job this connection can see: a job whose transaction has not committed yet has its
+    # jobs_job_info row uncommitted too, and upserting that row would wait for that transaction.
+    "job": _TopicSql(
+        watch="""
+INSERT INTO jobs_job_info (job_id, watched) SELECT id, true FROM procrastinate_jobs WHERE id = %(id)s
 ON CONFLICT (job_id) DO UPDATE SET watched = true
-"""
-_UNWATCH = "UPDATE jobs_job_info SET watched = false WHERE job_id = %(job_id)s AND watched"
-_STATE = """
+""",
+        unwatch="UPDATE jobs_job_info SET watched = false WHERE job_id = %(id)s AND watched",
+        state="""
 SELECT CASE WHEN job.status = 'todo' AND job.scheduled_at > now() THEN 'scheduled' ELSE job.status::text END,
        info.processed, info.total, info.progress
   FROM procrastinate_jobs AS job
   LEFT JOIN jobs_job_info AS info ON info.job_id = job.id
- WHERE job.id = %(job_id)s
-"""
+ WHERE job.id = %(id)s
+""",
+        final=frozenset(FINAL_STATUSES),
+    ),
+    # A row of its own, not a column of jobs_batches: the batch row is locked by every statement
+    # that counts its members (and by an import's whole batch of rows), and the hub must not wait.
+    "batch": _TopicSql(
+        watch="""
+INSERT INTO jobs_batch_watches (batch_id) SELECT id FROM jobs_batches WHERE id = %(id)s
+ON CONFLICT (batch_id) DO NOTHING
+""",
+        unwatch="DELETE FROM jobs_batch_watches WHERE batch_id = %(id)s",
+        state="""
+SELECT state, total, succeeded, failed, cancelled, callback_job_ids FROM jobs_batches WHERE id = %(id)s
+""",
+        final=frozenset({"done"}),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Topic:
+    """What a stream follows: a job or a batch, and its NOTIFY channel."""
+
+    kind: str  # "job" or "batch"
+    id: int
+
+    @property
+    def channel(self) -> str:
+        return f"secondbrain_{self.kind}_{self.id}"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"kind": self.kind, "id": self.id}
+
+    @classmethod
+    def from_channel(cls, channel: str) -> Topic:
+        _, kind, topic_id = channel.split("_")
+        if kind not in _SQL:
+            raise ValueError(channel)
+        return cls(kind, int(topic_id))
 
 
 def job_channel(job_id: int) -> str:
-    return f"secondbrain_job_{job_id}"
+    return Topic("job", job_id).channel
+
+
+def batch_channel(batch_id: int) -> str:
+    return Topic("batch", batch_id).channel
 
 
 class StreamLimitReached(Exception):
@@ -93,10 +150,12 @@ class StreamUnavailable(Exception):
 
 @dataclass(eq=False)
 class Subscription:
-    job_id: int
+    topic: Topic
     user_id: int | None
-    # (status, processed, total, progress data) read after LISTEN and the watch; None: no such job.
-    state: tuple[str, int | None, int | None, Any] | None = None
+    # The topic's state row read after LISTEN and the watch (its first column the status); None:
+    # no such job or batch. A job's: (status, processed, total, progress data); a batch's:
+    # (state, total, succeeded, failed, cancelled, callback_job_ids).
+    state: tuple[Any, ...] | None = None
     slot: int | None = None
     # Notification payloads (dicts); None when the hub lost its connection.
     events: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
@@ -118,7 +177,7 @@ class StreamHub:
         self._conn: psycopg.AsyncConnection | None = None
         self._reader: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # one batch of statements at a time
-        self._by_job: dict[int, set[Subscription]] = {}
+        self._by_topic: dict[Topic, set[Subscription]] = {}
         self._slots: dict[int, set[int]] = {}  # user id -> slots held by this process
         self._open = 0  # live subscriptions, plus those being opened
         self._backoff = 0.0
@@ -135,16 +194,16 @@ class StreamHub:
         return self._open
 
     async def subscribe(
-        self, *, job_id: int, user_id: int | None, max_per_user: int, max_per_process: int
+        self, *, topic: Topic, user_id: int | None, max_per_user: int, max_per_process: int
     ) -> Subscription:
-        """Listen to the job, then read its state. Raises StreamLimitReached or StreamUnavailable.
+        """Listen to the topic, then read its state. Raises StreamLimitReached or StreamUnavailable.
 
-        A subscription of a finished or missing job is returned already released; any other
-        must be given back with release()."""
+        A subscription of a finished or missing job (or batch) is returned already released; any
+        other must be given back with release(). Job and batch streams share the caps."""
         if max_per_process and self._open >= max_per_process:
             raise StreamLimitReached(f"This server has {self._open} job streams open, its limit; retry later.")
         self._open += 1  # counted before the first await, so concurrent opens cannot overshoot
-        opening = asyncio.ensure_future(self._subscribe(job_id=job_id, user_id=user_id, max_per_user=max_per_user))
+        opening = asyncio.ensure_future(self._subscribe(topic=topic, user_id=user_id, max_per_user=max_per_user))
         try:
             return await asyncio.shield(opening)
         except asyncio.CancelledError:
@@ -161,22 +220,22 @@ class StreamHub:
         if sub.live:
             self._keep(asyncio.ensure_future(self.release(sub)))
 
-    async def _subscribe(self, *, job_id: int, user_id: int | None, max_per_user: int) -> Subscription:
-        sub = Subscription(job_id=job_id, user_id=user_id, live=True)
+    async def _subscribe(self, *, topic: Topic, user_id: int | None, max_per_user: int) -> Subscription:
+        sub = Subscription(topic=topic, user_id=user_id, live=True)
         try:
             async with self._lock:
                 conn = await self._connection()
                 await self._stop_reader()
                 try:
                     await self._take(conn, sub, max_per_user=max_per_user)
-                    cursor = await conn.execute(_STATE, {"job_id": job_id})
+                    cursor = await conn.execute(_SQL[topic.kind].state, topic.params)
                     sub.state = await cursor.fetchone()
                 except psycopg.Error as exc:
                     if conn.broken or conn.closed:
                         self._lose(str(exc).strip() or type(exc).__name__)
                         raise StreamUnavailable(self._retry_at - time.monotonic()) from None
                     # A statement failed (e.g. lock_timeout), the connection is fine: undo this one.
-                    logger.warning("Could not open the stream of job %s: %s", job_id, exc)
+                    logger.warning("Could not open the stream of %s %s: %s", topic.kind, topic.id, exc)
                     await self._forget(conn, sub)
                     raise StreamUnavailable(1.0) from None
                 finally:
@@ -186,7 +245,7 @@ class StreamHub:
             sub.live = False
             self._open -= 1
             raise
-        if sub.state is None or sub.state[0] in FINAL_STATUSES:
+        if sub.state is None or sub.state[0] in _SQL[topic.kind].final:
             await self.release(sub)  # nothing more will come
         return sub
 
@@ -200,20 +259,21 @@ class StreamHub:
                 raise StreamLimitReached(f"You have {max_per_user} job streams open, the limit; close one first.")
             sub.slot = row[0]
             held.add(sub.slot)
-        subscribers = self._by_job.get(sub.job_id)
+        topic = sub.topic
+        subscribers = self._by_topic.get(topic)
         if subscribers:
             subscribers.add(sub)
             return
         # Order matters: LISTEN, then the watch (the triggers NOTIFY from then on), then the
         # caller reads the state: no change falls between the state and the first event.
-        self._by_job[sub.job_id] = {sub}
-        await conn.execute(f"SELECT pg_advisory_lock_shared({_JOB_LOCK_KEY})", {"job_id": sub.job_id})
-        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(job_channel(sub.job_id))))
+        self._by_topic[topic] = {sub}
+        await conn.execute(f"SELECT pg_advisory_lock_shared({_TOPIC_LOCK_KEY})", topic.params)
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(topic.channel)))
         with contextlib.suppress(psycopg.errors.ForeignKeyViolation):  # no such job: the state read says so
-            await conn.execute(_WATCH, {"job_id": sub.job_id})
+            await conn.execute(_SQL[topic.kind].watch, topic.params)
 
     async def release(self, sub: Subscription) -> None:
-        """Give back the slot and, for the job's last stream here, the LISTEN and the watch."""
+        """Give back the slot and, for the topic's last stream here, the LISTEN and the watch."""
         if not sub.live:
             return
         sub.live = False
@@ -228,42 +288,42 @@ class StreamHub:
                 return  # the connection was lost meanwhile: PostgreSQL released everything
             await self._stop_reader()
             await self._forget(conn, sub)
-            if not self._by_job:
+            if not self._by_topic:
                 await self._close()  # the last stream of this process
             else:
                 self._start_reader()
 
     async def _forget(self, conn: psycopg.AsyncConnection, sub: Subscription) -> None:
         """Undo what the subscription took. Call holding the lock, with the reader stopped."""
-        subscribers = self._by_job.get(sub.job_id)
+        subscribers = self._by_topic.get(sub.topic)
         last = False
         if subscribers is not None and sub in subscribers:
             subscribers.discard(sub)
             last = not subscribers
             if last:
-                del self._by_job[sub.job_id]
+                del self._by_topic[sub.topic]
         if sub.slot is not None:
             self._slots.get(sub.user_id, set()).discard(sub.slot)
         try:
             if sub.slot is not None:
                 await conn.execute(_FREE_SLOT, {"user_id": sub.user_id, "slot": sub.slot})
             if last:
-                await self._unwatch(conn, sub.job_id)
+                await self._unwatch(conn, sub.topic)
         except psycopg.Error:
-            # Closing the connection releases its locks; `watched` left true only costs NOTIFYs.
-            logger.warning("Could not release the stream of job %s", sub.job_id, exc_info=True)
+            # Closing the connection releases its locks; a watch left behind only costs NOTIFYs.
+            logger.warning("Could not release the stream of %s %s", sub.topic.kind, sub.topic.id, exc_info=True)
             self._lose("a statement failed")
 
-    async def _unwatch(self, conn: psycopg.AsyncConnection, job_id: int) -> None:
-        params = {"job_id": job_id}
-        await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(job_channel(job_id))))
-        await conn.execute(f"SELECT pg_advisory_unlock_shared({_JOB_LOCK_KEY})", params)
-        # Taken only when no other process streams this job; one starting now waits for it and
-        # marks the job watched again after us.
-        cursor = await conn.execute(f"SELECT pg_try_advisory_lock({_JOB_LOCK_KEY})", params)
+    async def _unwatch(self, conn: psycopg.AsyncConnection, topic: Topic) -> None:
+        params = topic.params
+        await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(topic.channel)))
+        await conn.execute(f"SELECT pg_advisory_unlock_shared({_TOPIC_LOCK_KEY})", params)
+        # Taken only when no other process streams this topic; one starting now waits for it and
+        # watches again after us.
+        cursor = await conn.execute(f"SELECT pg_try_advisory_lock({_TOPIC_LOCK_KEY})", params)
         if (await cursor.fetchone())[0]:
-            await conn.execute(_UNWATCH, params)
-            await conn.execute(f"SELECT pg_advisory_unlock({_JOB_LOCK_KEY})", params)
+            await conn.execute(_SQL[topic.kind].unwatch, params)
+            await conn.execute(f"SELECT pg_advisory_unlock({_TOPIC_LOCK_KEY})", params)
 
     async def _connection(self) -> psycopg.AsyncConnection:
         if self._conn is not None and not self._conn.closed:
@@ -287,7 +347,7 @@ class StreamHub:
         return self._conn
 
     def _start_reader(self) -> None:
-        if self._conn is not None and not self._conn.closed and self._by_job and self._reader is None:
+        if self._conn is not None and not self._conn.closed and self._by_topic and self._reader is None:
             self._reader = asyncio.ensure_future(self._read(self._conn))
 
     async def _stop_reader(self) -> None:
@@ -308,12 +368,12 @@ class StreamHub:
 
     def _dispatch(self, notify: psycopg.Notify) -> None:
         try:
-            job_id = int(notify.channel.rsplit("_", 1)[1])
+            topic = Topic.from_channel(notify.channel)
             event = json.loads(notify.payload)
-        except (ValueError, IndexError):
+        except ValueError:
             logger.warning("Unreadable notification on %s", notify.channel)
             return
-        for sub in self._by_job.get(job_id, ()):
+        for sub in self._by_topic.get(topic, ()):
             sub.push(event)
 
     def _lose(self, reason: str) -> None:
@@ -325,10 +385,10 @@ class StreamHub:
             self._reader = None
         if conn is not None:
             self._keep(asyncio.ensure_future(_close_quietly(conn)))
-        for subscribers in self._by_job.values():
+        for subscribers in self._by_topic.values():
             for sub in subscribers:
                 sub.events.put_nowait(None)
-        self._by_job.clear()
+        self._by_topic.clear()
         self._slots.clear()
         self._backoff = min(max(BACKOFF_MIN_SECONDS, self._backoff * 2), BACKOFF_MAX_SECONDS)
         self._retry_at = time.monotonic() + self._backoff

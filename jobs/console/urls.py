@@ -4,6 +4,7 @@ from django.urls import path
 from rest_framework.routers import SimpleRouter
 
 from jobs.console.apis import (
+    BatchStreamApi,
     BatchViewSet,
     JobMetricsApi,
     JobStreamApi,
@@ -23,5 +24,6 @@ urlpatterns = [
     path("queues/<str:name>/resume/", QueueResumeApi.as_view(), name="job-queue-resume"),
     path("metrics/", JobMetricsApi.as_view(), name="job-metrics"),
     path("<int:pk>/stream/", JobStreamApi.as_view(), name="job-stream"),
+    path("batches/<int:pk>/stream/", BatchStreamApi.as_view(), name="job-batch-stream"),
     *router.urls,
 ]

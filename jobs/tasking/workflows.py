@@ -213,7 +213,11 @@ def batch_in_use(batch_id: int | None) -> int | None:
     return batch_id if batch_id is not None else (building.id if building else None)
 
 
-_MEMBERS_ADD = "UPDATE jobs_batches SET total = total + %s WHERE id = %s AND state = 'open' RETURNING id"
+# The batch's streams hear of its new total (jobs_batches_notify, migration 0010).
+_MEMBERS_ADD = """
+WITH added AS (UPDATE jobs_batches SET total = total + %s WHERE id = %s AND state = 'open' RETURNING id)
+SELECT id, jobs_batches_notify(ARRAY[id]) FROM added
+"""
 
 
 def members_add(batch_id: int | None, count: int) -> None:

@@ -61,6 +61,7 @@ OWNED: dict[str, dict] = {
     "GET /api/jobs/batches/{id}/": {"object": "batch"},
     "POST /api/jobs/batches/{id}/cancel/": {"object": "batch"},
     "POST /api/jobs/batches/{id}/retry/": {"object": "batch"},
+    "GET /api/jobs/batches/{id}/stream/": {"object": "batch"},
 }
 # Lists and metrics: scoped to the caller, so another user's objects never show.
 LISTS = {

@@ -55,8 +55,9 @@ CHECKS = [
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
 STAFF_ONLY_PATHS = ("/api/jobs/queues/",)
 ERASE_PATH = "/api/auth/erase/"
-# An event stream stays open until its job ends: tests/jobs/test_stream.py covers it.
-STREAMING_PATHS = ("/api/jobs/{id}/stream/",)
+# An event stream stays open until its job (or batch) ends: tests/jobs/test_stream.py and
+# tests/jobs/test_batch_stream.py cover them.
+STREAMING_PATHS = ("/api/jobs/{id}/stream/", "/api/jobs/batches/{id}/stream/")
 PASSWORD = "correct-horse-battery"
 CSV_FILE = b"title,content,tags\nFuzz,A note from a file #fuzz,fuzz\n"
 

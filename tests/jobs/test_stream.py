@@ -1,27 +1,19 @@
 """GET /api/jobs/{id}/stream/: Server-Sent Events fed by LISTEN/NOTIFY, read by a real HTTP
-client from a live ASGI server (uvicorn, in this process) while a real worker runs the job.
+client from a live ASGI server (uvicorn, in this process: the `asgi_server` fixture) while a real
+worker runs the job.
 
 tests/jobs/test_stream_server.py runs the production server command itself (200 streams, caps)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import queue
-import socket
-import threading
-from urllib.parse import urlsplit
 
 import pytest
-import uvicorn
 from asgiref.sync import async_to_sync, sync_to_async
-from django.core.asgi import get_asgi_application
 from django.db import connection
 
-from bench.harness import free_port
 from jobs.console.services import job_cancel
-from jobs.console.stream import job_event_stream, job_stream_open, serve_streams_without_request_thread
+from jobs.console.stream import job_event_stream, job_stream_open
 from jobs.console.stream_hub import MAX_BACKLOG, job_channel
 from jobs.models import JobInfo
 from jobs.tasking import queues
@@ -29,36 +21,9 @@ from jobs.tasking.defer import job_defer
 from jobs.tasking.progress import job_progress
 from jobs.tasking.registry import job_task
 from tests.factories import make_user
-from tests.helpers import client_for, run_worker, wait_for
+from tests.helpers import SseClient, client_for, open_streams, run_worker, token_of, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def asgi_server(transactional_db, monkeypatch, settings):
-    """The project's ASGI application under uvicorn in a thread, so `settings` apply to it.
-
-    Not pytest-django's live_server: a WSGI server buffers an async stream whole."""
-    # Each request runs in a thread of its own: close its connection at the end (the production
-    # server uses a pool instead, config/startup.py).
-    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
-    settings.ALLOWED_HOSTS = [*settings.ALLOWED_HOSTS, "127.0.0.1"]
-    port = free_port()
-    config = uvicorn.Config(
-        serve_streams_without_request_thread(get_asgi_application()),
-        host="127.0.0.1",
-        port=port,
-        lifespan="off",
-        log_level="warning",
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=30, what="uvicorn")
-    yield type("LiveServer", (), {"url": f"http://127.0.0.1:{port}"})
-    server.should_exit = True
-    thread.join(30)
 
 
 @job_task(name="tests.stream.count", queue=queues.IMPORTS, pass_context=True)
@@ -68,98 +33,14 @@ def count(context, *, to: int) -> dict:
     return {"counted": to}
 
 
-class SseClient:
-    """Reads an event stream line by line in a thread; events land in a queue as (event, data).
-
-    Plain HTTP/1.0 on its own socket, so the test can drop the connection like a closed tab."""
-
-    def __init__(self, base_url: str, path: str, token: str) -> None:
-        parts = urlsplit(base_url)
-        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
-        self.sock.sendall(
-            f"GET {path} HTTP/1.0\r\nHost: {parts.netloc}\r\nAuthorization: Token {token}\r\n"
-            "Accept: text/event-stream\r\n\r\n".encode()
-        )
-        self.events: queue.Queue = queue.Queue()
-        self.received: list[tuple[str, dict]] = []
-        self.comments = 0
-        self.status: int | None = None
-        self.headers: dict[str, str] = {}
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        try:
-            stream = self.sock.makefile("rb")
-            self.status = int(stream.readline().split()[1])
-            while (header := stream.readline().decode().rstrip("\r\n")) != "":
-                name, _, value = header.partition(":")
-                self.headers[name.lower()] = value.strip()
-            kind, data = None, []
-            while line := stream.readline():
-                line = line.decode().rstrip("\r\n")
-                if line.startswith(":"):
-                    self.comments += 1
-                elif line == "":
-                    if data:
-                        self.events.put((kind or "message", json.loads("\n".join(data))))
-                    kind, data = None, []
-                else:
-                    field, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if field == "event":
-                        kind = value
-                    elif field == "data":
-                        data.append(value)
-        except (OSError, ValueError):
-            pass  # closed by the test
-        finally:
-            self.events.put(None)
-
-    def next(self, timeout: float = 30) -> tuple[str, dict] | None:
-        event = self.events.get(timeout=timeout)
-        if event is not None:
-            self.received.append(event)
-        return event
-
-    def until_closed(self, timeout: float = 30) -> list[tuple[str, dict]]:
-        while self.next(timeout) is not None:
-            pass
-        return self.received
-
-    def close(self) -> None:
-        """Go away like a browser tab being closed."""
-        with contextlib.suppress(OSError):  # already closed
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(10)
-
-
-def _token(user) -> str:
-    from rest_framework.authtoken.models import Token
-
-    return Token.objects.get_or_create(user=user)[0].key
-
-
 def _watched(job_id: int) -> bool:
     return JobInfo.objects.filter(job_id=job_id, watched=True).exists()
-
-
-def _open_streams() -> int:
-    """Open streams: each holds one of its user's slots, an advisory lock of the process's
-    listening connection (the hub's)."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock'"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
-        return cursor.fetchone()[0]
 
 
 def test_stream_relays_progress_and_status_until_the_job_ends(asgi_server):
     owner = make_user("alice")
     job_id = job_defer(count, owner_id=owner.id, to=3)
-    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
+    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", token_of(owner))
     try:
         assert client.next() == ("status", {"status": "todo"})  # the current state first
         assert client.status == 200 and client.headers["content-type"].startswith("text/event-stream")
@@ -187,7 +68,7 @@ def test_stream_of_a_finished_job_sends_its_state_and_ends(asgi_server):
     owner = make_user("bob")
     job_id = job_defer(count, owner_id=owner.id, to=2)
     run_worker(queues=["imports"])
-    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
+    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", token_of(owner))
     events = client.until_closed()
     client.close()
     assert events == [
@@ -201,7 +82,7 @@ def test_stream_of_a_finished_job_sends_its_state_and_ends(asgi_server):
 def test_stream_ends_when_the_job_is_cancelled(asgi_server):
     owner = make_user("carol")
     job_id = job_defer(count, owner_id=owner.id, to=2)
-    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
+    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", token_of(owner))
     try:
         assert client.next() == ("status", {"status": "todo"})
         job_cancel(job_id=job_id)
@@ -214,7 +95,7 @@ def test_a_client_going_away_resets_watched_when_it_was_the_last_one(asgi_server
     settings.JOBS_STREAM_KEEPALIVE_SECONDS = 0.2  # the server notices a gone client at its next write
     owner = make_user("dan")
     job_id = job_defer(count, owner_id=owner.id, to=2)
-    token = _token(owner)
+    token = token_of(owner)
     first = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", token)
     second = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", token)
     try:
@@ -222,9 +103,9 @@ def test_a_client_going_away_resets_watched_when_it_was_the_last_one(asgi_server
         assert second.next() == ("status", {"status": "todo"})
         wait_for(lambda: first.comments >= 2, timeout=10, what="keep-alive comments")
 
-        assert _open_streams() == 2
+        assert open_streams() == 2
         first.close()
-        wait_for(lambda: _open_streams() == 1, timeout=10, what="the server to drop the first stream")
+        wait_for(lambda: open_streams() == 1, timeout=10, what="the server to drop the first stream")
         # The second client still watches: the job stays watched and keeps notifying.
         assert _watched(job_id)
         run_worker(queues=["imports"])
@@ -239,18 +120,18 @@ def test_the_last_stream_going_away_mid_job_resets_watched(asgi_server, settings
     settings.JOBS_STREAM_KEEPALIVE_SECONDS = 0.2
     owner = make_user("eve")
     job_id = job_defer(count, owner_id=owner.id, to=2)
-    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", _token(owner))
+    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", token_of(owner))
     assert client.next() == ("status", {"status": "todo"})
     assert _watched(job_id)
     client.close()
     wait_for(lambda: not _watched(job_id), timeout=10, what="the server to notice and reset watched")
-    assert _open_streams() == 0
+    assert open_streams() == 0
 
 
 def test_stream_of_another_users_job_is_404(asgi_server):
     owner, intruder = make_user("fay"), make_user("gil")
     job_id = job_defer(count, owner_id=owner.id, to=1)
-    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", _token(intruder))
+    client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", token_of(intruder))
     assert client.until_closed() == [("error", {"detail": "Not found."})]
     assert client.status == 404
     client.close()
@@ -322,7 +203,7 @@ def test_a_stream_without_credentials_is_401(asgi_server):
 def test_a_dropped_listening_connection_ends_the_streams_and_the_next_stream_reconnects(asgi_server):
     owner = make_user("kim")
     job_id = job_defer(count, owner_id=owner.id, to=2)
-    token = _token(owner)
+    token = token_of(owner)
     client = SseClient(asgi_server.url, f"/api/jobs/{job_id}/stream/", token)
     assert client.next() == ("status", {"status": "todo"})
     with connection.cursor() as cursor:  # the process's listening connection: it holds the slots
