@@ -90,7 +90,7 @@ class NoteImportApi(APIView):
     @extend_schema(request={"multipart/form-data": NoteImportInputSerializer}, responses={202: _ImportQueued})
     @idempotent
     def post(self, request: Request) -> Response:
-        data = NoteImportInputSerializer(data=request.data)
+        data = NoteImportInputSerializer(data=request.data, context={"owner": request.user})
         data.is_valid(raise_exception=True)
         upload = data.validated_data["file"]
         note_import = services.note_import_create(
@@ -99,6 +99,7 @@ class NoteImportApi(APIView):
             filename=upload.name or "",
             format=data.validated_data["format"],
             callback_url=data.validated_data.get("callback_url"),
+            notify_email=data.validated_data["notify_email"],
         )
         return Response(
             {"import_id": note_import.id, "job_id": note_import.job_id, "status": note_import.status},

@@ -131,6 +131,10 @@ class NoteImport(models.Model):
     errors = models.JSONField(default=list, db_default=models.Value([], models.JSONField()), blank=True)
     failure_reason = models.TextField(blank=True, default="", db_default="")
     job_id = models.BigIntegerField(null=True, blank=True)  # the notes.import job (kept after its purge)
+    # E-mail the owner once its enrichment batch completes; the notification that does it (an id
+    # of notifications' NotificationJob, set in the transaction that queues it: never two).
+    notify_email = models.BooleanField(default=False, db_default=False)
+    email_notification_id = models.BigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(db_default=Now())
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -62,6 +62,17 @@ class NoteImportInputSerializer(serializers.Serializer):
     file = serializers.FileField(allow_empty_file=False)
     format = serializers.ChoiceField(choices=ImportFormat.choices, required=False)
     callback_url = serializers.URLField(required=False, max_length=2000)
+    notify_email = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="E-mail you once every imported note's enrichment has ended, with the counts.",
+    )
+
+    def validate_notify_email(self, value: bool) -> bool:
+        owner = self.context.get("owner")
+        if value and owner is not None and not owner.email:
+            raise serializers.ValidationError("Your account has no e-mail address to send it to.")
+        return value
 
     def validate_file(self, value: UploadedFile) -> UploadedFile:
         limit = settings.IMPORTS_MAX_UPLOAD_BYTES
@@ -130,6 +141,8 @@ class NoteImportOutputSerializer(serializers.ModelSerializer):
             "skipped",
             "errors",
             "enrichment",
+            "notify_email",
+            "email_notification_id",
             "failure_reason",
             "job_id",
             "created_at",

@@ -31,6 +31,7 @@ from llm.services import LlmUnavailable, llm_complete
 from notes import enrichment, import_formats, tier1
 from notes.models import IMPORT_ENRICHED, EnrichmentStatus, ImportStatus, Note, NoteImport
 from notes.selectors import enrichment_batch_key, note_enrichment_candidates
+from notifications.services import notification_email_owner
 
 logger = logging.getLogger(__name__)
 
@@ -185,10 +186,12 @@ def note_import_create(
     filename: str,
     format: str,
     callback_url: str | None = None,
+    notify_email: bool = False,
 ) -> NoteImport:
     """Store an uploaded file in PostgreSQL and defer `notes.import` for it, in one transaction.
 
-    The input is already checked (NoteImportInputSerializer): a known format, a readable header.
+    The input is already checked (NoteImportInputSerializer): a known format, a readable header,
+    an e-mail address for `notify_email` (the owner is e-mailed once the enrichment has ended).
     The file is streamed into the row with COPY, so the web process never holds it whole.
     """
     from notes.tasks import note_import  # tasks import services
@@ -206,7 +209,7 @@ def note_import_create(
     # The completion webhook goes with the enrichment batch's callback: once, after the last
     # note's enrichment has ended, not when the rows are in.
     _enrichment_batch(owner_id=owner.pk, import_id=import_id, callback_url=callback_url)
-    NoteImport.objects.filter(id=import_id).update(job_id=job_id)
+    NoteImport.objects.filter(id=import_id).update(job_id=job_id, notify_email=notify_email)
     return NoteImport.objects.get(id=import_id)
 
 
@@ -224,14 +227,17 @@ def _enrichment_batch(*, owner_id: int, import_id: int, callback_url: str | None
     )
 
 
+@transaction.atomic
 def note_import_enriched(
     *, import_id: int, batch_id: int, total: int, succeeded: int, failed: int, cancelled: int
 ) -> dict[str, Any]:
     """The enrichment batch's callback: every note the import inserted has been enriched (or
-    failed, or was cancelled). Returns the import's summary, the completion webhook's `result`."""
+    failed, or was cancelled). E-mails the owner if the import asked for it, once: a callback
+    run again (retried, or the batch completing again) finds the e-mail already queued.
+    Returns the import's summary, the completion webhook's `result`."""
     note_import = NoteImport.objects.get(id=import_id)
     status = IMPORT_ENRICHED if note_import.status == ImportStatus.DONE else note_import.status
-    return {
+    summary = {
         "import_id": import_id,
         "status": status,
         "total": note_import.total,
@@ -240,6 +246,38 @@ def note_import_enriched(
         "skipped": note_import.skipped,
         "enrichment": {"total": total, "succeeded": succeeded, "failed": failed, "cancelled": cancelled},
     }
+    # The row lock makes a second run wait, then see the e-mail this one queued.
+    unsent = NoteImport.objects.select_for_update().filter(
+        id=import_id, notify_email=True, email_notification_id__isnull=True
+    )
+    if unsent.exists():
+        notification = notification_email_owner(
+            owner_id=note_import.owner_id, **_import_email(note_import=note_import, summary=summary)
+        )
+        if notification is None:
+            logger.warning("Import %s: its owner has no e-mail address, nothing sent", import_id)
+        else:
+            unsent.update(email_notification_id=notification.id)
+    return summary
+
+
+def _import_email(*, note_import: NoteImport, summary: dict[str, Any]) -> dict[str, str]:
+    name = note_import.filename or f"#{note_import.id}"
+    enrichment = summary["enrichment"]
+    outcome = "is enriched" if summary["status"] == IMPORT_ENRICHED else f"ended {summary['status']}"
+    lines = [
+        f"Your import {name} {outcome}.",
+        "",
+        f"Rows in the file: {summary['total'] if summary['total'] is not None else 'unknown'}",
+        f"Notes imported: {summary['imported']}",
+        f"Duplicates left out: {summary['duplicates']}",
+        f"Rows skipped: {summary['skipped']}",
+        f"Enrichment: {enrichment['succeeded']} done, {enrichment['failed']} failed,"
+        f" {enrichment['cancelled']} cancelled, of {enrichment['total']}",
+    ]
+    if note_import.failure_reason:
+        lines.append(f"Why the import failed: {note_import.failure_reason}")
+    return {"subject": f"Import {name} {outcome}", "body": "\n".join(lines) + "\n"}
 
 
 # Held to the end of the upload's transaction: one user's uploads are checked and stored one at

@@ -8,6 +8,7 @@ from datetime import datetime
 from email.utils import make_msgid
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
 from django.utils import timezone
@@ -29,6 +30,8 @@ from notifications.models import (
     DeliveryLog,
     DeliveryMethod,
     NotificationJob,
+    NotificationType,
+    Priority,
     Recipient,
     Status,
     job_priority,
@@ -132,6 +135,49 @@ def notification_send_email(
         schedule_at=scheduled_for,
         owner_id=owner.pk,
         callback_url=callback_url,
+        notification_id=notification.id,
+    )
+    notification.save(update_fields=["procrastinate_job_id"])
+    return notification
+
+
+# One "self" recipient per owner and address: two callbacks of one owner at once must not make two.
+_SELF_RECIPIENT_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('secondbrain-self-recipient:' || %s, 0))"
+
+
+@transaction.atomic
+def notification_email_owner(*, owner_id: int, subject: str, body: str) -> NotificationJob | None:
+    """E-mail a user about their own work (an import's completion), through the same exactly-once
+    delivery as any notification. Returns the notification, or None when the user has no e-mail
+    address. Call inside the transaction that records why it is sent, so it is queued once.
+
+    The address is the user's own, as a recipient of theirs with relationship `self` (muting it
+    mutes these e-mails). Not counted against the daily quota: it goes to the user alone, at most
+    once per thing they did."""
+    from notifications.tasks import notification_deliver  # tasks import services
+
+    owner = get_user_model().objects.filter(pk=owner_id).first()
+    if owner is None or not owner.email:
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute(_SELF_RECIPIENT_LOCK, [str(owner_id)])
+    recipient = Recipient.objects.filter(owner=owner, relationship="self", email=owner.email).first()
+    if recipient is None:
+        recipient = Recipient.objects.create(
+            owner=owner, name=owner.get_username(), email=owner.email, relationship="self"
+        )
+    notification = NotificationJob.objects.create(
+        owner=owner,
+        recipient=recipient,
+        notification_type=NotificationType.SYSTEM,
+        delivery_method=DeliveryMethod.EMAIL,
+        priority=Priority.NORMAL,
+        payload={"subject": subject, "body": body},
+    )
+    notification.procrastinate_job_id = job_defer(
+        notification_deliver,
+        priority=job_priority(Priority.NORMAL, staff=False),
+        owner_id=owner.pk,
         notification_id=notification.id,
     )
     notification.save(update_fields=["procrastinate_job_id"])
