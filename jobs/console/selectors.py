@@ -9,7 +9,8 @@ from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import connection
-from django.db.models import Case, CharField, F, OuterRef, Q, QuerySet, Subquery, Value, When
+from django.db.models import Case, CharField, F, IntegerField, OuterRef, Q, QuerySet, Subquery, Value, When
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Cast, Now
 from django.utils import timezone
 from procrastinate.contrib.django.models import ProcrastinateEvent, ProcrastinateJob
@@ -65,6 +66,15 @@ _ENQUEUE_EVENTS = ("deferred", "deferred_for_retry", "retried", "scheduled")
 _RUN_END_EVENTS = ("deferred_for_retry", "succeeded", "failed", "aborted")
 
 
+# Columns of ours on procrastinate_jobs (migration 0008) that Procrastinate's model does not know.
+def _batch_id() -> RawSQL:
+    return RawSQL('"procrastinate_jobs"."jobs_batch_id"', (), output_field=IntegerField())
+
+
+def _parents_waiting() -> RawSQL:
+    return RawSQL('"procrastinate_jobs"."jobs_parents_waiting"', (), output_field=IntegerField())
+
+
 def job_queryset(*, user: AbstractBaseUser) -> QuerySet[ProcrastinateJob]:
     """Every job `user` may see, annotated for the list: staff see all (with or without an info
     row), everyone else only the jobs deferred for them."""
@@ -84,16 +94,28 @@ def job_queryset(*, user: AbstractBaseUser) -> QuerySet[ProcrastinateJob]:
         processed=F("info__processed"),
         total=F("info__total"),
         progress_at=F("info__progress_at"),
+        batch_id=_batch_id(),
+        parents_waiting=_parents_waiting(),
     )
 
 
 def job_filter_state(jobs: QuerySet[ProcrastinateJob], state: str) -> QuerySet[ProcrastinateJob]:
-    """A Procrastinate status, or the virtual `scheduled` (todo, not due) / `waiting` (todo, due)."""
+    """A Procrastinate status, or the virtual `scheduled` (todo, not due), `blocked` (todo, some
+    parent has not ended) and `waiting` (todo, due and not blocked: a worker may take it)."""
     if state == "scheduled":
         return jobs.filter(status="todo", scheduled_at__gt=Now())
+    if state == "blocked":
+        return jobs.alias(blocked_by=_parents_waiting()).filter(status="todo", blocked_by__gt=0)
     if state == "waiting":
-        return jobs.filter(Q(scheduled_at__isnull=True) | Q(scheduled_at__lte=Now()), status="todo")
+        return jobs.alias(blocked_by=_parents_waiting()).filter(
+            Q(scheduled_at__isnull=True) | Q(scheduled_at__lte=Now()), status="todo", blocked_by=0
+        )
     return jobs.filter(status=state)
+
+
+def job_filter_batch(jobs: QuerySet[ProcrastinateJob], batch_id: int) -> QuerySet[ProcrastinateJob]:
+    """The members of a batch (its index, migration 0008)."""
+    return jobs.alias(in_batch=_batch_id()).filter(in_batch=batch_id)
 
 
 def job_progress_summary(*, processed: int | None, total: int | None) -> dict[str, Any] | None:

@@ -33,6 +33,10 @@ class JobSerializer(serializers.Serializer):
     scheduled_at = serializers.DateTimeField(allow_null=True)
     created_at = serializers.DateTimeField(allow_null=True, help_text="When the job was deferred.")
     progress = serializers.SerializerMethodField()
+    batch_id = serializers.IntegerField(allow_null=True, help_text="The batch the job belongs to.")
+    parents_waiting = serializers.IntegerField(
+        help_text="How many of its parents have not ended: blocked while > 0 (its detail names them)."
+    )
 
     @extend_schema_field(ProgressSummarySerializer(allow_null=True))
     def get_progress(self, job: Any) -> dict[str, Any] | None:
@@ -83,7 +87,9 @@ class BatchSerializer(serializers.Serializer):
 
 class BatchDetailSerializer(BatchSerializer):
     members_by_status = serializers.DictField(child=serializers.IntegerField())
-    members = RelativeSerializer(many=True, help_text="The first 200 members, by id.")
+    members = RelativeSerializer(
+        many=True, help_text="The first 200 members, by id; all of them: GET /api/jobs/?batch={id}."
+    )
 
 
 class BatchRetrySerializer(serializers.Serializer):

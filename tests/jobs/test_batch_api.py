@@ -85,3 +85,30 @@ def test_retrying_a_batch_retries_its_failed_members_only(tmp_path):
     run_worker(queues=[tasks.QUEUE_A])
     body = client_for(owner).get(f"/api/jobs/batches/{batch_id}/").json()
     assert (body["state"], body["succeeded"], body["failed"], body["completions"]) == ("done", 2, 0, 2)
+
+
+def test_the_jobs_list_shows_each_jobs_batch_and_blocked_state_and_filters_by_them():
+    """A batch's detail shows its first members; the list reaches all of them (`?batch=`), and
+    tells jobs blocked by their parents (`?status=blocked`) from jobs a worker may take."""
+    owner = make_user("ana")
+    with job_batch(owner_id=owner.id) as batch:
+        members = [job_defer(tasks.echo, owner_id=owner.id, value=n) for n in range(3)]
+    child = job_defer(tasks.parent_results, owner_id=owner.id, after=[members[0]])
+    loose = job_defer(tasks.echo, owner_id=owner.id, value=9)
+    api = client_for(owner)
+
+    def listed(query: str) -> dict[int, dict]:
+        response = api.get(f"/api/jobs/?{query}")
+        assert response.status_code == 200, response.content
+        return {job["id"]: job for job in response.json()["results"]}
+
+    every = listed("")
+    assert [every[m]["batch_id"] for m in members] == [batch.id] * 3
+    assert (every[child]["batch_id"], every[child]["parents_waiting"]) == (None, 1)
+    assert (every[loose]["batch_id"], every[loose]["parents_waiting"]) == (None, 0)
+    assert sorted(listed(f"batch={batch.id}")) == members
+    assert listed("batch=999999") == {}
+    assert sorted(listed("status=blocked")) == [child]
+    assert sorted(listed("status=waiting")) == [*members, loose]
+    assert api.get("/api/jobs/?batch=x").status_code == 400
+    assert client_for(make_user("bo")).get(f"/api/jobs/?batch={batch.id}").json()["results"] == []
