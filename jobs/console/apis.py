@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from procrastinate.contrib.django.models import ProcrastinateJob
 from rest_framework import exceptions, mixins, renderers, status, viewsets
 from rest_framework.decorators import action
@@ -309,15 +309,29 @@ class _StreamApi(APIView):
         return self.response
 
 
-_STREAM_REFUSALS = {
-    404: OpenApiResponse(description="No such job or batch of yours"),
-    429: OpenApiResponse(description="Too many open streams (per user or per server); see Retry-After"),
-    503: OpenApiResponse(description="The streams cannot reach the database; see Retry-After"),
-}
+def _stream_refusals(thing: str) -> dict[int, OpenApiResponse]:
+    return {
+        404: OpenApiResponse(description=f"No such {thing} of yours"),
+        429: OpenApiResponse(description="Too many open streams (per user or per server); see Retry-After"),
+        503: OpenApiResponse(description="The streams cannot reach the database; see Retry-After"),
+    }
+
+
+_BATCH_STREAM_EXAMPLE = (
+    "retry: 3000\n\n"
+    "event: progress\n"
+    'data: {"state": "sealed", "total": 3, "done": 2, "succeeded": 2, "failed": 0, "cancelled": 0, "percent": 66.7}\n\n'
+    ": keep-alive\n\n"
+    "event: progress\n"
+    'data: {"state": "done", "total": 3, "done": 3, "succeeded": 2, "failed": 1, "cancelled": 0, "percent": 100.0}\n\n'
+    "event: end\n"
+    'data: {"state": "done", "total": 3, "done": 3, "succeeded": 2, "failed": 1, "cancelled": 0, "percent": 100.0,'
+    ' "callback_job_ids": [812]}\n\n'
+)
 
 
 class JobStreamApi(_StreamApi):
-    @extend_schema(responses={(200, "text/event-stream"): OpenApiTypes.STR, **_STREAM_REFUSALS})
+    @extend_schema(responses={(200, "text/event-stream"): OpenApiTypes.STR, **_stream_refusals("job")})
     async def get(self, request: Request, pk: int) -> StreamingHttpResponse:
         """Server-Sent Events of the job's status and progress, ending with `end`."""
         return await self._stream(request)
@@ -341,8 +355,9 @@ class BatchStreamApi(_StreamApi):
                 description="`progress` events (data: `state`, `total`, `done`, `succeeded`, `failed`,"
                 " `cancelled`, `percent`) as members end, then `end` (the same, with `callback_job_ids`)"
                 " once the batch is done, and the stream closes.",
+                examples=[OpenApiExample("A batch that ends", value=_BATCH_STREAM_EXAMPLE, response_only=True)],
             ),
-            **_STREAM_REFUSALS,
+            **_stream_refusals("batch"),
         },
     )
     async def get(self, request: Request, pk: int) -> StreamingHttpResponse:

@@ -8,8 +8,9 @@ while a client streams it.
   key either: its KEY SHARE lock would wait for those same row locks. A row outlives its batch
   only if a web process died while streaming it; it holds nothing but the id.
 - `jobs_batches_notify(ids)`: one NOTIFY on `secondbrain_batch_<id>` per watched batch of `ids`,
-  with its state and counts (and its callbacks' job ids, once done). With no batch watched it is
-  one probe of an empty index.
+  with its state and counts (and its callbacks' job ids, once done: the last 20, so that a batch
+  completed again and again never reaches NOTIFY's 8000-byte limit, which would fail the
+  statement ending its members). With no batch watched it is one probe of an empty index.
 - `jobs_batches_complete(ids)` (migration 0008) calls it last. The status trigger
   `jobs_workflow_after_jobs_updated` calls that function once per statement with the batches
   whose counts the statement changed, and `job_batch_seal` with the batch it seals: so each
@@ -64,7 +65,12 @@ CREATE TABLE jobs_batch_watches (batch_id bigint PRIMARY KEY);
 CREATE FUNCTION jobs_batches_notify(ids bigint[]) RETURNS void LANGUAGE sql AS $$
     SELECT pg_notify('secondbrain_batch_' || b.id, json_build_object(
                'type', 'batch', 'state', b.state, 'total', b.total, 'succeeded', b.succeeded,
-               'failed', b.failed, 'cancelled', b.cancelled, 'callback_job_ids', b.callback_job_ids)::text)
+               'failed', b.failed, 'cancelled', b.cancelled, 'callback_job_ids',
+               CASE WHEN jsonb_array_length(b.callback_job_ids) <= 20 THEN b.callback_job_ids
+                    ELSE (SELECT jsonb_agg(e ORDER BY n)
+                            FROM jsonb_array_elements(b.callback_job_ids) WITH ORDINALITY AS t (e, n)
+                           WHERE n > jsonb_array_length(b.callback_job_ids) - 20)
+               END)::text)
       FROM jobs_batch_watches AS w JOIN jobs_batches AS b ON b.id = w.batch_id
      WHERE w.batch_id = ANY(ids);
 $$;

@@ -6,6 +6,8 @@ The harness is the job streams' (the `asgi_server` fixture, tests.helpers.SseCli
 
 from __future__ import annotations
 
+import json
+
 import psycopg
 import pytest
 from asgiref.sync import async_to_sync
@@ -209,3 +211,22 @@ def test_one_notification_per_statement_per_batch_and_none_unwatched():
     finally:
         for listener in listeners.values():
             listener.close()
+
+
+def test_the_notification_carries_at_most_the_last_20_callback_job_ids():
+    """A batch completed again and again: its NOTIFY stays far below PostgreSQL's 8000 bytes
+    (past them, the statement that ends its members would fail)."""
+    owner = make_user("ivo")
+    batch_id = _batch(owner, 1)
+    JobBatch.objects.filter(id=batch_id).update(callback_job_ids=list(range(10**12, 10**12 + 1000)))
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO jobs_batch_watches (batch_id) VALUES (%s)", [batch_id])
+    listener = _Listener(batch_id)
+    try:
+        job_batch_cancel(batch_id=batch_id)
+        [payload] = listener.received()
+    finally:
+        listener.close()
+    ids = JobBatch.objects.get(id=batch_id).callback_job_ids
+    assert len(ids) == 1001  # and the callback this completion deferred
+    assert json.loads(payload)["callback_job_ids"] == ids[-20:]
