@@ -186,3 +186,9 @@ def wait_for_release(*, release_path: str, n: int = 0) -> int:
 def batch_report(**counts: object) -> dict:
     """A batch's callback: returns the arguments it was given."""
     return counts
+
+
+# Made periodic by tests/jobs/test_periodic_timezone.py for the length of a test only.
+@job_task(name="tests.periodic_stamp", queue=QUEUE_A)
+def periodic_stamp(timestamp: int) -> dict:
+    return {"timestamp": timestamp}
