@@ -24,6 +24,7 @@ from procrastinate.contrib.django import app
 
 from jobs.tasking.cron import CronSchedule
 from jobs.tasking.retry import JobRetryStrategy
+from jobs.tasking.snooze import DEFAULT_MAX_SNOOZES
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class TaskOptions:
     on_time_limit: Callable[..., Any] | None = None
     rate_limits: tuple[RateLimit, ...] = ()
     result_ttl: int | None = None  # seconds; None means settings.JOBS_RESULT_TTL_SECONDS
+    max_snoozes: int = DEFAULT_MAX_SNOOZES
 
     def time_limit_seconds(self) -> float | None:
         """The time limit of a job starting now (a callable is read at every start)."""
@@ -99,6 +101,7 @@ def job_task(
     on_time_limit: Callable[..., Any] | None = None,
     rate_limits: list[RateLimit] | tuple[RateLimit, ...] = (),
     result_ttl: int | None = None,
+    max_snoozes: int = DEFAULT_MAX_SNOOZES,
     pass_context: bool = False,
     cron: str | None = None,
     timezone: str = "UTC",
@@ -113,6 +116,8 @@ def job_task(
     - `on_time_limit`: when the last attempt reaches the time limit, called instead of failing,
       in a thread, with the task's keyword arguments and `error=`; its return value is the job's
       result (the weekly digest writes its plain digest).
+    - `max_snoozes`: how many times one job may `raise JobSnooze(seconds=...)`; past it the job
+      fails (jobs/tasking/snooze.py).
     - `cron` with `periodic_id`: also a periodic task (Procrastinate's `app.periodic`). The task
       then takes a `timestamp` argument; the id is stored in `procrastinate_periodic_defers`.
     - `timezone`: the IANA zone whose wall clock `cron` reads (default UTC). Times that a DST
@@ -121,6 +126,8 @@ def job_task(
     """
     if cron is None and (periodic_id or timezone != "UTC"):
         raise ValueError(f"{name}: periodic_id and timezone go with cron")
+    if max_snoozes < 0:
+        raise ValueError(f"{name}: max_snoozes must be 0 or more")
     schedule = None
     if cron is not None:
         try:
@@ -134,6 +141,7 @@ def job_task(
             on_time_limit=on_time_limit,
             rate_limits=tuple(rate_limits),
             result_ttl=result_ttl,
+            max_snoozes=max_snoozes,
         )
         task = app.task(
             name=name,
