@@ -26,7 +26,7 @@ Paris) or happens twice (autumn: 02:30 on the last Sunday of October). The rules
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -136,8 +136,3 @@ class CronSchedule:
             else:
                 before = middle
         return after
-
-
-def utc_instant(at: int) -> datetime:
-    """An epoch second as an aware UTC datetime (for messages and tests)."""
-    return datetime.fromtimestamp(at, UTC)

@@ -4,6 +4,7 @@ is due, across both DST changes. Europe/Paris in 2026: clocks go forward on Sund
 
 from __future__ import annotations
 
+import itertools
 import re
 from datetime import UTC, datetime
 
@@ -84,3 +85,43 @@ def test_a_bad_schedule_fails_at_declaration_naming_the_task(cron, zone, message
 def test_a_time_zone_without_a_cron_is_refused():
     with pytest.raises(ValueError, match=r"tests\.never_registered: periodic_id and timezone go with cron"):
         job_task(name="tests.never_registered", queue="maintenance", timezone="Europe/Paris")
+
+
+# Two days around each change of a few zones: Paris and New York (1 h), Lord Howe (30 min).
+CHANGES = [
+    ("Europe/Paris", at(2026, 3, 29, 1)),
+    ("Europe/Paris", at(2026, 10, 25, 1)),
+    ("America/New_York", at(2026, 3, 8, 7)),
+    ("America/New_York", at(2026, 11, 1, 6)),
+    ("Australia/Lord_Howe", at(2026, 4, 4, 15)),
+    ("Australia/Lord_Howe", at(2026, 10, 3, 15, 30)),
+]
+
+
+@pytest.mark.parametrize(("zone", "change"), CHANGES)
+@pytest.mark.parametrize("cron", ["30 2 * * *", "0,30 1-3 * * *", "*/20 * * * *", "45 * * * *", "0 0 * * *"])
+def test_next_and_latest_agree_with_the_list_of_runs_around_a_change(zone, change, cron):
+    schedule = CronSchedule(cron, zone)
+    start, end = change - 86400, change + 86400
+    runs = schedule.runs_between(start - 2 * 86400, end + 2 * 86400)  # a daily run on each side
+    assert runs == sorted(set(runs)), "a run twice, or out of order"
+    for instant in range(start, end, 7 * 60 + 13):  # not on the runs' minutes only
+        assert schedule.next_after(instant) == min(r for r in runs if r > instant)
+        assert schedule.latest_at_or_before(instant) == max(r for r in runs if r <= instant)
+    for run in runs:
+        assert schedule.latest_at_or_before(run) == run
+
+
+@pytest.mark.parametrize(("zone", "change"), CHANGES[:4])
+def test_a_schedule_that_follows_the_clock_keeps_its_real_spacing_over_a_one_hour_change(zone, change):
+    runs = CronSchedule("*/20 * * * *", zone).runs_between(change - 86400, change + 86400)
+    assert {b - a for a, b in itertools.pairwise(runs)} == {1200}
+
+
+@pytest.mark.parametrize(("zone", "change"), CHANGES)
+def test_a_daily_schedule_runs_once_every_local_day_across_a_change(zone, change):
+    schedule = CronSchedule("30 2 * * *", zone)
+    runs = schedule.runs_between(change - 3 * 86400, change + 3 * 86400)
+    days = [datetime.fromtimestamp(run, schedule.zone).date() for run in runs]
+    assert len(days) == len(set(days)), "a day with two runs"
+    assert (days[-1] - days[0]).days == len(days) - 1 >= 4, "a day without a run"
