@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import environ
+from croniter import croniter
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -251,6 +252,26 @@ def _rate(name: str, default: str) -> str | None:
     return value
 
 
+def _cron(name: str, default: str) -> str:
+    """A cron expression (5 fields, or 6 with seconds last), checked here so a typo names its variable."""
+    value = env.str(name, default=default).strip()
+    if not croniter.is_valid(value):
+        raise ImproperlyConfigured(f'{name} must be a cron expression such as "0 2 * * 5"; got {value!r}')
+    return value
+
+
+def _time_zone(name: str, default: str) -> str:
+    """An IANA time zone name ("Europe/Paris"), checked against the system's zone database."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    value = env.str(name, default=default).strip()
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ImproperlyConfigured(f'{name} must be an IANA time zone such as "Europe/Paris"; got {value!r}') from None
+    return value
+
+
 THROTTLE_USER_RATE = _rate("THROTTLE_USER_RATE", "600/min")
 THROTTLE_ANON_RATE = _rate("THROTTLE_ANON_RATE", "60/min")
 # Throttle counters live in PostgreSQL (the table comes from core's migration), so every web
@@ -335,8 +356,10 @@ NOTIFICATIONS_DELIVERY_LOG_RETENTION_DAYS = env.int("NOTIFICATIONS_DELIVERY_LOG_
 NOTIFICATIONS_OUTCOME_WAIT_SECONDS = env.float("NOTIFICATIONS_OUTCOME_WAIT_SECONDS", default=60.0)
 
 # --- Digests --------------------------------------------------------------------------------
-DIGEST_SWEEP_CRON = env.str("DIGEST_SWEEP_CRON", default="* * * * *")
-DIGEST_WEEKLY_CRON = env.str("DIGEST_WEEKLY_CRON", default="0 2 * * 5")  # Fridays 02:00 UTC
+DIGEST_SWEEP_CRON = _cron("DIGEST_SWEEP_CRON", "* * * * *")
+# The weekly AI digest: Fridays at 02:00 on DIGEST_WEEKLY_TIMEZONE's wall clock (UTC by default).
+DIGEST_WEEKLY_CRON = _cron("DIGEST_WEEKLY_CRON", "0 2 * * 5")
+DIGEST_WEEKLY_TIMEZONE = _time_zone("DIGEST_WEEKLY_TIMEZONE", "UTC")
 DIGEST_TIME_LIMIT_SECONDS = env.float("DIGEST_TIME_LIMIT_SECONDS", default=1800.0)
 
 # --- Job system (Procrastinate) --------------------------------------------------------------
@@ -345,7 +368,7 @@ WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=10)
 WORKER_STALLED_SECONDS = env.float("WORKER_STALLED_SECONDS", default=30.0)
 WORKER_HEARTBEAT_SECONDS = env.float("WORKER_HEARTBEAT_SECONDS", default=5.0)
 # How often the maintenance queue looks for jobs of dead workers (cron; a 6th field is seconds).
-STALLED_JOBS_CRON = env.str("STALLED_JOBS_CRON", default="* * * * *")
+STALLED_JOBS_CRON = _cron("STALLED_JOBS_CRON", "* * * * *")
 
 # On SIGTERM a worker stops fetching, lets running jobs finish for this long, then aborts the
 # rest, which are retried.
@@ -375,7 +398,7 @@ JOBS_SUCCEEDED_RETENTION_SECONDS = env.int("JOBS_SUCCEEDED_RETENTION_SECONDS", d
 JOBS_FAILED_RETENTION_SECONDS = env.int("JOBS_FAILED_RETENTION_SECONDS", default=7 * 24 * 3600)
 JOBS_SUCCEEDED_RETENTION_BY_QUEUE = env.dict("JOBS_SUCCEEDED_RETENTION_BY_QUEUE", cast={"value": int}, default={})
 JOBS_FAILED_RETENTION_BY_QUEUE = env.dict("JOBS_FAILED_RETENTION_BY_QUEUE", cast={"value": int}, default={})
-JOBS_RETENTION_CRON = env.str("JOBS_RETENTION_CRON", default="*/5 * * * *")
+JOBS_RETENTION_CRON = _cron("JOBS_RETENTION_CRON", "*/5 * * * *")
 JOBS_RETENTION_BATCH_SIZE = env.int("JOBS_RETENTION_BATCH_SIZE", default=1000)
 # How long a task's returned result is kept (and shown by the API).
 JOBS_RESULT_TTL_SECONDS = env.int("JOBS_RESULT_TTL_SECONDS", default=24 * 3600)

@@ -16,7 +16,11 @@ def digest_sweep(timestamp: int | None = None) -> int:
 
 
 @job_task(
-    name="digests.weekly_fanout", queue=queues.DIGESTS, cron=settings.DIGEST_WEEKLY_CRON, periodic_id="weekly-digest"
+    name="digests.weekly_fanout",
+    queue=queues.DIGESTS,
+    cron=settings.DIGEST_WEEKLY_CRON,
+    timezone=settings.DIGEST_WEEKLY_TIMEZONE,
+    periodic_id="weekly-digest",
 )
 def weekly_digest_fanout(timestamp: int) -> int:
     return services.weekly_digest_fanout(period_end=datetime.fromtimestamp(timestamp, UTC))

@@ -1,6 +1,6 @@
 """The job system's public face: what apps use, from one place.
 
-    from jobs import job_task, job_defer, job_progress, queues, will_retry
+    from jobs import job_task, job_defer, job_progress, queues, will_retry, JobSnooze
 
 Inside, three rooms: `jobs.tasking` (the task author's toolkit, re-exported here),
 `jobs.engine` (what runs jobs; apps never import it) and `jobs.console` (the operator's API,
@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # what the lazy loading below returns, for type checkers and 
     from jobs.tasking.ratelimit import rate_limit_wait
     from jobs.tasking.registry import RateLimit, job_task
     from jobs.tasking.retry import will_retry
+    from jobs.tasking.snooze import JobSnooze, SnoozeLimitExceeded
     from jobs.tasking.webhooks import webhook_url_check, webhook_url_problem
     from jobs.tasking.workflows import (
         JobCall,
@@ -63,6 +64,8 @@ _SOURCES = {
     "job_progress_async": "jobs.tasking.progress",
     "job_parent_results": "jobs.tasking.workflows",
     "will_retry": "jobs.tasking.retry",
+    "JobSnooze": "jobs.tasking.snooze",  # raise JobSnooze(seconds=30): run again later, same attempt
+    "SnoozeLimitExceeded": "jobs.tasking.snooze",
     "TimeLimitExceeded": "jobs.tasking.limits",
     "rate_limit_wait": "jobs.tasking.ratelimit",
     "breaker_check": "jobs.tasking.breaker",
@@ -81,7 +84,9 @@ __all__ = [
     "RETRY_PERMISSION",
     "SERVICE_PRIORITY",
     "JobCall",
+    "JobSnooze",
     "RateLimit",
+    "SnoozeLimitExceeded",
     "TimeLimitExceeded",
     "breaker_check",
     "breaker_record_failure",

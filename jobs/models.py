@@ -68,6 +68,8 @@ class JobInfo(models.Model):
     result = models.JSONField(null=True, blank=True)
     result_expires_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True, default="", db_default="")
+    # How many times the job snoozed (`raise JobSnooze(seconds=...)`), capped by the task's max_snoozes.
+    snoozes = models.IntegerField(default=0, db_default=0)
     # Set while a client streams this job: only watched jobs NOTIFY on status changes.
     watched = models.BooleanField(default=False, db_default=False)
 

@@ -203,6 +203,7 @@ def job_detail(*, job: ProcrastinateJob) -> dict[str, Any]:
         "result": info.result if result_live else None,
         "result_expires_at": info.result_expires_at if result_live else None,
         "error": (info.error or None) if info is not None else None,
+        "snoozes": info.snoozes if info is not None else 0,
         **job_workflow(job_id=job.id),
     }
 

@@ -121,6 +121,7 @@ class JobDetailSerializer(serializers.Serializer):
     result = serializers.JSONField(allow_null=True, help_text="Null once its retention has passed.")
     result_expires_at = serializers.DateTimeField(allow_null=True)
     error = serializers.CharField(allow_null=True, help_text="The last error, if any.")
+    snoozes = serializers.IntegerField(help_text="How many times the job snoozed (ran again later, same attempt).")
     batch_id = serializers.IntegerField(allow_null=True, help_text="The batch the job belongs to.")
     parents_waiting = serializers.IntegerField(help_text="How many of its parents have not ended: blocked while > 0.")
     parents = ParentSerializer(many=True)

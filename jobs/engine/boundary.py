@@ -76,6 +76,7 @@ MANAGER = "jobs/engine/manager.py"
 CONNECTOR = "jobs/engine/connector.py"
 APP = "jobs/engine/app.py"
 MIDDLEWARE = "jobs/engine/middleware.py"
+PERIODIC = "jobs/engine/periodic.py"
 SERVICES = "jobs/console/services.py"
 MIGRATION_TRIGGERS = "jobs/migrations/0003_statement_level_triggers.py"
 MIGRATION_UPDATED_TRIGGER = "jobs/migrations/0006_webhooks_queue_and_secrets.py"
@@ -143,7 +144,7 @@ NAMES: tuple[Name, ...] = (
     ),
     _worker("_log_extra", "method", "overrides", "(self, action, context, job_result, **kwargs)"),
     _worker("_process_job", "async method", "calls", "(self, context)"),
-    _worker("_periodic_deferrer", "async method", "calls", "(self)"),
+    _worker("_periodic_deferrer", "async method", "overrides", "(self)", called_in="procrastinate.worker"),
     _worker("_poll_jobs_to_abort", "async method", "calls", "(self)"),
     _worker("_handle_notification", "async method", "calls", "(self, *, channel, notification)"),
     _worker_state("_stop_event", "Event"),
@@ -233,6 +234,43 @@ NAMES: tuple[Name, ...] = (
         WORKER,
         "(self, *, on_notification, queues=None)",
     ),
+    # --- Procrastinate: the periodic deferrer (jobs/engine/periodic.py's ZonedPeriodicDeferrer) --------
+    # An undocumented module: the worker builds the deferrer, and its methods are the contract.
+    Name("procrastinate.periodic:PeriodicDeferrer", "class", "subclasses", PERIODIC, "(registry, max_delay=600)"),
+    Name("procrastinate.periodic:PeriodicDeferrer.worker", "async method", "overrides", PERIODIC, "(self)"),
+    Name("procrastinate.periodic:PeriodicDeferrer.get_next_tick", "method", "overrides", PERIODIC, "(self, at)"),
+    Name(
+        "procrastinate.periodic:PeriodicDeferrer.get_timestamps",
+        "method",
+        "overrides",
+        PERIODIC,
+        "(self, periodic_task, since, until)",
+        called_in="procrastinate.periodic",
+    ),
+    Name("procrastinate.periodic:PeriodicDeferrer.get_previous_tasks", "method", "calls", PERIODIC, "(self, at)"),
+    Name(
+        "procrastinate.periodic:PeriodicDeferrer.defer_jobs", "async method", "calls", PERIODIC, "(self, jobs_to_defer)"
+    ),
+    Name("procrastinate.periodic:PeriodicDeferrer.wait", "async method", "calls", PERIODIC, "(self, next_tick)"),
+    Name(
+        "procrastinate.periodic:PeriodicDeferrer.registry",
+        "instance attribute",
+        "reads",
+        PERIODIC,
+        type="PeriodicRegistry",
+    ),
+    Name("procrastinate.periodic:PeriodicDeferrer.max_delay", "instance attribute", "reads", PERIODIC, type="int"),
+    Name(
+        "procrastinate.periodic:PeriodicRegistry.periodic_tasks", "instance attribute", "reads", PERIODIC, type="dict"
+    ),
+    # Its fields (task, cron, periodic_id) are what the deferrer reads.
+    Name(
+        "procrastinate.periodic:PeriodicTask",
+        "class",
+        "reads",
+        PERIODIC,
+        "(task, cron, periodic_id, configure_kwargs)",
+    ),
     # --- psycopg_pool (jobs/engine/connector.py) -------------------------------------------------------
     Name("psycopg_pool.base", "module", "imports", CONNECTOR),
     Name("psycopg_pool.base:AttemptWithBackoff", "class", "subclasses", CONNECTOR, "(*, timeout)"),
@@ -293,6 +331,18 @@ def _attempt_with_backoff() -> Any:
     return AttemptWithBackoff(timeout=1.0)
 
 
+def _periodic_registry() -> Any:
+    from procrastinate.periodic import PeriodicRegistry
+
+    return PeriodicRegistry()
+
+
+def _periodic_deferrer() -> Any:
+    from procrastinate.periodic import PeriodicDeferrer, PeriodicRegistry
+
+    return PeriodicDeferrer(registry=PeriodicRegistry())
+
+
 def _job_manager() -> Any:
     from procrastinate import testing
     from procrastinate.manager import JobManager
@@ -309,6 +359,8 @@ def _database_cache() -> Any:
 INSTANCES: dict[str, Callable[[], Any]] = {
     "procrastinate.worker:Worker": _procrastinate_worker,
     "procrastinate.manager:JobManager": _job_manager,
+    "procrastinate.periodic:PeriodicDeferrer": _periodic_deferrer,
+    "procrastinate.periodic:PeriodicRegistry": _periodic_registry,
     "psycopg_pool.base:AttemptWithBackoff": _attempt_with_backoff,
     "django.core.cache.backends.db:DatabaseCache": _database_cache,
 }
@@ -416,6 +468,18 @@ UPSTREAM_SOURCES: dict[str, tuple[str, str]] = {
     "procrastinate.manager:JobManager.retry_job_by_id": (
         "b799b0d160fa9e17491e3e9bc6734fb3407fb868cf6f2860614d1447028183f8",
         MANAGER,
+    ),
+    "procrastinate.periodic:PeriodicDeferrer.worker": (
+        "d1e9324e689b7a3cea3980ceeadc856ac1ef7b45a7d9eecf3c1e2c870a0924cd",
+        PERIODIC,
+    ),
+    "procrastinate.periodic:PeriodicDeferrer.get_next_tick": (
+        "5ad7b7ea1f0bffbb2f2540e17b9f29d5ff3fcc234fa121234c33e48e8455150c",
+        PERIODIC,
+    ),
+    "procrastinate.periodic:PeriodicDeferrer.get_timestamps": (
+        "77a6bff2caa8cf5d85daccfe2cabd2eb98829e98ff00e84da972ccc8dfe860d4",
+        PERIODIC,
     ),
     "psycopg_pool.pool_async:AsyncConnectionPool._add_connection": (
         "9e6e6b04f2b0984b8c098989f07eeea858522be1e5225b3f4627040443752085",

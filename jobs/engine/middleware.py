@@ -9,7 +9,8 @@
    (an operator's, or the worker's own shutdown after its grace period) and gives up waiting.
 4. The returned value is stored as the job's result (JSON, with a retention time); a failure
    stores its error message. Both in `jobs_job_info`, next to progress.
-5. Neither a postponed job nor one aborted by its worker's shutdown spends an attempt, and a
+5. Neither a postponed job (a rate limit, or a snooze: `JobSnooze`, counted against the task's
+   `max_snoozes`) nor one aborted by its worker's shutdown spends an attempt, and a
    worker that re-queues a job for later wakes itself when it is due (Procrastinate sends no
    NOTIFY for a retried job, so it would otherwise wait for its next poll).
 """
@@ -37,6 +38,7 @@ from jobs.tasking.limits import TimeLimitExceeded
 from jobs.tasking.ratelimit import rate_limit_refund, rate_limit_try_acquire
 from jobs.tasking.registry import TaskOptions, task_options
 from jobs.tasking.retry import Postponed
+from jobs.tasking.snooze import JobSnooze, SnoozeLimitExceeded
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,12 @@ ON CONFLICT (job_id) DO UPDATE SET error = EXCLUDED.error
 _CLEAR_ERROR = "UPDATE jobs_job_info SET error = '' WHERE job_id = %(job_id)s AND error <> ''"
 # The retry that follows a postponement or a shutdown adds one attempt back: the two cancel out.
 _UNCOUNT_ATTEMPT = "UPDATE procrastinate_jobs SET attempts = attempts - 1 WHERE id = %(job_id)s"
+# A job's snoozes, counted with the snooze they record (periodic jobs have no row yet: one is made).
+_COUNT_SNOOZE = """
+INSERT INTO jobs_job_info (job_id, snoozes) VALUES (%(job_id)s, 1)
+ON CONFLICT (job_id) DO UPDATE SET snoozes = jobs_job_info.snoozes + 1
+RETURNING snoozes
+"""
 _OWNER = "SELECT owner_id FROM jobs_job_info WHERE job_id = %(job_id)s"
 
 
@@ -83,6 +91,14 @@ async def job_middleware(call_next, context: JobContext, worker) -> Any:
                 current.uncancel()
             raise JobAborted(f"job {job.id} aborted ({context.abort_reason()})") from None
     except Postponed as exc:
+        if isinstance(exc, JobSnooze):
+            snoozes = (await connector.execute_query_one_async(_COUNT_SNOOZE, job_id=job.id))["snoozes"]
+            if snoozes > options.max_snoozes:
+                error = SnoozeLimitExceeded(
+                    f"{job.task_name} snoozed {snoozes} times, more than its max_snoozes ({options.max_snoozes})"
+                )
+                await connector.execute_query_async(_STORE_ERROR, job_id=job.id, error=str(error))
+                raise error from None
         await connector.execute_query_async(_UNCOUNT_ATTEMPT, job_id=job.id)
         _wake_at(worker, exc.retry_at)
         raise

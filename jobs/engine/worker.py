@@ -31,6 +31,7 @@ from procrastinate.worker import Worker
 
 from jobs.engine.connector import is_connection_error
 from jobs.engine.manager import BatchingJobManager
+from jobs.engine.periodic import ZonedPeriodicDeferrer
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +278,11 @@ class BatchingWorker(Worker):
             await asyncio.sleep(backoff.next_delay())
             if name == "listener":
                 self._new_job_event.set()  # NOTIFYs sent while it was away are lost: look now
+
+    async def _periodic_deferrer(self) -> None:
+        """Procrastinate's, with each cron read on its task's time zone (jobs/engine/periodic.py)."""
+        deferrer = ZonedPeriodicDeferrer(registry=self.app.periodic_registry, **self.app.periodic_defaults)
+        return await deferrer.worker()
 
     def _start_side_tasks(self) -> list[asyncio.Task[Any]]:
         side_tasks = [

@@ -7,6 +7,8 @@
     @job_task(name="jobs.purge", queue=queues.MAINTENANCE, cron="0 3 * * *", periodic_id="purge")
     def purge_finished_jobs(timestamp: int) -> dict[str, int]: ...
 
+    @job_task(name="digests.weekly_fanout", ..., cron="0 2 * * FRI", timezone="Europe/Paris", periodic_id=...)
+
 Every task of the project is declared this way, periodic ones included. The options live in a
 registry keyed by task name; the worker middleware (`jobs.engine.middleware`) reads them for every
 job it runs.
@@ -20,7 +22,9 @@ from typing import Any
 
 from procrastinate.contrib.django import app
 
+from jobs.tasking.cron import CronSchedule
 from jobs.tasking.retry import JobRetryStrategy
+from jobs.tasking.snooze import DEFAULT_MAX_SNOOZES
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class TaskOptions:
     on_time_limit: Callable[..., Any] | None = None
     rate_limits: tuple[RateLimit, ...] = ()
     result_ttl: int | None = None  # seconds; None means settings.JOBS_RESULT_TTL_SECONDS
+    max_snoozes: int = DEFAULT_MAX_SNOOZES
 
     def time_limit_seconds(self) -> float | None:
         """The time limit of a job starting now (a callable is read at every start)."""
@@ -71,10 +76,19 @@ class TaskOptions:
 
 _OPTIONS: dict[str, TaskOptions] = {}
 _DEFAULT = TaskOptions()
+# (task name, periodic_id) -> its schedule: the key of Procrastinate's periodic registry.
+_SCHEDULES: dict[tuple[str, str], CronSchedule] = {}
 
 
 def task_options(task_name: str) -> TaskOptions:
     return _OPTIONS.get(task_name, _DEFAULT)
+
+
+def periodic_schedule(task_name: str, periodic_id: str, cron: str) -> CronSchedule:
+    """The schedule of a periodic task; one registered without `job_task` (Procrastinate's own
+    `app.periodic`) reads its cron in UTC, as Procrastinate does."""
+    schedule = _SCHEDULES.get((task_name, periodic_id))
+    return schedule if schedule is not None and schedule.cron == cron else CronSchedule(cron)
 
 
 def job_task(
@@ -87,8 +101,10 @@ def job_task(
     on_time_limit: Callable[..., Any] | None = None,
     rate_limits: list[RateLimit] | tuple[RateLimit, ...] = (),
     result_ttl: int | None = None,
+    max_snoozes: int = DEFAULT_MAX_SNOOZES,
     pass_context: bool = False,
     cron: str | None = None,
+    timezone: str = "UTC",
     periodic_id: str = "",
     **procrastinate_options: Any,
 ) -> Callable[[Callable[..., Any]], Any]:
@@ -100,11 +116,24 @@ def job_task(
     - `on_time_limit`: when the last attempt reaches the time limit, called instead of failing,
       in a thread, with the task's keyword arguments and `error=`; its return value is the job's
       result (the weekly digest writes its plain digest).
+    - `max_snoozes`: how many times one job may `raise JobSnooze(seconds=...)`; past it the job
+      fails (jobs/tasking/snooze.py).
     - `cron` with `periodic_id`: also a periodic task (Procrastinate's `app.periodic`). The task
       then takes a `timestamp` argument; the id is stored in `procrastinate_periodic_defers`.
+    - `timezone`: the IANA zone whose wall clock `cron` reads (default UTC). Times that a DST
+      change skips or repeats run once, or follow the clock for `*` schedules (jobs/tasking/cron.py).
+      A bad cron or an unknown zone is a ValueError naming the task, at import.
     """
-    if cron is None and periodic_id:
-        raise ValueError("periodic_id goes with cron")
+    if cron is None and (periodic_id or timezone != "UTC"):
+        raise ValueError(f"{name}: periodic_id and timezone go with cron")
+    if max_snoozes < 0:
+        raise ValueError(f"{name}: max_snoozes must be 0 or more")
+    schedule = None
+    if cron is not None:
+        try:
+            schedule = CronSchedule(cron, timezone)
+        except ValueError as exc:
+            raise ValueError(f"task {name}: {exc}") from None
 
     def decorator(func: Callable[..., Any]) -> Any:
         _OPTIONS[name] = TaskOptions(
@@ -112,6 +141,7 @@ def job_task(
             on_time_limit=on_time_limit,
             rate_limits=tuple(rate_limits),
             result_ttl=result_ttl,
+            max_snoozes=max_snoozes,
         )
         task = app.task(
             name=name,
@@ -120,8 +150,9 @@ def job_task(
             pass_context=pass_context,
             **procrastinate_options,
         )(func)
-        if cron is not None:
-            task = app.periodic(cron=cron, periodic_id=periodic_id)(task)
+        if schedule is not None:
+            _SCHEDULES[(name, periodic_id)] = schedule
+            task = app.periodic(cron=schedule.cron, periodic_id=periodic_id)(task)
         return task
 
     return decorator

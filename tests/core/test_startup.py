@@ -42,3 +42,32 @@ def test_database_url_must_be_postgres():
     result = _run("manage.py", "check", DEBUG="true", DATABASE_URL="sqlite:///db.sqlite3")
     assert result.returncode == 2
     assert "PostgreSQL" in result.stderr
+
+
+def test_a_bad_weekly_digest_schedule_stops_the_start_naming_its_variable():
+    for variable, value in (("DIGEST_WEEKLY_CRON", "0 2 * *"), ("DIGEST_WEEKLY_TIMEZONE", "Europe/Pariss")):
+        result = _run("manage.py", "check", DEBUG="true", **{variable: value})
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert variable in result.stderr and repr(value) in result.stderr
+
+
+def test_the_weekly_digest_runs_on_the_configured_time_zone():
+    code = (
+        "import django; django.setup();"
+        "from procrastinate.contrib.django import app;"
+        "from jobs.engine.periodic import schedule_of;"
+        "pt = app.periodic_registry.periodic_tasks[('digests.weekly_fanout', 'weekly-digest')];"
+        "s = schedule_of(pt); print(s.cron, s.timezone, s.next_after(1790000000))"
+    )
+    result = _run(
+        "-c",
+        code,
+        DEBUG="true",
+        DJANGO_SETTINGS_MODULE="config.settings",
+        DIGEST_WEEKLY_CRON="0 2 * * FRI",
+        DIGEST_WEEKLY_TIMEZONE="Europe/Paris",
+    )
+    assert result.returncode == 0, result.stderr
+    # 1790000000 is Monday 2026-09-21: the next Friday 02:00 in Paris (summer time) is 00:00 UTC.
+    assert result.stdout.split() == ["0", "2", "*", "*", "FRI", "Europe/Paris", "1790294400"]

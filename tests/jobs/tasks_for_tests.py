@@ -19,6 +19,7 @@ from core.errors import ProviderError
 from jobs.tasking import queues
 from jobs.tasking.progress import job_progress, job_progress_async
 from jobs.tasking.registry import RateLimit, job_task
+from jobs.tasking.snooze import JobSnooze
 from jobs.tasking.workflows import job_parent_results
 
 WORKER_ENV = {"PROCRASTINATE_IMPORT_PATHS": __name__}
@@ -186,3 +187,25 @@ def wait_for_release(*, release_path: str, n: int = 0) -> int:
 def batch_report(**counts: object) -> dict:
     """A batch's callback: returns the arguments it was given."""
     return counts
+
+
+# Made periodic by tests/jobs/test_periodic_timezone.py for the length of a test only.
+@job_task(name="tests.periodic_stamp", queue=QUEUE_A)
+def periodic_stamp(timestamp: int) -> dict:
+    return {"timestamp": timestamp}
+
+
+@job_task(name="tests.snooze_once", queue=QUEUE_A, retries=2)
+def snooze_once(*, marker: str, seconds: float, release_path: str = "") -> str:
+    """Snoozes on its first run (after `release_path` appears, when given), succeeds on the next."""
+    if release_path:
+        wait_for_file(release_path)
+    if not Path(marker).exists():
+        Path(marker).write_text("snoozed")
+        raise JobSnooze(seconds=seconds)
+    return "done"
+
+
+@job_task(name="tests.snooze_forever", queue=QUEUE_A, max_snoozes=2)
+def snooze_forever(*, seconds: float) -> None:
+    raise JobSnooze(seconds=seconds)
