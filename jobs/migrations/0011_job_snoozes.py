@@ -8,7 +8,7 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-    dependencies = [("jobs", "0009_fair_claims")]
+    dependencies = [("jobs", "0010_batch_streams")]
 
     operations = [
         migrations.AddField(
