@@ -263,7 +263,7 @@ class Migration(migrations.Migration):
         migrations.CreateModel(
             name="JobBatch",
             fields=[
-                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
                 ("key", models.CharField(blank=True, max_length=200, null=True, unique=True)),
                 ("name", models.CharField(blank=True, db_default="", default="", max_length=200)),
                 (
