@@ -2,7 +2,11 @@
 #   default                                  gunicorn (ASGI) on 0.0.0.0:8000 (the API and the admin)
 #   python manage.py procrastinate worker    a job worker (add -q QUEUE to take a subset)
 #   python manage.py migrate --no-input      the schema, run once before the others
-FROM python:3.11-slim
+#
+# The base is a build argument so that a locally built one can stand in (a machine without a
+# registry); production keeps the public image.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -18,10 +22,11 @@ RUN pip install -r requirements/base.txt
 COPY . .
 
 # Static files at build time, with gzip copies; gunicorn serves them itself (WhiteNoise).
-# Settings refuse to load without a database URL and a real secret when DEBUG is off;
-# collectstatic never connects, so throw-away values do.
+# Settings refuse to load without a database URL, a real secret and a mail server when DEBUG
+# is off; collectstatic neither connects nor sends, so throw-away values do.
 RUN DATABASE_URL=postgres://build@localhost/build \
     SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(50))')" \
+    EMAIL_URL=dummymail:// \
     python manage.py collectstatic --no-input --verbosity 0
 
 # gunicorn keeps its control socket under $HOME, hence a home directory.

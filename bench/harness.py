@@ -62,6 +62,7 @@ class Bench:
             "LLM_DAILY_BUDGET_USD_PER_USER": "0",
         }
         self.env.setdefault("SECRET_KEY", "bench-" + "x" * 40)
+        self.env.setdefault("EMAIL_URL", "consolemail://")  # required with DEBUG off; e-mail runs set theirs
         self.children: list[subprocess.Popen] = []
 
     def sql(self, query: str, params: tuple | list | dict | None = None, *, stock: bool = False) -> list[tuple]:

@@ -1,7 +1,7 @@
 """Settings for secondbrain, read from the environment (see the table in docs/operating.md).
 
 Every value has a safe default except the ones that must not have one in production:
-with DEBUG off, SECRET_KEY must be set to a real secret.
+with DEBUG off, SECRET_KEY must be set to a real secret and EMAIL_URL to a real mail server.
 """
 
 from __future__ import annotations
@@ -323,6 +323,10 @@ NOTE_MAX_CONTENT_BYTES = env.int("NOTE_MAX_CONTENT_BYTES", default=100_000)
 # --- E-mail and notifications ----------------------------------------------------------------
 # smtp://user:pass@host:587 (smtp+tls://, smtp+ssl://), consolemail://, filemail://, ...
 # `make run` uses filemail://: one file per message under EMAIL_FILE_PATH (.data/mail).
+# Required with DEBUG off: the console default would print every recipient, subject and body
+# (digests quote notes) to the logs of a production worker, and send nothing.
+if not DEBUG and not env.str("EMAIL_URL", default=""):
+    raise ImproperlyConfigured("EMAIL_URL must be set when DEBUG is off (e.g. smtp+tls://user:password@host:587)")
 _email = env.email_url("EMAIL_URL", default="consolemail://")
 EMAIL_BACKEND = _email["EMAIL_BACKEND"]
 if EMAIL_BACKEND == "django.core.mail.backends.smtp.EmailBackend":
@@ -373,6 +377,9 @@ STALLED_JOBS_CRON = _cron("STALLED_JOBS_CRON", "* * * * *")
 # On SIGTERM a worker stops fetching, lets running jobs finish for this long, then aborts the
 # rest, which are retried.
 WORKER_SHUTDOWN_GRACE_SECONDS = env.float("WORKER_SHUTDOWN_GRACE_SECONDS", default=30.0)
+# A worker writes its id (its row in procrastinate_workers) to this file once registered, for
+# `manage.py jobs_worker_health` in the same container; empty: no file.
+WORKER_ID_FILE = env.str("WORKER_ID_FILE", default="")
 
 PROCRASTINATE_WORKER_DEFAULTS = {
     "concurrency": WORKER_CONCURRENCY,

@@ -119,6 +119,9 @@ def test(pytest_args: list[str]) -> int:
     # The suite runs with production-like settings: DEBUG off and a throw-away secret.
     env.setdefault("DEBUG", "false")
     env.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
+    # Required with DEBUG off; Django's test runner swaps in its in-memory backend anyway, and
+    # tests that send for real point their workers at a local SMTP sink.
+    env.setdefault("EMAIL_URL", "consolemail://")
     # Worker threads must not keep connections open, or the test database cannot be dropped.
     env.setdefault("DATABASE_CONN_MAX_AGE", "0")
     try:

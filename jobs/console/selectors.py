@@ -41,6 +41,18 @@ def live_worker_exists(*, stalled_after_seconds: float) -> bool:
         return cursor.fetchone()[0]
 
 
+def worker_heartbeat_age(*, worker_id: int) -> float | None:
+    """Seconds since the worker's last heartbeat, on the database's clock; None when its row is
+    gone (it stopped, or another worker pruned it as stalled)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT extract(epoch FROM now() - last_heartbeat)::float FROM procrastinate_workers WHERE id = %s",
+            [worker_id],
+        )
+        row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
 def live_workers(*, stalled_after_seconds: float) -> list[dict]:
     """Workers whose last heartbeat is recent enough to count them alive, and how many jobs
     each is running."""

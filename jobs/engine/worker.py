@@ -12,19 +12,25 @@ backoff until the database answers, and the ends of jobs wait in memory meanwhil
 (jobs/engine/manager.py). Once it is back, the worker puts its state right: a new worker row if
 another worker pruned its silent one (taking its running jobs back), and the jobs the database
 says it runs but it does not know of (a claim whose answer was lost) go back to the queue.
+
+Each time it registers it records its id in settings.WORKER_ID_FILE, so a container's health
+check can look up its own heartbeat (`manage.py jobs_worker_health`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import psycopg
+from django.conf import settings
 from procrastinate import job_context, types, utils
 from procrastinate import jobs as procrastinate_jobs
 from procrastinate.worker import Worker
@@ -237,6 +243,7 @@ class BatchingWorker(Worker):
             new_id = await manager.register_worker()
             await manager.adopt_jobs(new_id, self._known_job_ids())
             self.worker_id = new_id
+            write_worker_id_file(new_id)
             self._check_own_jobs = True
             self.logger.warning("Registered again as worker %s (was %s): %s", new_id, old_id, reason)
 
@@ -285,6 +292,9 @@ class BatchingWorker(Worker):
         return await deferrer.worker()
 
     def _start_side_tasks(self) -> list[asyncio.Task[Any]]:
+        # Procrastinate calls this once the worker has registered: its id is known now.
+        assert self.worker_id is not None
+        write_worker_id_file(self.worker_id)
         side_tasks = [
             asyncio.create_task(self._update_heartbeat(), name="update_heartbeats"),
             asyncio.create_task(self._keep_running("periodic deferrer", self._periodic_deferrer), name="deferrer"),
@@ -329,6 +339,25 @@ class BatchingWorker(Worker):
         # Its current id, not the job's: a worker that registered again took its jobs along.
         manager.finish_job_later(job, status, worker_id=self.worker_id, delete_job=delete_job)
         self._job_ids_to_abort.pop(job.id, None)
+
+
+def write_worker_id_file(worker_id: int) -> None:
+    """Record this worker's id in settings.WORKER_ID_FILE (when set), for the container's health
+    check (`manage.py jobs_worker_health`). Replaced whole, so a reader never sees half an id."""
+    if not settings.WORKER_ID_FILE:
+        return
+    path = Path(settings.WORKER_ID_FILE)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(f"{worker_id}\n")
+    partial.replace(path)
+
+
+def read_worker_id_file() -> int | None:
+    """The id a worker recorded in settings.WORKER_ID_FILE; None when there is none (yet)."""
+    try:
+        return int(Path(settings.WORKER_ID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _is_missing_worker_row(exc: BaseException) -> bool:

@@ -10,7 +10,7 @@ from tests.helpers import BASE_DIR
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DEBUG")}
+    base = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DEBUG", "EMAIL_URL")}
     return subprocess.run(
         [sys.executable, *args], cwd=BASE_DIR, env={**base, **env}, capture_output=True, text=True, timeout=60
     )
@@ -27,6 +27,24 @@ def test_refuses_to_start_without_a_real_secret_key_when_debug_is_off():
 def test_debug_mode_runs_without_a_secret_key():
     result = _run("manage.py", "check", DEBUG="true")
     assert result.returncode == 0, result.stderr
+
+
+def test_refuses_to_start_without_email_url_when_debug_is_off():
+    """Not the console backend: it would print every recipient and body to a production log."""
+    secret = "a-production-secret-of-more-than-fifty-characters-0123456789"
+    for missing in ({}, {"EMAIL_URL": ""}):
+        result = _run("manage.py", "check", DEBUG="false", SECRET_KEY=secret, **missing)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert "EMAIL_URL must be set when DEBUG is off" in result.stderr
+    result = _run("manage.py", "check", DEBUG="false", SECRET_KEY=secret, EMAIL_URL="smtp://127.0.0.1:2525")
+    assert result.returncode == 0, result.stderr
+
+
+def test_debug_mode_prints_mail_to_the_console_without_email_url():
+    code = "import django; django.setup(); from django.conf import settings; print(settings.EMAIL_BACKEND)"
+    result = _run("-c", code, DEBUG="true", DJANGO_SETTINGS_MODULE="config.settings")
+    assert result.stdout.strip() == "django.core.mail.backends.console.EmailBackend", result.stderr
 
 
 def test_fails_fast_with_one_line_when_the_database_is_unreachable():
