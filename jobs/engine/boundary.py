@@ -376,7 +376,13 @@ REPLACED_TRIGGERS = {
     "procrastinate_trigger_status_events_insert_v1": "jobs_after_jobs_inserted",
     "procrastinate_trigger_status_events_update_v1": "jobs_after_jobs_updated",
 }
-OUR_TRIGGERS = ("jobs_after_jobs_inserted", "jobs_after_jobs_updated", "jobs_workflow_after_jobs_updated")
+OUR_TRIGGERS = (
+    "jobs_after_jobs_inserted",
+    "jobs_after_jobs_updated",
+    "jobs_workflow_after_jobs_updated",
+    "jobs_concurrency_after_jobs_updated",  # migration 0010
+    "jobs_concurrency_after_jobs_deleted",
+)
 # sha256 of inspect.getsource() of the upstream methods whose logic the engine copies or
 # replaces wholesale (a change there is a change our copy does not have).
 UPSTREAM_SOURCES: dict[str, tuple[str, str]] = {

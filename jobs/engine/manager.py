@@ -6,7 +6,9 @@
   Procrastinate's own `procrastinate_fetch_job_v2` rules, with `LIMIT n` instead of `LIMIT 1`,
   in the fair order (owners take turns, priorities below the service band order only their
   owner's work: jobs/tasking/fairness.py), or with JOBS_FAIR_CLAIMS=false in Procrastinate's,
-  highest priority first.
+  highest priority first. A job with a concurrency key is taken only while its key has a free
+  slot (`jobs_concurrency_slots`, migration 0010): over its limit it stays `todo`, untouched,
+  and the end that frees a slot wakes this worker (and NOTIFYs the queue where the key waits).
 - Completions: a finished job is written with the next batch (one UPDATE for every job that
   finished while the previous batch was being written), not one statement per job. A batch
   only ends jobs the writing worker still holds (`doing` under its id): a worker declared dead
@@ -50,6 +52,7 @@ from procrastinate.manager import JobManager
 
 from jobs.engine.connector import is_connection_error
 from jobs.tasking.fairness import SERVICE_PRIORITY
+from jobs.tasking.registry import task_options
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,8 @@ _NOT_DURABLE = "SELECT set_config('synchronous_commit', 'off', true)"
 CLAIM_JOBS = """
 WITH commit_mode AS (SELECT set_config('synchronous_commit', 'off', true)),
 candidates AS (
-    SELECT jobs.id
+    SELECT jobs.id, jobs.priority, jobs.fair_round,
+           jobs.jobs_concurrency_key AS concurrency_key, jobs.jobs_concurrency_limit AS concurrency_limit
       FROM procrastinate_jobs AS jobs
      WHERE NOT EXISTS (
                SELECT 1
@@ -83,16 +87,42 @@ candidates AS (
        AND NOT jobs_queue_paused(jobs.queue_name)
        -- Dependencies: a job waits until every parent has ended (migration 0008).
        AND jobs.jobs_parents_waiting = 0
+       -- Concurrency limits (migration 0010): not the jobs of a key whose slots are all taken.
+       AND (jobs.jobs_concurrency_key IS NULL
+            OR NOT EXISTS (SELECT 1 FROM jobs_concurrency_slots AS slot
+                            WHERE slot.key = jobs.jobs_concurrency_key
+                              AND slot.running >= jobs.jobs_concurrency_limit))
      ORDER BY {order}
      LIMIT {limit}
        FOR UPDATE OF jobs SKIP LOCKED
+),
+-- The keys' slot rows, locked in key order and read at their latest version (a concurrent claim
+-- of the key commits first): the exact count, whatever this statement's snapshot said.
+slots AS (
+    INSERT INTO jobs_concurrency_slots AS slot (key)
+    SELECT DISTINCT concurrency_key FROM candidates WHERE concurrency_key IS NOT NULL ORDER BY 1
+    ON CONFLICT (key) DO UPDATE SET key = EXCLUDED.key
+    RETURNING slot.key, GREATEST(slot.running, 0) AS running
+),
+-- Of each key's candidates, in the claim's order, as many as it has free slots.
+granted AS (
+    SELECT jobs.id
+      FROM (SELECT jobs.id, jobs.concurrency_key,
+                   row_number() OVER (PARTITION BY jobs.concurrency_key ORDER BY {order}) AS place,
+                   min(jobs.concurrency_limit) OVER (PARTITION BY jobs.concurrency_key) AS concurrency_limit
+              FROM candidates AS jobs
+             WHERE jobs.concurrency_key IS NOT NULL) AS jobs
+      JOIN slots ON slots.key = jobs.concurrency_key
+     WHERE jobs.place <= jobs.concurrency_limit - slots.running
 )
 UPDATE procrastinate_jobs AS job
    SET status = 'doing', worker_id = %(worker_id)s
   FROM candidates, commit_mode
  WHERE job.id = candidates.id
+   AND (candidates.concurrency_key IS NULL OR candidates.id IN (SELECT id FROM granted))
 RETURNING job.id, job.queue_name, job.task_name, job.priority, job.lock, job.queueing_lock, job.args,
-          job.scheduled_at, job.attempts, job.status, job.abort_requested, job.worker_id
+          job.scheduled_at, job.attempts, job.status, job.abort_requested, job.worker_id,
+          job.jobs_concurrency_key
 """
 # Fair claims (jobs/tasking/fairness.py): the service band first, then each job's round, the
 # order of migration 0009's jobs_fair_claim_idx (the expressions must be written as there).
@@ -117,7 +147,7 @@ deleted AS (
      USING finished
      WHERE job.id = finished.id AND finished.delete_job
        AND job.status = 'doing' AND job.worker_id = finished.worker_id
-    RETURNING job.id, job.lock
+    RETURNING job.id, job.lock, job.jobs_concurrency_key
 ),
 updated AS (
     UPDATE procrastinate_jobs AS job
@@ -125,7 +155,7 @@ updated AS (
       FROM finished, commit_mode
      WHERE job.id = finished.id AND NOT finished.delete_job
        AND job.status = 'doing' AND job.worker_id = finished.worker_id
-    RETURNING job.id, job.lock
+    RETURNING job.id, job.lock, job.jobs_concurrency_key
 ),
 ended AS (SELECT * FROM deleted UNION ALL SELECT * FROM updated),
 woken AS (
@@ -138,7 +168,7 @@ woken AS (
              WHERE EXISTS (SELECT 1 FROM procrastinate_jobs AS waiting JOIN ended ON waiting.lock = ended.lock
                             WHERE waiting.status = 'todo')) AS channels
 )
-SELECT id, lock FROM ended WHERE (SELECT count(*) FROM woken) >= 0
+SELECT id, lock, jobs_concurrency_key FROM ended WHERE (SELECT count(*) FROM woken) >= 0
 """
 
 
@@ -172,6 +202,11 @@ class _End(NamedTuple):
     worker_id: int
     lock: str | None
     delete: bool
+    frees_slot: bool = False  # the job had a concurrency key (its end frees one of the key's slots)
+
+    @property
+    def frees(self) -> bool:
+        return self.lock is not None or self.frees_slot
 
 
 class BatchingJobManager(JobManager):
@@ -182,6 +217,7 @@ class BatchingJobManager(JobManager):
         self._writer: asyncio.Task | None = None
         self._lock_listeners: list[Callable[[], None]] = []
         self._adopted: dict[int, int] = {}  # job id -> the worker id that took it back
+        self._keyed: set[int] = set()  # running jobs claimed here that hold a concurrency slot
 
     async def fetch_jobs(
         self, queues: Iterable[str] | None, worker_id: int, limit: int
@@ -192,7 +228,18 @@ class BatchingJobManager(JobManager):
             queues=list(queues) if queues is not None else None,
             worker_id=worker_id,
         )
+        self._keyed.update(row["id"] for row in rows if row["jobs_concurrency_key"] is not None)
         return [procrastinate_jobs.Job.from_row(row) for row in sorted(rows, key=_claim_order)]
+
+    # Procrastinate's own defers (`task.defer()`, `batch_defer()`) insert without a concurrency
+    # key: for a task with a limit that would lift it silently, so they are refused.
+    async def batch_defer_jobs_async(self, jobs: list[procrastinate_jobs.Job], connection=None):
+        _refuse_limited(jobs)
+        return await super().batch_defer_jobs_async(jobs, connection=connection)
+
+    def batch_defer_jobs(self, jobs: list[procrastinate_jobs.Job], connection=None):
+        _refuse_limited(jobs)
+        return super().batch_defer_jobs(jobs, connection=connection)
 
     async def fetch_job(self, queues: Iterable[str] | None, worker_id: int) -> procrastinate_jobs.Job | None:
         jobs = await self.fetch_jobs(queues, worker_id, limit=1)
@@ -204,19 +251,22 @@ class BatchingJobManager(JobManager):
         """A worker's end of a job it ran, written with the next batch if `worker_id` still holds
         the job then (BatchingWorker calls it; `finish_job` is the direct, unbatched call)."""
         assert job.id is not None
-        self._finished.append(_End(job.id, status.value, worker_id, job.lock, delete_job))
+        keyed = job.id in self._keyed
+        self._keyed.discard(job.id)
+        self._finished.append(_End(job.id, status.value, worker_id, job.lock, delete_job, keyed))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
 
     def on_lock_released(self, listener: Callable[[], None]) -> Callable[[], None]:
-        """Call `listener` after a batch that ended a job with a lock commits (a worker's fetch
-        loop: the successor of that lock can be claimed now). Returns the unsubscribe call."""
+        """Call `listener` after a batch that ended a job with a lock or a concurrency key commits
+        (a worker's fetch loop: the successor of that lock, or a job waiting for a slot of that
+        key, can be claimed now). Returns the unsubscribe call."""
         self._lock_listeners.append(listener)
         return lambda: self._lock_listeners.remove(listener)
 
     def lock_release_pending(self) -> bool:
-        """Whether an end waiting for its batch, or being written, frees a lock."""
-        return any(end.lock is not None for end in self._writing + self._finished)
+        """Whether an end waiting for its batch, or being written, frees a lock or a slot."""
+        return any(end.frees for end in self._writing + self._finished)
 
     async def wait_written(self) -> None:
         """Until the ends buffered now are written (or the writer gives up on them)."""
@@ -296,7 +346,7 @@ class BatchingJobManager(JobManager):
                 len(stale),
                 ", ".join(f"{end.job_id} ({end.status}, worker {end.worker_id})" for end in stale),
             )
-        if any(row["lock"] is not None for row in rows):
+        if any(row["lock"] is not None or row["jobs_concurrency_key"] is not None for row in rows):
             for listener in list(self._lock_listeners):
                 listener()
 
@@ -340,6 +390,7 @@ class BatchingJobManager(JobManager):
         lock: str | None = None,
     ) -> int | None:
         assert job.id is not None
+        self._keyed.discard(job.id)  # its slot is freed by this write (the trigger of migration 0010)
         return await self.retry_job_by_id_async(
             job_id=job.id, retry_at=retry_at or utils.utcnow(), priority=priority, queue=queue, lock=lock
         )
@@ -400,6 +451,12 @@ def _reason(exc: BaseException) -> str:
     cause = exc.__cause__ or exc
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
+
+
+def _refuse_limited(jobs: list[procrastinate_jobs.Job]) -> None:
+    for job in jobs:
+        if task_options(job.task_name).concurrency is not None:
+            raise ValueError(f"{job.task_name} has a concurrency limit: defer it with jobs.job_defer or job_defer_bulk")
 
 
 def _claim_order(row: dict) -> tuple[int, int]:
