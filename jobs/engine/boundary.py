@@ -218,6 +218,15 @@ NAMES: tuple[Name, ...] = (
         "(self, job_id, retry_at, priority=None, queue=None, lock=None)",
         called_in="procrastinate.contrib.django.admin",
     ),
+    # Private: the one place both of Procrastinate's defers (sync and async) build their insert.
+    Name(
+        "procrastinate.manager:JobManager._defer_jobs_query_kwargs",
+        "method",
+        "overrides",
+        MANAGER,
+        "(self, jobs)",
+        called_in="procrastinate.manager",
+    ),
     Name(
         "procrastinate.manager:JobManager.unregister_worker",
         "async method",

@@ -49,6 +49,7 @@ from django.conf import settings
 from procrastinate import jobs as procrastinate_jobs
 from procrastinate import utils
 from procrastinate.manager import JobManager
+from psycopg.types.json import Jsonb
 
 from jobs.engine.connector import is_connection_error
 from jobs.tasking.fairness import SERVICE_PRIORITY
@@ -172,6 +173,20 @@ SELECT id, lock, jobs_concurrency_key FROM ended WHERE (SELECT count(*) FROM wok
 """
 
 
+# procrastinate_defer_jobs_v1's insert, with each job's concurrency key and limit (migration 0010).
+DEFER_LIMITED_JOBS = """
+INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
+                                jobs_concurrency_key, jobs_concurrency_limit)
+SELECT queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at, key, concurrency_limit
+  FROM unnest(%(queues)s::varchar[], %(tasks)s::varchar[], %(priorities)s::integer[], %(locks)s::text[],
+              %(queueing_locks)s::text[], %(args)s::jsonb[], %(scheduled_ats)s::timestamptz[], %(keys)s::text[],
+              %(limits)s::integer[])
+       WITH ORDINALITY AS j (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at, key,
+                             concurrency_limit, n)
+ ORDER BY n
+RETURNING id
+"""
+
 # procrastinate_retry_job_v2 with the retry time taken from the database's clock.
 # The worker's own row, and its jobs (see jobs/engine/worker.py: after a database outage).
 HEARTBEAT = "UPDATE procrastinate_workers SET last_heartbeat = now() WHERE id = %(worker_id)s RETURNING id"
@@ -231,15 +246,25 @@ class BatchingJobManager(JobManager):
         self._keyed.update(row["id"] for row in rows if row["jobs_concurrency_key"] is not None)
         return [procrastinate_jobs.Job.from_row(row) for row in sorted(rows, key=_claim_order)]
 
-    # Procrastinate's own defers (`task.defer()`, `batch_defer()`) insert without a concurrency
-    # key: for a task with a limit that would lift it silently, so they are refused.
-    async def batch_defer_jobs_async(self, jobs: list[procrastinate_jobs.Job], connection=None):
-        _refuse_limited(jobs)
-        return await super().batch_defer_jobs_async(jobs, connection=connection)
-
-    def batch_defer_jobs(self, jobs: list[procrastinate_jobs.Job], connection=None):
-        _refuse_limited(jobs)
-        return super().batch_defer_jobs(jobs, connection=connection)
+    # Procrastinate's own defers (`task.defer()`, `batch_defer()`, sync and async) build their
+    # query here: jobs of a task with a concurrency limit get their key and limit (no owner: a
+    # key over `owner_id` reads None), the others keep Procrastinate's own insert.
+    def _defer_jobs_query_kwargs(self, jobs: list[procrastinate_jobs.Job]) -> dict:
+        slots = [task_options(job.task_name).concurrency_slot(job.task_kwargs, owner_id=None) for job in jobs]
+        if all(key is None for key, _ in slots):
+            return super()._defer_jobs_query_kwargs(jobs)
+        return {
+            "query": DEFER_LIMITED_JOBS,
+            "queues": [job.queue for job in jobs],
+            "tasks": [job.task_name for job in jobs],
+            "priorities": [job.priority for job in jobs],
+            "locks": [job.lock for job in jobs],
+            "queueing_locks": [job.queueing_lock for job in jobs],
+            "args": [Jsonb(job.task_kwargs) for job in jobs],
+            "scheduled_ats": [job.scheduled_at for job in jobs],
+            "keys": [key for key, _ in slots],
+            "limits": [cap for _, cap in slots],
+        }
 
     async def fetch_job(self, queues: Iterable[str] | None, worker_id: int) -> procrastinate_jobs.Job | None:
         jobs = await self.fetch_jobs(queues, worker_id, limit=1)
@@ -451,12 +476,6 @@ def _reason(exc: BaseException) -> str:
     cause = exc.__cause__ or exc
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
-
-
-def _refuse_limited(jobs: list[procrastinate_jobs.Job]) -> None:
-    for job in jobs:
-        if task_options(job.task_name).concurrency is not None:
-            raise ValueError(f"{job.task_name} has a concurrency limit: defer it with jobs.job_defer or job_defer_bulk")
 
 
 def _claim_order(row: dict) -> tuple[int, int]:

@@ -9,6 +9,7 @@ every committed claim; the tests assert on the highest of those counts."""
 from __future__ import annotations
 
 import asyncio
+import json
 import itertools
 import threading
 from datetime import timedelta
@@ -360,10 +361,26 @@ def test_a_key_naming_a_missing_argument_is_refused_at_defer():
     assert query("SELECT count(*) FROM procrastinate_jobs") == [(0,)]
 
 
-def test_procrastinates_own_defer_is_refused_for_a_limited_task():
-    with pytest.raises(ValueError, match="concurrency limit"):
-        tasks.limited_task.defer(sleep=0)
-    assert tasks.echo.defer(value=1)  # unlimited tasks defer as before
+def test_procrastinates_own_defer_sets_the_key_too():
+    # task.defer() (and the admin's, the CLI's) go through Procrastinate's insert: ours there.
+    limited = tasks.limited_slots.defer(group="z")
+    [batch_first, _] = tasks.limited_task.batch_defer({"sleep": 0}, {"sleep": 1})
+    plain = tasks.echo.defer(value=1)
+    rows = query("SELECT id, jobs_concurrency_key, jobs_concurrency_limit, args FROM procrastinate_jobs ORDER BY id")
+    assert [row[:3] for row in rows] == [
+        (limited, "group:z", N),
+        (batch_first, "task:tests.limited_task", 1),
+        (batch_first + 1, "task:tests.limited_task", 1),
+        (plain, None, None),
+    ]
+    assert [json.loads(row[3]) for row in rows[1:3]] == [{"sleep": 0}, {"sleep": 1}]  # Django leaves jsonb text
+
+
+def test_a_limited_task_cannot_be_a_batchs_callback():
+    from jobs.tasking.workflows import job_batch, job_call
+
+    with pytest.raises(ValueError, match="concurrency limit"), job_batch(on_complete=job_call(tasks.limited_task)):
+        pass
 
 
 @pytest.mark.parametrize(
