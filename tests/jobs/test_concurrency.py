@@ -9,8 +9,8 @@ every committed claim; the tests assert on the highest of those counts."""
 from __future__ import annotations
 
 import asyncio
-import json
 import itertools
+import json
 import threading
 from datetime import timedelta
 
