@@ -88,11 +88,11 @@ candidates AS (
        AND NOT jobs_queue_paused(jobs.queue_name)
        -- Dependencies: a job waits until every parent has ended (migration 0008).
        AND jobs.jobs_parents_waiting = 0
-       -- Concurrency limits (migration 0010): not the jobs of a key whose slots are all taken.
+       -- Concurrency limits (migration 0010): not the jobs of a key whose slots are all taken
+       -- (the full keys read once, then a hash probe per job walked past).
        AND (jobs.jobs_concurrency_key IS NULL
-            OR NOT EXISTS (SELECT 1 FROM jobs_concurrency_slots AS slot
-                            WHERE slot.key = jobs.jobs_concurrency_key
-                              AND slot.running >= jobs.jobs_concurrency_limit))
+            OR jobs.jobs_concurrency_key NOT IN (SELECT slot.key FROM jobs_concurrency_slots AS slot
+                                                  WHERE slot.running >= slot.concurrency_limit))
      ORDER BY {order}
      LIMIT {limit}
        FOR UPDATE OF jobs SKIP LOCKED
@@ -100,21 +100,21 @@ candidates AS (
 -- The keys' slot rows, locked in key order and read at their latest version (a concurrent claim
 -- of the key commits first): the exact count, whatever this statement's snapshot said.
 slots AS (
-    INSERT INTO jobs_concurrency_slots AS slot (key)
-    SELECT DISTINCT concurrency_key FROM candidates WHERE concurrency_key IS NOT NULL ORDER BY 1
-    ON CONFLICT (key) DO UPDATE SET key = EXCLUDED.key
-    RETURNING slot.key, GREATEST(slot.running, 0) AS running
+    INSERT INTO jobs_concurrency_slots AS slot (key, concurrency_limit)
+    SELECT concurrency_key, min(concurrency_limit) FROM candidates
+     WHERE concurrency_key IS NOT NULL GROUP BY concurrency_key ORDER BY concurrency_key
+    ON CONFLICT (key) DO UPDATE SET concurrency_limit = EXCLUDED.concurrency_limit
+    RETURNING slot.key, GREATEST(slot.running, 0) AS running, slot.concurrency_limit
 ),
 -- Of each key's candidates, in the claim's order, as many as it has free slots.
 granted AS (
     SELECT jobs.id
       FROM (SELECT jobs.id, jobs.concurrency_key,
-                   row_number() OVER (PARTITION BY jobs.concurrency_key ORDER BY {order}) AS place,
-                   min(jobs.concurrency_limit) OVER (PARTITION BY jobs.concurrency_key) AS concurrency_limit
+                   row_number() OVER (PARTITION BY jobs.concurrency_key ORDER BY {order}) AS place
               FROM candidates AS jobs
              WHERE jobs.concurrency_key IS NOT NULL) AS jobs
       JOIN slots ON slots.key = jobs.concurrency_key
-     WHERE jobs.place <= jobs.concurrency_limit - slots.running
+     WHERE jobs.place <= slots.concurrency_limit - slots.running
 )
 UPDATE procrastinate_jobs AS job
    SET status = 'doing', worker_id = %(worker_id)s

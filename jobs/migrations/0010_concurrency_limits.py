@@ -15,8 +15,9 @@ operator's UPDATE) or deleted while `doing` (a finish may delete) takes one away
 follows every path out of `doing`, not only the worker's. A statement whose rows have no key
 returns at once (one scan of its transition tables: a claim or a batch of ends, tens of rows).
 
-The claim (jobs/engine/manager.py) skips the jobs of a key whose slot is full (a snapshot
-read), then locks the slot rows of the keys it found (an upsert, in key order: it creates the
+The claim (jobs/engine/manager.py) skips the jobs of the keys whose slot is full (read once per
+claim, a snapshot: one hash probe per waiting job it walks past, so 20,000 waiting jobs of a
+full key cost it milliseconds, not an index probe each), then locks the slot rows of the keys it found (an upsert, in key order: it creates the
 row of a new key, and waits for a concurrent claim of the same key to commit, then reads its
 latest count), and takes at most `limit - running` of that key's candidates. The trigger adds
 them in the same transaction, before the slot's lock is released: two claims racing on the last
@@ -42,7 +43,10 @@ CREATE INDEX jobs_concurrency_waiting_idx ON procrastinate_jobs (jobs_concurrenc
 -- Rewritten at every claim of a key and every end: room on the page for HOT updates.
 CREATE TABLE jobs_concurrency_slots (
     key text PRIMARY KEY,
-    running integer NOT NULL DEFAULT 0
+    running integer NOT NULL DEFAULT 0,
+    -- The limit its last claim read from its jobs: `running >= concurrency_limit` is "full"
+    -- for the claim's first pass (NULL until a claim sets it: not known full).
+    concurrency_limit integer
 ) WITH (fillfactor = 50);
 
 -- Add `deltas` to the running counts of `keys` (locked in key order: two statements never

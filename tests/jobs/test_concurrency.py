@@ -112,6 +112,7 @@ def test_a_worker_idle_because_the_key_was_full_hears_of_the_freed_slot(tmp_path
     # sent when that end commits can tell the idle worker (its poll is 5 s).
     release = tmp_path / "release"
     holder = _worker("--concurrency", "1")
+    second = None
     try:
         wait_for_workers(1, timeout=60)
         held = [job_defer(tasks.limited_slots, group="a", release_path=str(release)) for _ in range(N)]
@@ -123,7 +124,7 @@ def test_a_worker_idle_because_the_key_was_full_hears_of_the_freed_slot(tmp_path
         release.write_text("go")
         wait_for(_all_succeeded([*held, waiting]), timeout=60, what="every job")
     finally:
-        output = stop_worker(holder) + stop_worker(second)
+        output = stop_worker(holder) + (stop_worker(second) if second is not None else "")
     [started] = event_times(waiting, "started")
     first_end = min(event_times(job_id, "succeeded")[0] for job_id in held)
     assert started - first_end < timedelta(seconds=2.5), output
@@ -402,3 +403,15 @@ def test_plain_jobs_write_no_slot():
     run_worker(queues=[tasks.QUEUE_A], concurrency=2)
     assert _statuses(ids) == ["succeeded"] * 3
     assert query("SELECT count(*) FROM jobs_concurrency_slots") == [(0,)]
+
+
+def test_the_operators_command_reconciles():
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    query("INSERT INTO jobs_concurrency_slots (key, running) VALUES ('group:a', 4)")
+    out = StringIO()
+    call_command("jobs_queue", "reconcile", stdout=out)
+    assert out.getvalue().splitlines() == ["group:a: counted 4 running, 0 actually", "Corrected 1 concurrency key(s)."]
+    assert _running("group:a") is None
