@@ -217,6 +217,7 @@ def test_two_claims_racing_on_the_last_slot_take_it_once():
     # The first claim takes the last slot and has not committed; the second, whose snapshot
     # shows the slot free, waits on the slot's row and then reads the latest count: nothing.
     job_defer_bulk(tasks.limited_slots, [{"group": "a"} for _ in range(N + 2)])
+    query("INSERT INTO jobs_concurrency_slots (key) VALUES ('group:a')")  # the same race for a new key's row
     assert len(_claim(limit=N - 1)) == N - 1
     params = {"queues": None, "worker_id": _worker_row()}
     first = psycopg.connect(database_url())
