@@ -284,6 +284,14 @@ def test_the_claim_takes_a_keys_jobs_in_the_fair_order_and_passes_over_a_full_ke
     assert _claim(limit=10) == []
 
 
+def test_the_limit_holds_in_procrastinates_priority_order_too(settings):
+    settings.JOBS_FAIR_CLAIMS = False
+    low = job_defer_bulk(tasks.limited_slots, [{"group": "a"}] * 3, priority=0)
+    high = job_defer(tasks.limited_slots, group="a", priority=5)
+    assert sorted(_claim(limit=10)) == sorted([high, low[0]])  # the key's slots, highest priority first
+    assert _claim(limit=10) == []
+
+
 def test_the_limit_with_a_lock_and_fair_claims():
     alice, bob = make_user("alice"), make_user("bob")
     locked = [job_defer(tasks.limited_slots, group="a", lock="L", sleep=0.05, owner_id=alice.id) for _ in range(3)]
