@@ -19,7 +19,7 @@ import pytest
 from procrastinate.contrib.django import app
 
 from jobs.console import services
-from jobs.engine.manager import CLAIM_JOBS, FAIR_ORDER
+from jobs.engine.manager import CLAIM_JOBS, FAIR_ORDER, BatchingJobManager
 from jobs.tasking.defer import job_defer, job_defer_bulk
 from jobs.tasking.registry import job_task
 from tests.factories import make_user
@@ -247,19 +247,34 @@ def _waits_on_a_lock(conn: psycopg.Connection) -> bool:
 
 def test_many_claims_at_once_never_exceed_the_limit():
     job_defer_bulk(tasks.limited_slots, [{"group": group} for _ in range(10) for group in "ab"])
-    claimed = []
+    claimed: list[int] = []
+    finished: list[bool] = []
     lock = threading.Lock()
+    # Each thread its own worker connector and manager (app.replace_connector is process-wide).
+    make_connector = app.connector.get_worker_connector
+
+    async def claim_on_own_pool() -> list[int]:
+        connector = make_connector()
+        await connector.open_async()
+        try:
+            manager = BatchingJobManager(connector)
+            worker_id = await manager.register_worker()
+            return [job.id for job in await manager.fetch_jobs(queues=None, worker_id=worker_id, limit=3)]
+        finally:
+            await connector.close_async()
 
     def claim() -> None:
-        ids = _claim(limit=3)
+        ids = asyncio.run(claim_on_own_pool())
         with lock:
             claimed.extend(ids)
+            finished.append(True)
 
     threads = [threading.Thread(target=claim) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(30)
+    assert len(finished) == 8  # every claim ran (none raised)
     doing = query("SELECT id FROM procrastinate_jobs WHERE status = 'doing'")
     assert sorted(claimed) == sorted(row[0] for row in doing)
     # A claim whose snapshot showed a slot free that a racing claim took gets fewer jobs, never
