@@ -138,6 +138,11 @@ PRIORITY_ORDER = "jobs.priority DESC, jobs.id ASC"
 # The queues where a job waits for a lock one of these held hear of it (as of a new job).
 FINISH_JOBS = f"""
 WITH commit_mode AS ({_NOT_DURABLE}),
+-- The concurrency slots these ends free, locked first and in key order: the two triggers
+-- (deleted rows, updated rows) would otherwise lock them in two passes, against a claim's order.
+slot_locks AS (
+    SELECT key FROM jobs_concurrency_slots WHERE key = ANY(%(keys)s::text[]) ORDER BY key FOR UPDATE
+),
 finished AS (
     SELECT *
       FROM unnest(%(ids)s::bigint[], %(statuses)s::procrastinate_job_status[], %(worker_ids)s::bigint[],
@@ -148,6 +153,7 @@ deleted AS (
      USING finished
      WHERE job.id = finished.id AND finished.delete_job
        AND job.status = 'doing' AND job.worker_id = finished.worker_id
+       AND (SELECT count(*) FROM slot_locks) >= 0
     RETURNING job.id, job.lock, job.jobs_concurrency_key
 ),
 updated AS (
@@ -156,6 +162,7 @@ updated AS (
       FROM finished, commit_mode
      WHERE job.id = finished.id AND NOT finished.delete_job
        AND job.status = 'doing' AND job.worker_id = finished.worker_id
+       AND (SELECT count(*) FROM slot_locks) >= 0
     RETURNING job.id, job.lock, job.jobs_concurrency_key
 ),
 ended AS (SELECT * FROM deleted UNION ALL SELECT * FROM updated),
@@ -217,11 +224,11 @@ class _End(NamedTuple):
     worker_id: int
     lock: str | None
     delete: bool
-    frees_slot: bool = False  # the job had a concurrency key (its end frees one of the key's slots)
+    concurrency_key: str | None = None  # its end frees one of the key's slots
 
     @property
     def frees(self) -> bool:
-        return self.lock is not None or self.frees_slot
+        return self.lock is not None or self.concurrency_key is not None
 
 
 class BatchingJobManager(JobManager):
@@ -232,7 +239,7 @@ class BatchingJobManager(JobManager):
         self._writer: asyncio.Task | None = None
         self._lock_listeners: list[Callable[[], None]] = []
         self._adopted: dict[int, int] = {}  # job id -> the worker id that took it back
-        self._keyed: set[int] = set()  # running jobs claimed here that hold a concurrency slot
+        self._keyed: dict[int, str] = {}  # running jobs claimed here that hold a concurrency slot: their key
 
     async def fetch_jobs(
         self, queues: Iterable[str] | None, worker_id: int, limit: int
@@ -243,7 +250,7 @@ class BatchingJobManager(JobManager):
             queues=list(queues) if queues is not None else None,
             worker_id=worker_id,
         )
-        self._keyed.update(row["id"] for row in rows if row["jobs_concurrency_key"] is not None)
+        self._keyed.update((row["id"], row["jobs_concurrency_key"]) for row in rows if row["jobs_concurrency_key"])
         return [procrastinate_jobs.Job.from_row(row) for row in sorted(rows, key=_claim_order)]
 
     # Procrastinate's own defers (`task.defer()`, `batch_defer()`, sync and async) build their
@@ -276,9 +283,8 @@ class BatchingJobManager(JobManager):
         """A worker's end of a job it ran, written with the next batch if `worker_id` still holds
         the job then (BatchingWorker calls it; `finish_job` is the direct, unbatched call)."""
         assert job.id is not None
-        keyed = job.id in self._keyed
-        self._keyed.discard(job.id)
-        self._finished.append(_End(job.id, status.value, worker_id, job.lock, delete_job, keyed))
+        key = self._keyed.pop(job.id, None)
+        self._finished.append(_End(job.id, status.value, worker_id, job.lock, delete_job, key))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
 
@@ -339,6 +345,7 @@ class BatchingJobManager(JobManager):
                     statuses=[end.status for end in batch],
                     worker_ids=[self._adopted.get(end.job_id, end.worker_id) for end in batch],
                     deletes=[end.delete for end in batch],
+                    keys=sorted({end.concurrency_key for end in batch if end.concurrency_key is not None}),
                 )
             except Exception as exc:
                 self._writing = []
@@ -415,7 +422,7 @@ class BatchingJobManager(JobManager):
         lock: str | None = None,
     ) -> int | None:
         assert job.id is not None
-        self._keyed.discard(job.id)  # its slot is freed by this write (the trigger of migration 0010)
+        self._keyed.pop(job.id, None)  # its slot is freed by this write (the trigger of migration 0010)
         return await self.retry_job_by_id_async(
             job_id=job.id, retry_at=retry_at or utils.utcnow(), priority=priority, queue=queue, lock=lock
         )

@@ -439,3 +439,28 @@ def test_the_operators_command_reconciles():
     call_command("jobs_queue", "reconcile", stdout=out)
     assert out.getvalue().splitlines() == ["group:a: counted 4 running, 0 actually", "Corrected 1 concurrency key(s)."]
     assert _running("group:a") is None
+
+
+def test_a_claim_the_database_cancels_for_a_deadlock_is_made_again(monkeypatch):
+    # Claims and ends lock slot rows in key order (an end's rows first, FINISH_JOBS), but should
+    # the database break a deadlock by cancelling a claim, the worker must not stop: it takes it
+    # as a lost database (DeadlockDetected is an OperationalError), waits and claims again.
+    from procrastinate.exceptions import ConnectorException
+
+    original = BatchingJobManager.fetch_jobs
+    calls = []
+
+    async def deadlocked_once(self, queues, worker_id, limit):
+        calls.append(limit)
+        if len(calls) == 1:
+            try:
+                raise psycopg.errors.DeadlockDetected("deadlock detected")
+            except psycopg.Error as exc:
+                raise ConnectorException("claim failed") from exc
+        return await original(self, queues, worker_id, limit)
+
+    monkeypatch.setattr(BatchingJobManager, "fetch_jobs", deadlocked_once)
+    job_id = job_defer(tasks.limited_task)
+    run_worker(queues=[tasks.QUEUE_A])
+    assert job_status(job_id) == "succeeded"
+    assert len(calls) >= 2, calls
