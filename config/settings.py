@@ -316,6 +316,11 @@ ANTHROPIC_TIMEOUT_SECONDS = env.float("ANTHROPIC_TIMEOUT_SECONDS", default=30.0)
 LLM_MONTHLY_BUDGET_USD = env.float("LLM_MONTHLY_BUDGET_USD", default=5.0)
 # Per user and UTC day, on top of the monthly budget for everyone (0: no daily cap per user).
 LLM_DAILY_BUDGET_USD_PER_USER = env.float("LLM_DAILY_BUDGET_USD_PER_USER", default=1.0)
+# Claude calls of one user running at once (notes.enrich and digests.weekly_digest share the
+# key llm:user:<id>): one user's import of thousands of notes never holds every worker slot.
+LLM_CONCURRENCY_PER_USER = env.int("LLM_CONCURRENCY_PER_USER", default=2)
+if LLM_CONCURRENCY_PER_USER < 1:
+    raise ImproperlyConfigured("LLM_CONCURRENCY_PER_USER must be at least 1")
 
 # --- Notes -----------------------------------------------------------------------------------
 NOTE_MAX_CONTENT_BYTES = env.int("NOTE_MAX_CONTENT_BYTES", default=100_000)

@@ -8,6 +8,7 @@ from procrastinate import JobContext
 from core.errors import ProviderError
 from digests import services
 from jobs import job_task, queues, will_retry
+from llm.services import LLM_CONCURRENCY_KEY
 
 
 @job_task(name="digests.sweep", queue=queues.DIGESTS, cron=settings.DIGEST_SWEEP_CRON, periodic_id="digest-sweep")
@@ -40,6 +41,9 @@ def _weekly_digest_plain(*, user_id: int, period_end: int, error: Exception) -> 
     time_limit=lambda: settings.DIGEST_TIME_LIMIT_SECONDS,
     on_time_limit=_weekly_digest_plain,
     pass_context=True,
+    # The same slots as the user's note enrichments (both call Claude for that user).
+    concurrency=settings.LLM_CONCURRENCY_PER_USER,
+    concurrency_key=LLM_CONCURRENCY_KEY,
 )
 def weekly_digest(context: JobContext, *, user_id: int, period_end: int) -> int:
     try:

@@ -14,6 +14,10 @@ from llm.client import ClaudeClient, Completion, ProviderTimedOut, estimate_inpu
 from llm.models import LlmUsage
 from llm.selectors import llm_budget_usd, llm_spend_this_month
 
+# The concurrency key of every task that calls Claude for a user (job_task(concurrency_key=...)):
+# they share settings.LLM_CONCURRENCY_PER_USER slots per user.
+LLM_CONCURRENCY_KEY = "llm:user:{owner_id}"
+
 
 class LlmUnavailable(Exception):
     """No call was made: no API key, or a budget (this month's, or the user's today) is spent.

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from procrastinate import JobContext
 
 from core.errors import ProviderError
 from jobs import job_progress, job_task, queues, will_retry
+from llm.services import LLM_CONCURRENCY_KEY
 from notes import services
 
 
@@ -15,6 +17,10 @@ from notes import services
     retries=3,  # waits about 2 s, 4 s, 8 s
     retry_base_seconds=2,
     pass_context=True,
+    # Per user, across workers: a bulk import's enrichments take turns with everyone else's
+    # instead of filling every slot (and the Anthropic rate limit) with one user's notes.
+    concurrency=settings.LLM_CONCURRENCY_PER_USER,
+    concurrency_key=LLM_CONCURRENCY_KEY,
 )
 def note_enrich(context: JobContext, *, note_id: int) -> str:
     try:

@@ -31,7 +31,8 @@ T = TypeVar("T")
 BASE_DIR = Path(__file__).resolve().parent.parent
 PROCRASTINATE_TABLES = (
     "procrastinate_events, procrastinate_jobs, procrastinate_periodic_defers, procrastinate_workers,"
-    " jobs_batch_watches"  # raw SQL too (migration 0010)
+    " jobs_batch_watches,"  # raw SQL too (migration 0010)
+    " jobs_concurrency_slots"  # ours, filled by triggers that a TRUNCATE of the jobs does not fire
 )
 
 # Procrastinate's own status transitions from `todo`: a job row moved along one writes the events

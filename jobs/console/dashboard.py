@@ -1,10 +1,11 @@
 """The staff dashboard inside the admin (/admin/jobs/dashboard/).
 
 The page shows queue depths, throughput, latency per task, failing tasks, paused queues, live
-workers, the progress of running jobs, batches (with cancel and retry of their failed members)
-and jobs blocked by their parents. Its script polls `data/` every few seconds and
-redraws, so every number comes from PostgreSQL at that moment. The actions (retry the failed
-jobs of a task, pause or resume a queue) are POSTs with the CSRF token that answer JSON.
+workers, the progress of running jobs, batches (with cancel and retry of their failed members),
+jobs blocked by their parents and the concurrency limits in force (running / limit per key).
+Its script polls `data/` every few seconds and redraws, so every number comes from PostgreSQL at
+that moment. The actions (retry the failed jobs of a task, pause or resume a queue) are POSTs
+with the CSRF token that answer JSON.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def dashboard_snapshot(*, user: Any) -> dict[str, Any]:
         "running": selectors.dashboard_running_progress(),
         "batches": selectors.dashboard_batches(),
         "blocked": selectors.dashboard_blocked_jobs(),
+        "limits": selectors.dashboard_concurrency_limits(),
         "breakers": list(
             CircuitBreaker.objects.order_by("name").values("name", "state", "consecutive_failures", "opened_until")
         ),

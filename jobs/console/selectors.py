@@ -581,20 +581,34 @@ ORDER BY 1, 2
 
 def job_workflow(*, job_id: int) -> dict[str, Any]:
     """A job's batch, its parents (with the state of each dependency: waiting, succeeded,
-    failed) and children, and how many parents it still waits for."""
+    failed) and children, how many parents it still waits for, and its concurrency limit (its
+    key, the limit, the key's jobs running now) if its task has one."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT jobs_batch_id, jobs_parents_waiting FROM procrastinate_jobs WHERE id = %s", [job_id])
+        cursor.execute(
+            "SELECT job.jobs_batch_id, job.jobs_parents_waiting, job.jobs_concurrency_key, job.jobs_concurrency_limit,"
+            "       (SELECT GREATEST(slot.running, 0) FROM jobs_concurrency_slots AS slot"
+            "         WHERE slot.key = job.jobs_concurrency_key)"
+            "  FROM procrastinate_jobs AS job WHERE job.id = %s",
+            [job_id],
+        )
         row = cursor.fetchone()
         cursor.execute(_RELATIVES, {"id": job_id})
         relatives = cursor.fetchall()
-    batch_id, waiting = row if row else (None, 0)
+    batch_id, waiting, key, cap, running = row if row else (None, 0, None, None, None)
+    concurrency = None if key is None else {"key": key, "limit": cap, "running": running or 0}
     parents = [
         {"id": r[1], "task": r[4], "status": r[5], "dependency": r[2], "on_parent_failure": r[3]}
         for r in relatives
         if r[0] == "parent"
     ]
     children = [{"id": r[1], "task": r[4], "status": r[5]} for r in relatives if r[0] == "child"]
-    return {"batch_id": batch_id, "parents_waiting": waiting, "parents": parents, "children": children}
+    return {
+        "batch_id": batch_id,
+        "parents_waiting": waiting,
+        "parents": parents,
+        "children": children,
+        "concurrency": concurrency,
+    }
 
 
 def batch_queryset(*, user: AbstractBaseUser) -> QuerySet[JobBatch]:
@@ -677,4 +691,27 @@ def dashboard_blocked_jobs(*, limit: int = 50) -> list[dict[str, Any]]:
         rows = cursor.fetchall()
     return [
         {"job_id": r[0], "task": r[1], "queue": r[2], "parents_waiting": r[3], "waiting_for": r[4] or []} for r in rows
+    ]
+
+
+def dashboard_concurrency_limits(*, limit: int = 50) -> list[dict[str, Any]]:
+    """The concurrency limits in force (migration 0012): each key with jobs running or waiting,
+    its running count and limit, and how many of its jobs wait; the fullest keys first."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT job.jobs_concurrency_key, min(job.jobs_concurrency_limit),"
+            "       count(*) FILTER (WHERE job.status = 'doing'), count(*) FILTER (WHERE job.status = 'todo'),"
+            "       coalesce(max(slot.running), 0)"
+            "  FROM procrastinate_jobs AS job"
+            "  LEFT JOIN jobs_concurrency_slots AS slot ON slot.key = job.jobs_concurrency_key"
+            " WHERE job.jobs_concurrency_key IS NOT NULL AND job.status IN ('todo', 'doing')"
+            " GROUP BY job.jobs_concurrency_key"
+            " ORDER BY count(*) FILTER (WHERE job.status = 'doing') DESC, count(*) DESC, job.jobs_concurrency_key"
+            " LIMIT %s",
+            [limit],
+        )
+        rows = cursor.fetchall()
+    return [
+        {"key": key, "limit": cap, "running": running, "waiting": waiting, "counted": counted}
+        for key, cap, running, waiting, counted in rows
     ]

@@ -99,6 +99,12 @@ class BatchRetrySerializer(serializers.Serializer):
     )
 
 
+class ConcurrencySerializer(serializers.Serializer):
+    key = serializers.CharField(help_text="The job's concurrency key, e.g. llm:user:42.")
+    limit = serializers.IntegerField(help_text="At most this many jobs of the key run at once.")
+    running = serializers.IntegerField(help_text="The key's jobs running now; at the limit, the job waits.")
+
+
 class JobDetailSerializer(serializers.Serializer):
     """One job in full (the dict of `selectors.job_detail`)."""
 
@@ -126,6 +132,7 @@ class JobDetailSerializer(serializers.Serializer):
     parents_waiting = serializers.IntegerField(help_text="How many of its parents have not ended: blocked while > 0.")
     parents = ParentSerializer(many=True)
     children = RelativeSerializer(many=True)
+    concurrency = ConcurrencySerializer(allow_null=True, help_text="Its task's concurrency limit, if any.")
 
 
 class QueueSerializer(serializers.Serializer):

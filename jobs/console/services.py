@@ -34,7 +34,7 @@ async def jobs_retry_stalled(*, job_manager: JobManager, seconds_since_heartbeat
     job waiting is superseded by it (migration 0005). Returns the ids `retried`, the
     `superseded` ones (with the job that does their work) and the `skipped` ones (with why)."""
     stalled = await job_manager.get_stalled_jobs(seconds_since_heartbeat=seconds_since_heartbeat)
-    report: dict[str, list] = {"retried": [], "superseded": [], "skipped": []}
+    report: dict[str, list] = {"retried": [], "superseded": [], "skipped": [], "concurrency_fixed": []}
     for job in stalled:
         assert job.id is not None
         try:
@@ -51,6 +51,10 @@ async def jobs_retry_stalled(*, job_manager: JobManager, seconds_since_heartbeat
             report["retried"].append(job.id)
         else:
             report["superseded"].append({"job_id": job.id, "by_job_id": waiting_id})
+    # After the retries: the slots they freed are counted by the triggers already; this only
+    # corrects a drift (and drops the slot rows of keys with nothing running).
+    rows = await job_manager.connector.execute_query_all_async(query=_RECONCILE)
+    report["concurrency_fixed"] = _reconciled(rows)
     if report["retried"]:
         logger.warning("Retried %d stalled job(s): %s", len(report["retried"]), report["retried"])
     if report["superseded"] or report["skipped"]:
@@ -62,6 +66,28 @@ async def jobs_retry_stalled(*, job_manager: JobManager, seconds_since_heartbeat
             report["skipped"],
         )
     return report
+
+
+# Concurrency limits (migration 0012): each key's running count, recomputed from its `doing` jobs.
+_RECONCILE = "SELECT key, counted, actual FROM jobs_concurrency_reconcile()"
+
+
+def jobs_concurrency_reconcile() -> list[dict[str, Any]]:
+    """Recompute every concurrency key's running count from the jobs `doing` now; returns the
+    keys whose count was wrong (`counted`, `actual`), logged. The triggers keep the counts on
+    every path out of `doing`; a drift needs a TRUNCATE or triggers disabled. The stalled-job
+    rescue runs it too."""
+    with connection.cursor() as cursor:
+        cursor.execute(_RECONCILE)
+        rows = [{"key": key, "counted": counted, "actual": actual} for key, counted, actual in cursor.fetchall()]
+    return _reconciled(rows)
+
+
+def _reconciled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    fixed = [{"key": row["key"], "counted": row["counted"], "actual": row["actual"]} for row in rows]
+    if fixed:
+        logger.warning("Corrected the running count of %d concurrency key(s): %s", len(fixed), fixed)
+    return fixed
 
 
 def _reason(exc: BaseException) -> str:

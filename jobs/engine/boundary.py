@@ -219,6 +219,15 @@ NAMES: tuple[Name, ...] = (
         "(self, job_id, retry_at, priority=None, queue=None, lock=None)",
         called_in="procrastinate.contrib.django.admin",
     ),
+    # Private: the one place both of Procrastinate's defers (sync and async) build their insert.
+    Name(
+        "procrastinate.manager:JobManager._defer_jobs_query_kwargs",
+        "method",
+        "overrides",
+        MANAGER,
+        "(self, jobs)",
+        called_in="procrastinate.manager",
+    ),
     Name(
         "procrastinate.manager:JobManager.unregister_worker",
         "async method",
@@ -428,7 +437,13 @@ REPLACED_TRIGGERS = {
     "procrastinate_trigger_status_events_insert_v1": "jobs_after_jobs_inserted",
     "procrastinate_trigger_status_events_update_v1": "jobs_after_jobs_updated",
 }
-OUR_TRIGGERS = ("jobs_after_jobs_inserted", "jobs_after_jobs_updated", "jobs_workflow_after_jobs_updated")
+OUR_TRIGGERS = (
+    "jobs_after_jobs_inserted",
+    "jobs_after_jobs_updated",
+    "jobs_workflow_after_jobs_updated",
+    "jobs_concurrency_after_jobs_updated",  # migration 0012
+    "jobs_concurrency_after_jobs_deleted",
+)
 # sha256 of inspect.getsource() of the upstream methods whose logic the engine copies or
 # replaces wholesale (a change there is a change our copy does not have).
 UPSTREAM_SOURCES: dict[str, tuple[str, str]] = {

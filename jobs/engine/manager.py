@@ -6,7 +6,9 @@
   Procrastinate's own `procrastinate_fetch_job_v2` rules, with `LIMIT n` instead of `LIMIT 1`,
   in the fair order (owners take turns, priorities below the service band order only their
   owner's work: jobs/tasking/fairness.py), or with JOBS_FAIR_CLAIMS=false in Procrastinate's,
-  highest priority first.
+  highest priority first. A job with a concurrency key is taken only while its key has a free
+  slot (`jobs_concurrency_slots`, migration 0012): over its limit it stays `todo`, untouched,
+  and the end that frees a slot wakes this worker (and NOTIFYs the queue where the key waits).
 - Completions: a finished job is written with the next batch (one UPDATE for every job that
   finished while the previous batch was being written), not one statement per job. A batch
   only ends jobs the writing worker still holds (`doing` under its id): a worker declared dead
@@ -47,9 +49,11 @@ from django.conf import settings
 from procrastinate import jobs as procrastinate_jobs
 from procrastinate import utils
 from procrastinate.manager import JobManager
+from psycopg.types.json import Jsonb
 
 from jobs.engine.connector import is_connection_error
 from jobs.tasking.fairness import SERVICE_PRIORITY
+from jobs.tasking.registry import task_options
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,8 @@ _NOT_DURABLE = "SELECT set_config('synchronous_commit', 'off', true)"
 CLAIM_JOBS = """
 WITH commit_mode AS (SELECT set_config('synchronous_commit', 'off', true)),
 candidates AS (
-    SELECT jobs.id
+    SELECT jobs.id, jobs.priority, jobs.fair_round,
+           jobs.jobs_concurrency_key AS concurrency_key, jobs.jobs_concurrency_limit AS concurrency_limit
       FROM procrastinate_jobs AS jobs
      WHERE NOT EXISTS (
                SELECT 1
@@ -83,16 +88,42 @@ candidates AS (
        AND NOT jobs_queue_paused(jobs.queue_name)
        -- Dependencies: a job waits until every parent has ended (migration 0008).
        AND jobs.jobs_parents_waiting = 0
+       -- Concurrency limits (migration 0012): not the jobs of a key whose slots are all taken
+       -- (the full keys read once, then a hash probe per job walked past).
+       AND (jobs.jobs_concurrency_key IS NULL
+            OR jobs.jobs_concurrency_key NOT IN (SELECT slot.key FROM jobs_concurrency_slots AS slot
+                                                  WHERE slot.running >= slot.concurrency_limit))
      ORDER BY {order}
      LIMIT {limit}
        FOR UPDATE OF jobs SKIP LOCKED
+),
+-- The keys' slot rows, locked in key order and read at their latest version (a concurrent claim
+-- of the key commits first): the exact count, whatever this statement's snapshot said.
+slots AS (
+    INSERT INTO jobs_concurrency_slots AS slot (key, concurrency_limit)
+    SELECT concurrency_key, min(concurrency_limit) FROM candidates
+     WHERE concurrency_key IS NOT NULL GROUP BY concurrency_key ORDER BY concurrency_key
+    ON CONFLICT (key) DO UPDATE SET concurrency_limit = EXCLUDED.concurrency_limit
+    RETURNING slot.key, GREATEST(slot.running, 0) AS running, slot.concurrency_limit
+),
+-- Of each key's candidates, in the claim's order, as many as it has free slots.
+granted AS (
+    SELECT jobs.id
+      FROM (SELECT jobs.id, jobs.concurrency_key,
+                   row_number() OVER (PARTITION BY jobs.concurrency_key ORDER BY {order}) AS place
+              FROM candidates AS jobs
+             WHERE jobs.concurrency_key IS NOT NULL) AS jobs
+      JOIN slots ON slots.key = jobs.concurrency_key
+     WHERE jobs.place <= slots.concurrency_limit - slots.running
 )
 UPDATE procrastinate_jobs AS job
    SET status = 'doing', worker_id = %(worker_id)s
   FROM candidates, commit_mode
  WHERE job.id = candidates.id
+   AND (candidates.concurrency_key IS NULL OR candidates.id IN (SELECT id FROM granted))
 RETURNING job.id, job.queue_name, job.task_name, job.priority, job.lock, job.queueing_lock, job.args,
-          job.scheduled_at, job.attempts, job.status, job.abort_requested, job.worker_id
+          job.scheduled_at, job.attempts, job.status, job.abort_requested, job.worker_id,
+          job.jobs_concurrency_key
 """
 # Fair claims (jobs/tasking/fairness.py): the service band first, then each job's round, the
 # order of migration 0009's jobs_fair_claim_idx (the expressions must be written as there).
@@ -107,6 +138,11 @@ PRIORITY_ORDER = "jobs.priority DESC, jobs.id ASC"
 # The queues where a job waits for a lock one of these held hear of it (as of a new job).
 FINISH_JOBS = f"""
 WITH commit_mode AS ({_NOT_DURABLE}),
+-- The concurrency slots these ends free, locked first and in key order: the two triggers
+-- (deleted rows, updated rows) would otherwise lock them in two passes, against a claim's order.
+slot_locks AS (
+    SELECT key FROM jobs_concurrency_slots WHERE key = ANY(%(keys)s::text[]) ORDER BY key FOR UPDATE
+),
 finished AS (
     SELECT *
       FROM unnest(%(ids)s::bigint[], %(statuses)s::procrastinate_job_status[], %(worker_ids)s::bigint[],
@@ -117,7 +153,8 @@ deleted AS (
      USING finished
      WHERE job.id = finished.id AND finished.delete_job
        AND job.status = 'doing' AND job.worker_id = finished.worker_id
-    RETURNING job.id, job.lock
+       AND (SELECT count(*) FROM slot_locks) >= 0
+    RETURNING job.id, job.lock, job.jobs_concurrency_key
 ),
 updated AS (
     UPDATE procrastinate_jobs AS job
@@ -125,7 +162,8 @@ updated AS (
       FROM finished, commit_mode
      WHERE job.id = finished.id AND NOT finished.delete_job
        AND job.status = 'doing' AND job.worker_id = finished.worker_id
-    RETURNING job.id, job.lock
+       AND (SELECT count(*) FROM slot_locks) >= 0
+    RETURNING job.id, job.lock, job.jobs_concurrency_key
 ),
 ended AS (SELECT * FROM deleted UNION ALL SELECT * FROM updated),
 woken AS (
@@ -138,9 +176,23 @@ woken AS (
              WHERE EXISTS (SELECT 1 FROM procrastinate_jobs AS waiting JOIN ended ON waiting.lock = ended.lock
                             WHERE waiting.status = 'todo')) AS channels
 )
-SELECT id, lock FROM ended WHERE (SELECT count(*) FROM woken) >= 0
+SELECT id, lock, jobs_concurrency_key FROM ended WHERE (SELECT count(*) FROM woken) >= 0
 """
 
+
+# procrastinate_defer_jobs_v1's insert, with each job's concurrency key and limit (migration 0012).
+DEFER_LIMITED_JOBS = """
+INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
+                                jobs_concurrency_key, jobs_concurrency_limit)
+SELECT queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at, key, concurrency_limit
+  FROM unnest(%(queues)s::varchar[], %(tasks)s::varchar[], %(priorities)s::integer[], %(locks)s::text[],
+              %(queueing_locks)s::text[], %(args)s::jsonb[], %(scheduled_ats)s::timestamptz[], %(keys)s::text[],
+              %(limits)s::integer[])
+       WITH ORDINALITY AS j (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at, key,
+                             concurrency_limit, n)
+ ORDER BY n
+RETURNING id
+"""
 
 # procrastinate_retry_job_v2 with the retry time taken from the database's clock.
 # The worker's own row, and its jobs (see jobs/engine/worker.py: after a database outage).
@@ -172,6 +224,11 @@ class _End(NamedTuple):
     worker_id: int
     lock: str | None
     delete: bool
+    concurrency_key: str | None = None  # its end frees one of the key's slots
+
+    @property
+    def frees(self) -> bool:
+        return self.lock is not None or self.concurrency_key is not None
 
 
 class BatchingJobManager(JobManager):
@@ -182,6 +239,7 @@ class BatchingJobManager(JobManager):
         self._writer: asyncio.Task | None = None
         self._lock_listeners: list[Callable[[], None]] = []
         self._adopted: dict[int, int] = {}  # job id -> the worker id that took it back
+        self._keyed: dict[int, str] = {}  # running jobs claimed here that hold a concurrency slot: their key
 
     async def fetch_jobs(
         self, queues: Iterable[str] | None, worker_id: int, limit: int
@@ -192,7 +250,28 @@ class BatchingJobManager(JobManager):
             queues=list(queues) if queues is not None else None,
             worker_id=worker_id,
         )
+        self._keyed.update((row["id"], row["jobs_concurrency_key"]) for row in rows if row["jobs_concurrency_key"])
         return [procrastinate_jobs.Job.from_row(row) for row in sorted(rows, key=_claim_order)]
+
+    # Procrastinate's own defers (`task.defer()`, `batch_defer()`, sync and async) build their
+    # query here: jobs of a task with a concurrency limit get their key and limit (no owner: a
+    # key over `owner_id` reads None), the others keep Procrastinate's own insert.
+    def _defer_jobs_query_kwargs(self, jobs: list[procrastinate_jobs.Job]) -> dict:
+        slots = [task_options(job.task_name).concurrency_slot(job.task_kwargs, owner_id=None) for job in jobs]
+        if all(key is None for key, _ in slots):
+            return super()._defer_jobs_query_kwargs(jobs)
+        return {
+            "query": DEFER_LIMITED_JOBS,
+            "queues": [job.queue for job in jobs],
+            "tasks": [job.task_name for job in jobs],
+            "priorities": [job.priority for job in jobs],
+            "locks": [job.lock for job in jobs],
+            "queueing_locks": [job.queueing_lock for job in jobs],
+            "args": [Jsonb(job.task_kwargs) for job in jobs],
+            "scheduled_ats": [job.scheduled_at for job in jobs],
+            "keys": [key for key, _ in slots],
+            "limits": [cap for _, cap in slots],
+        }
 
     async def fetch_job(self, queues: Iterable[str] | None, worker_id: int) -> procrastinate_jobs.Job | None:
         jobs = await self.fetch_jobs(queues, worker_id, limit=1)
@@ -204,19 +283,21 @@ class BatchingJobManager(JobManager):
         """A worker's end of a job it ran, written with the next batch if `worker_id` still holds
         the job then (BatchingWorker calls it; `finish_job` is the direct, unbatched call)."""
         assert job.id is not None
-        self._finished.append(_End(job.id, status.value, worker_id, job.lock, delete_job))
+        key = self._keyed.pop(job.id, None)
+        self._finished.append(_End(job.id, status.value, worker_id, job.lock, delete_job, key))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
 
     def on_lock_released(self, listener: Callable[[], None]) -> Callable[[], None]:
-        """Call `listener` after a batch that ended a job with a lock commits (a worker's fetch
-        loop: the successor of that lock can be claimed now). Returns the unsubscribe call."""
+        """Call `listener` after a batch that ended a job with a lock or a concurrency key commits
+        (a worker's fetch loop: the successor of that lock, or a job waiting for a slot of that
+        key, can be claimed now). Returns the unsubscribe call."""
         self._lock_listeners.append(listener)
         return lambda: self._lock_listeners.remove(listener)
 
     def lock_release_pending(self) -> bool:
-        """Whether an end waiting for its batch, or being written, frees a lock."""
-        return any(end.lock is not None for end in self._writing + self._finished)
+        """Whether an end waiting for its batch, or being written, frees a lock or a slot."""
+        return any(end.frees for end in self._writing + self._finished)
 
     async def wait_written(self) -> None:
         """Until the ends buffered now are written (or the writer gives up on them)."""
@@ -264,6 +345,7 @@ class BatchingJobManager(JobManager):
                     statuses=[end.status for end in batch],
                     worker_ids=[self._adopted.get(end.job_id, end.worker_id) for end in batch],
                     deletes=[end.delete for end in batch],
+                    keys=sorted({end.concurrency_key for end in batch if end.concurrency_key is not None}),
                 )
             except Exception as exc:
                 self._writing = []
@@ -296,7 +378,7 @@ class BatchingJobManager(JobManager):
                 len(stale),
                 ", ".join(f"{end.job_id} ({end.status}, worker {end.worker_id})" for end in stale),
             )
-        if any(row["lock"] is not None for row in rows):
+        if any(row["lock"] is not None or row["jobs_concurrency_key"] is not None for row in rows):
             for listener in list(self._lock_listeners):
                 listener()
 
@@ -340,6 +422,7 @@ class BatchingJobManager(JobManager):
         lock: str | None = None,
     ) -> int | None:
         assert job.id is not None
+        self._keyed.pop(job.id, None)  # its slot is freed by this write (the trigger of migration 0012)
         return await self.retry_job_by_id_async(
             job_id=job.id, retry_at=retry_at or utils.utcnow(), priority=priority, queue=queue, lock=lock
         )

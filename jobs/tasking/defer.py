@@ -14,6 +14,7 @@ from psycopg.types.json import Jsonb
 
 from jobs.tasking import workflows
 from jobs.tasking.fairness import defers_per_round, first_round_sql
+from jobs.tasking.registry import task_options
 from jobs.tasking.webhooks import webhook_callback_check
 
 # One statement for the job and, when there is anything to know about it, its info row. It is
@@ -23,10 +24,12 @@ from jobs.tasking.webhooks import webhook_callback_check
 _DEFER = f"""
 WITH job AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
-                                    jobs_parents_waiting, jobs_batch_id, owner_id, fair_round)
+                                    jobs_parents_waiting, jobs_batch_id, owner_id, fair_round,
+                                    jobs_concurrency_key, jobs_concurrency_limit)
     VALUES (%(queue)s, %(task)s, %(priority)s, %(lock)s, %(queueing_lock)s, %(args)s, %(scheduled_at)s,
             %(parents_waiting)s, %(batch_id)s,
-            %(owner_id)s, {first_round_sql(queue="%(queue)s", owner="%(owner_id)s::bigint", priority="%(priority)s")})
+            %(owner_id)s, {first_round_sql(queue="%(queue)s", owner="%(owner_id)s::bigint", priority="%(priority)s")},
+            %(concurrency_key)s, %(concurrency_limit)s)
     ON CONFLICT (queueing_lock) WHERE status = 'todo' DO NOTHING
     RETURNING id
 ), info AS (
@@ -44,17 +47,20 @@ SELECT id FROM job
 # Each owner's jobs take the rounds from their line's next one (one lookup per owner).
 _DEFER_MANY = f"""
 WITH given AS (
-    SELECT args, owner_id, n, COALESCE(owner_id, 0) AS line,
+    SELECT args, owner_id, concurrency_key, n, COALESCE(owner_id, 0) AS line,
            row_number() OVER (PARTITION BY owner_id ORDER BY n) - 1 AS turn
-      FROM unnest(%(args)s::jsonb[], %(owner_ids)s::bigint[]) WITH ORDINALITY AS g (args, owner_id, n)
+      FROM unnest(%(args)s::jsonb[], %(owner_ids)s::bigint[], %(concurrency_keys)s::text[])
+           WITH ORDINALITY AS g (args, owner_id, concurrency_key, n)
 ), lines AS MATERIALIZED (  -- once per owner, not once per job
     SELECT line, {first_round_sql(queue="%(queue)s", owner="owners.line", priority="%(priority)s")} AS rank
       FROM (SELECT DISTINCT line FROM given) AS owners
 ), jobs AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
-                                    jobs_parents_waiting, jobs_batch_id, owner_id, fair_round)
+                                    jobs_parents_waiting, jobs_batch_id, owner_id, fair_round,
+                                    jobs_concurrency_key, jobs_concurrency_limit)
     SELECT %(queue)s, %(task)s, %(priority)s, %(lock)s, NULL, given.args, %(scheduled_at)s,
-           %(parents_waiting)s, %(batch_id)s, given.owner_id, lines.rank + given.turn
+           %(parents_waiting)s, %(batch_id)s, given.owner_id, lines.rank + given.turn,
+           given.concurrency_key, CASE WHEN given.concurrency_key IS NOT NULL THEN %(concurrency_limit)s::integer END
       FROM given JOIN lines USING (line)
      ORDER BY n
     RETURNING id
@@ -104,6 +110,8 @@ def job_defer(
       fails for good or is cancelled cancels it (`on_parent_failure="cancel"`, the default) or
       lets it run anyway (`"run"`); see jobs/tasking/workflows.py.
     - `batch_id`: the open batch the job joins (inside `with job_batch(...)`, that batch).
+
+    A task declared with `concurrency=` gets its key and limit here (registry.py).
     """
     if dedup_key and not (dedup_seconds and dedup_seconds > 0):
         raise ValueError("dedup_key needs a positive dedup_seconds (the deduplication window)")
@@ -111,8 +119,11 @@ def job_defer(
         webhook_callback_check(callback_url, owner_id=owner_id)
     options = {"queueing_lock": queueing_lock, "lock": lock, "priority": priority, "schedule_at": schedule_at}
     job = task.configure(**{k: v for k, v in options.items() if v is not None}).make_new_job(**task_kwargs)
+    concurrency_key, concurrency_limit = task_options(job.task_name).concurrency_slot(task_kwargs, owner_id=owner_id)
     params = {
         **_job_params(job),
+        "concurrency_key": concurrency_key,
+        "concurrency_limit": concurrency_limit,
         "queueing_lock": job.queueing_lock,
         "owner_id": owner_id,
         "dedup_key": dedup_key or "",
@@ -160,7 +171,17 @@ def job_defer_bulk(
         raise ValueError("one owner_id per job")
     options = {"priority": priority, "schedule_at": schedule_at}
     job = task.configure(**{k: v for k, v in options.items() if v is not None}).make_new_job()
-    params = {**_job_params(job), "args": [Jsonb(kwargs) for kwargs in kwargs_list], "owner_ids": owner_ids}
+    options = task_options(job.task_name)
+    slots = [
+        options.concurrency_slot(kwargs, owner_id=owner) for kwargs, owner in zip(kwargs_list, owner_ids, strict=True)
+    ]
+    params = {
+        **_job_params(job),
+        "args": [Jsonb(kwargs) for kwargs in kwargs_list],
+        "owner_ids": owner_ids,
+        "concurrency_keys": [key for key, _ in slots],
+        "concurrency_limit": options.concurrency,
+    }
     batch_id = workflows.batch_in_use(batch_id)
     with transaction.atomic(), connection.cursor() as cursor:
         waiting = workflows.parents_lock(after, on_parent_failure)

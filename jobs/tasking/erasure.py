@@ -6,7 +6,8 @@
 - `jobs_erase_owner(owner_id)`: every job of the user (waiting, running or finished) is deleted
   with its arguments, events, progress, result and info row, and so are the completion webhooks
   queued for them. A running job's worker finishes it; its end is dropped (the row is gone) and
-  what it writes to deleted rows changes nothing. Registered as an eraser (core/erasure.py).
+  what it writes to deleted rows changes nothing. The concurrency slots of keys with nothing
+  running go too (a key may name the user). Registered as an eraser (core/erasure.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def job_cancel_waiting(*, lock: str) -> int:
         return cursor.rowcount
 
 
+# A concurrency key may name the user (llm:user:<id>) and outlive their jobs in its slot row: the
+# rows of every key with nothing running go (a claim creates a key's row again when it needs it;
+# one that a claim holds now waits for it, then is kept if that claim took a slot).
+_ERASE_IDLE_SLOTS = "DELETE FROM jobs_concurrency_slots WHERE running <= 0"
+
+
 def jobs_erase_owner(owner_id: int) -> None:
     with connection.cursor() as cursor:
         cursor.execute(_ERASE_OWNER, {"owner_id": owner_id})
+        cursor.execute(_ERASE_IDLE_SLOTS)  # after the DELETE's trigger freed the user's slots

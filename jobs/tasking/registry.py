@@ -61,6 +61,9 @@ class RateLimit:
         return None if value is None else f"{base}:{self.key}={value}"
 
 
+ConcurrencyKey = str | Callable[[dict[str, Any]], "str | None"]
+
+
 @dataclass(frozen=True)
 class TaskOptions:
     time_limit: float | Callable[[], float] | None = None
@@ -68,6 +71,32 @@ class TaskOptions:
     rate_limits: tuple[RateLimit, ...] = ()
     result_ttl: int | None = None  # seconds; None means settings.JOBS_RESULT_TTL_SECONDS
     max_snoozes: int = DEFAULT_MAX_SNOOZES
+    concurrency: int | None = None  # at most this many of a key running at once
+    concurrency_key: ConcurrencyKey | None = None  # None: the task's own name
+    task_name: str = ""
+
+    def concurrency_slot(self, kwargs: dict[str, Any], *, owner_id: int | None) -> tuple[str | None, int | None]:
+        """The job's concurrency key and limit, computed when it is deferred; (None, None) when
+        the task has no limit or its key function returns None for these arguments.
+
+        The key's format fields (or the function's one argument, a dict) are the task's keyword
+        arguments and `owner_id`, the user the job is deferred for (unless a kwarg has that name).
+        A format field the job does not have is a ValueError: a typo must not lift the limit."""
+        if self.concurrency is None:
+            return None, None
+        if self.concurrency_key is None:
+            return f"task:{self.task_name}", self.concurrency
+        values = {"owner_id": owner_id, **kwargs}
+        if callable(self.concurrency_key):
+            key = self.concurrency_key(values)
+        else:
+            try:
+                key = self.concurrency_key.format_map(values)
+            except (KeyError, IndexError) as exc:
+                raise ValueError(
+                    f"{self.task_name}: concurrency_key {self.concurrency_key!r} needs {exc} (a task kwarg or owner_id)"
+                ) from None
+        return (None, None) if key is None else (str(key), self.concurrency)
 
     def time_limit_seconds(self) -> float | None:
         """The time limit of a job starting now (a callable is read at every start)."""
@@ -106,6 +135,8 @@ def job_task(
     cron: str | None = None,
     timezone: str = "UTC",
     periodic_id: str = "",
+    concurrency: int | None = None,
+    concurrency_key: ConcurrencyKey | None = None,
     **procrastinate_options: Any,
 ) -> Callable[[Callable[..., Any]], Any]:
     """Register a Procrastinate task with retries (transient errors only, exponential backoff:
@@ -123,6 +154,12 @@ def job_task(
     - `timezone`: the IANA zone whose wall clock `cron` reads (default UTC). Times that a DST
       change skips or repeats run once, or follow the clock for `*` schedules (jobs/tasking/cron.py).
       A bad cron or an unknown zone is a ValueError naming the task, at import.
+    - `concurrency`: at most this many jobs of one key running at once, across every worker;
+      the others wait `todo` (no attempt spent) and are claimed as soon as a slot frees.
+      `concurrency_key`: a format string over the job's kwargs and `owner_id`
+      (`"llm:user:{owner_id}"`), or a function of them returning the key (None: not limited);
+      without it the key is the task (at most `concurrency` jobs of the task). Jobs of other
+      tasks with the same key share its slots. Applied by `job_defer` / `job_defer_bulk`.
     """
     if cron is None and (periodic_id or timezone != "UTC"):
         raise ValueError(f"{name}: periodic_id and timezone go with cron")
@@ -134,6 +171,17 @@ def job_task(
             schedule = CronSchedule(cron, timezone)
         except ValueError as exc:
             raise ValueError(f"task {name}: {exc}") from None
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)):
+        raise ValueError(f"{name}: concurrency is a number of jobs")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"{name}: concurrency must be at least 1")
+    if concurrency_key is not None and concurrency is None:
+        raise ValueError(f"{name}: concurrency_key goes with concurrency")
+    if concurrency is not None and cron is not None:
+        # Procrastinate's periodic deferrer inserts these jobs, without our columns.
+        raise ValueError(
+            f"{name}: a periodic task takes no concurrency limit: one job per tick (use lock= against overlaps)"
+        )
 
     def decorator(func: Callable[..., Any]) -> Any:
         _OPTIONS[name] = TaskOptions(
@@ -142,6 +190,9 @@ def job_task(
             rate_limits=tuple(rate_limits),
             result_ttl=result_ttl,
             max_snoozes=max_snoozes,
+            concurrency=concurrency,
+            concurrency_key=concurrency_key,
+            task_name=name,
         )
         task = app.task(
             name=name,

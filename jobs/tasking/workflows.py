@@ -43,6 +43,7 @@ from procrastinate import JobContext
 from procrastinate.tasks import Task
 
 from jobs.models import JobBatch
+from jobs.tasking.registry import task_options
 from jobs.tasking.webhooks import webhook_callback_check
 
 POLICIES = ("cancel", "run")
@@ -237,6 +238,10 @@ def members_add(batch_id: int | None, count: int) -> None:
 
 def _callbacks(on_success: JobCall | None, on_failure: JobCall | None, on_complete: JobCall | None) -> dict:
     given = {"on_success": on_success, "on_failure": on_failure, "on_complete": on_complete}
+    for call in given.values():
+        # A callback is inserted by the batch's trigger (migration 0008), without a concurrency key.
+        if call is not None and task_options(call.task.name).concurrency is not None:
+            raise ValueError(f"{call.task.name} has a concurrency limit: it cannot be a batch's callback")
     return {name: call.spec() for name, call in given.items() if call is not None}
 
 

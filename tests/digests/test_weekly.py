@@ -43,6 +43,13 @@ def test_fanout_defers_one_job_per_active_user_never_two_waiting():
     assert sorted(j["args"]["user_id"] for j in waiting) == sorted([alice.id, bob.id])
     assert {j["queue_name"] for j in waiting} == {"digests"}
     assert {j["queueing_lock"] for j in waiting} == {f"weekly-digest:{alice.id}", f"weekly-digest:{bob.id}"}
+    # The user's Claude slots, shared with their note enrichments (notes.enrich).
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT jobs_concurrency_key, jobs_concurrency_limit FROM procrastinate_jobs"
+            " WHERE task_name = 'digests.weekly_digest' ORDER BY jobs_concurrency_key"
+        )
+        assert cursor.fetchall() == sorted([(f"llm:user:{alice.id}", 2), (f"llm:user:{bob.id}", 2)])
 
 
 def test_the_weekly_digest_is_written_by_claude_and_accounted(claude):

@@ -209,3 +209,45 @@ def snooze_once(*, marker: str, seconds: float, release_path: str = "") -> str:
 @job_task(name="tests.snooze_forever", queue=QUEUE_A, max_snoozes=2)
 def snooze_forever(*, seconds: float) -> None:
     raise JobSnooze(seconds=seconds)
+
+
+CONCURRENCY = 2  # tests.limited_slots: at most this many of one group running at once
+
+
+def _running_now(context: JobContext, key: str) -> None:
+    """Records, as the job's progress, how many jobs of `key` the database says run right now
+    (its own included): read after the claim committed, so it counts every committed claim."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing' AND jobs_concurrency_key = %s", [key]
+        )
+        running = cursor.fetchone()[0]
+    job_progress(context, processed=running, worker=context.job.worker_id)
+
+
+@job_task(name="tests.limited_slots", queue=QUEUE_A, pass_context=True, concurrency=CONCURRENCY,
+          concurrency_key="group:{group}")  # fmt: skip
+def limited_slots(context: JobContext, *, group: str, sleep: float = 0.0, release_path: str = "") -> None:
+    _running_now(context, f"group:{group}")
+    if release_path:
+        wait_for_file(release_path, timeout=60)
+    time.sleep(sleep)
+
+
+@job_task(name="tests.limited_task", queue=QUEUE_A, pass_context=True, concurrency=1)
+def limited_task(context: JobContext, *, sleep: float = 0.0) -> None:
+    """At most one at a time of the whole task (no key: the task's name)."""
+    _running_now(context, "task:tests.limited_task")
+    time.sleep(sleep)
+
+
+@job_task(name="tests.limited_flaky", queue=QUEUE_A, pass_context=True, concurrency=1, retries=2,
+          retry_base_seconds=1, concurrency_key=lambda kwargs: f"flaky:{kwargs['group']}")  # fmt: skip
+def limited_flaky(context: JobContext, *, group: str, fail_path: str) -> None:
+    """Fails transiently while `fail_path` does not exist yet... once: it creates it, so the retry succeeds."""
+    _running_now(context, f"flaky:{group}")
+    if not Path(fail_path).exists():
+        Path(fail_path).write_text("failed once")
+        raise ProviderError("transient, once", permanent=False)

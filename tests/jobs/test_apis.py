@@ -283,3 +283,18 @@ def test_the_openapi_schema_still_renders(api):
     response = api.get("/api/schema/")
     assert response.status_code == 200
     assert b"/api/jobs/{id}/stream/" in response.content and b"/api/jobs/metrics/" in response.content
+
+
+def test_a_job_shows_its_concurrency_limit(api, user):
+    from jobs.tasking.defer import job_defer
+    from tests.jobs import tasks_for_tests as tasks
+
+    limited = job_defer(tasks.limited_slots, owner_id=user.pk, group="a")
+    plain = job_defer(tasks.echo, owner_id=user.pk, value=1)
+
+    assert api.get(f"/api/jobs/{limited}/").json()["concurrency"] == {
+        "key": "group:a",
+        "limit": tasks.CONCURRENCY,
+        "running": 0,
+    }
+    assert api.get(f"/api/jobs/{plain}/").json()["concurrency"] is None

@@ -381,3 +381,21 @@ def test_batch_actions_cancel_and_retry_with_their_permissions(operator):
     assert response.json() == {"batch": batch.id, "cancelled": 2}
     statuses = {job["id"]: job["status"] for job in jobs()}
     assert [statuses[waiting], statuses[failed]] == ["cancelled", "cancelled"]
+
+
+def test_data_shows_the_concurrency_limits_in_force(operator):
+    from jobs.tasking.defer import job_defer_bulk
+    from tests.jobs import tasks_for_tests as tasks
+
+    ids = job_defer_bulk(tasks.limited_slots, [{"group": "a"}] * 3 + [{"group": "b"}])
+    with connection.cursor() as cursor:  # two of key a and the one of key b run
+        cursor.execute("UPDATE procrastinate_jobs SET status = 'doing' WHERE id = ANY(%s)", [[ids[0], ids[1], ids[3]]])
+
+    data = operator.get(DATA).json()
+
+    assert data["limits"] == [
+        {"key": "group:a", "limit": tasks.CONCURRENCY, "running": 2, "waiting": 1, "counted": 2},
+        {"key": "group:b", "limit": tasks.CONCURRENCY, "running": 1, "waiting": 0, "counted": 1},
+    ]
+    page = operator.get(DASHBOARD).content.decode()
+    assert 'id="dash-limits"' in page

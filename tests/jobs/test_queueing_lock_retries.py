@@ -112,7 +112,12 @@ def test_the_rescue_reports_each_job_as_retried_or_superseded():
                 return await jobs_retry_stalled(job_manager=worker_app.job_manager, seconds_since_heartbeat=30)
 
     report = asyncio.run(rescue())
-    assert report == {"retried": [free], "superseded": [{"job_id": superseded, "by_job_id": waiting}], "skipped": []}
+    assert report == {
+        "retried": [free],
+        "superseded": [{"job_id": superseded, "by_job_id": waiting}],
+        "skipped": [],
+        "concurrency_fixed": [],  # the concurrency counts it reconciles (tests/jobs/test_concurrency.py)
+    }
 
 
 # --- Re-queueing after an outage ------------------------------------------------------------

@@ -18,7 +18,7 @@ from notes.models import Note
 from tests.complexity import assert_linear_on_hostile_text
 from tests.factories import make_user
 from tests.helpers import jobs as all_jobs
-from tests.helpers import run_worker
+from tests.helpers import run_worker, wait_for
 from tests.jobs.workers import retry_delay
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -264,3 +264,28 @@ def test_reading_an_answer_is_linear_in_its_size():
 )
 def test_the_json_object_is_taken_from_the_first_brace_to_the_last(answer, summary):
     assert parse_answer(answer, candidate_ids=set()).summary == summary
+
+
+def test_one_users_enrichments_take_at_most_their_share_of_the_claude_slots(owner, claude, settings):
+    # notes.enrich runs at most LLM_CONCURRENCY_PER_USER (2) calls per user at once: with four
+    # worker slots and four of carol's notes waiting, dave's note still gets a slot, and carol's
+    # other two wait queued (no attempt spent) instead of taking the last two slots.
+    release = threading.Event()
+    for _ in range(5):
+        claude.hang(release)
+    carols = [services.note_create(owner=owner, content=f"carol's note {n}") for n in range(4)]
+    daves = services.note_create(owner=make_user("dave"), content="dave's only note")
+    worker = threading.Thread(target=run_worker, kwargs={"queues": ["enrichment"], "concurrency": 4})
+    worker.start()
+    try:
+        wait_for(lambda: len(claude.message_requests) == 3, timeout=30, what="three calls in flight")
+        processing = Note.objects.filter(enrichment_status="processing")
+        assert sorted(processing.values_list("owner_id", flat=True)) == sorted([owner.id, owner.id, daves.owner_id])
+        waiting = [job for job in jobs() if job["status"] == "todo"]
+        assert len(waiting) == 2 and {job["attempts"] for job in waiting} == {0}
+    finally:
+        release.set()
+        worker.join(60)
+    ended = Note.objects.filter(id__in=[n.id for n in [*carols, daves]]).values_list("enrichment_status", flat=True)
+    assert set(ended) == {"done"}
+    assert {job["args"]["note_id"] for job in jobs()} == {n.id for n in [*carols, daves]}

@@ -1,5 +1,7 @@
-"""`python manage.py jobs_queue pause <queue>` / `resume <queue>` / `list`: operate the queues
-from a shell, e.g. to hold a queue during an incident or a deploy of its consumers.
+"""`python manage.py jobs_queue pause <queue>` / `resume <queue>` / `list` / `reconcile`: operate
+the queues from a shell, e.g. to hold a queue during an incident or a deploy of its consumers.
+`reconcile` recomputes the concurrency limits' running counts (after a TRUNCATE, or triggers
+disabled); the stalled-job rescue does it on every run too.
 
 Pausing holds for every worker at its next fetch; jobs already running finish. Resuming wakes
 idle workers at once.
@@ -24,6 +26,7 @@ class Command(BaseCommand):
         actions.add_parser("pause", help="workers stop taking the queue's jobs").add_argument("queue")
         actions.add_parser("resume", help="workers take the queue's jobs again").add_argument("queue")
         actions.add_parser("list", help="every queue: paused or not, jobs waiting and running")
+        actions.add_parser("reconcile", help="recompute the concurrency limits' running counts from the running jobs")
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
         try:
@@ -33,6 +36,11 @@ class Command(BaseCommand):
             elif action == "resume":
                 services.queue_resume(queue=options["queue"])
                 self.stdout.write(f"Resumed {options['queue']}.")
+            elif action == "reconcile":
+                fixed = services.jobs_concurrency_reconcile()
+                for row in fixed:
+                    self.stdout.write(f"{row['key']}: counted {row['counted']} running, {row['actual']} actually")
+                self.stdout.write(f"Corrected {len(fixed)} concurrency key(s).")
             else:
                 self._list()
         except ApplicationError as exc:

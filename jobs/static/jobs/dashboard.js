@@ -287,6 +287,19 @@
     fillBody("dash-blocked", rows, 4, "No job waits for its parents.");
   }
 
+  function drawLimits(data) {
+    const rows = data.limits.map((slot) =>
+      el(
+        "tr",
+        { "data-key": slot.key },
+        el("td", {}, slot.key),
+        el("td", {}, `${slot.running} / ${slot.limit}`),
+        num(slot.waiting),
+      ),
+    );
+    fillBody("dash-limits", rows, 3, "No job with a concurrency limit is running or waiting.");
+  }
+
   function draw(data) {
     drawQueues(data);
     drawChart("dash-chart-hour", "dash-total-hour", data.throughput.hour, 10, hhmm);
@@ -298,6 +311,7 @@
     drawBreakers(data);
     drawRunning(data);
     drawBatches(data);
+    drawLimits(data);
     drawBlocked(data);
     const updated = document.getElementById("dash-updated");
     updated.dateTime = data.generated_at;
