@@ -1,0 +1,205 @@
+"""Traces across the job boundary: the request that defers a job, each attempt of the job and its
+provider calls form one trace, exported over OTLP/HTTP to a real receiver on 127.0.0.1.
+
+The web side is the test client, the worker a real Procrastinate worker (in this process, or a
+worker process configured by the standard OTEL_* variables). Spans are exported by a
+BatchSpanProcessor and flushed when the worker stops (jobs/engine/worker.py) and by
+`tracing_flush()` before reading: no sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from django.conf import settings as django_settings
+from django.db import connection
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from core import tracing
+from jobs.tasking.defer import job_defer
+from notes.models import Note
+from notifications.models import NotificationJob
+from tests.factories import make_recipient, make_user
+from tests.helpers import client_for, jobs, run_worker, start_worker_process, stop_worker
+from tests.jobs import tasks_for_tests as tasks
+from tests.jobs.test_webhooks import receiver, resolver, run_jobs_then_deliveries  # noqa: F401 (fixtures)
+from tests.peers.otlp import OtlpReceiver, ReceivedSpan
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BASE_DIR = django_settings.BASE_DIR
+
+
+@pytest.fixture
+def otlp() -> Iterator[OtlpReceiver]:
+    """A receiver, and this process's spans exported to it (tracing is off in the test settings)."""
+    server = OtlpReceiver().start()
+    provider = TracerProvider(resource=Resource.create({"service.name": "secondbrain-test"}))
+    exporter = OTLPSpanExporter(endpoint=f"{server.endpoint}/v1/traces", timeout=5)
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=50))
+    tracing.tracing_install(provider)
+    yield server
+    tracing.tracing_install(None)
+    provider.shutdown()
+    server.stop()
+
+
+def fast_forward_all() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE procrastinate_jobs SET scheduled_at = now() WHERE status = 'todo'")
+
+
+def attempts(otlp: OtlpReceiver, task: str) -> list[ReceivedSpan]:
+    return sorted(otlp.named(f"job {task}"), key=lambda span: span.attributes["job.attempt"])
+
+
+def test_a_note_capture_its_enrichment_and_a_retried_claude_call_form_one_trace(otlp, claude):
+    owner = make_user("tara")
+    claude.fail(529)  # the first Claude call is overloaded: the job is retried
+    response = client_for(owner).post("/api/notes/", {"content": "SKIP LOCKED makes a fine queue"}, format="json")
+    assert response.status_code == 201, response.content
+    note_id = response.json()["id"]
+    [job] = jobs("notes.enrich")
+    run_worker()
+    fast_forward_all()
+    run_worker()
+    assert Note.objects.get(id=note_id).enrichment_status == "done"
+    tracing.tracing_flush()
+
+    request = otlp.span("POST /api/notes/")
+    assert request.kind == "SERVER" and request.parent_span_id == ""
+    assert request.attributes["http.response.status_code"] == 201
+    first, second = attempts(otlp, "notes.enrich")
+    # Each attempt is its own span, a child of the request: siblings in one trace.
+    assert first.is_child_of(request) and second.is_child_of(request)
+    assert first.span_id != second.span_id
+    for attempt, span in enumerate((first, second), start=1):
+        assert span.kind == "CONSUMER"
+        assert span.attributes["job.id"] == job["id"]
+        assert span.attributes["job.queue"] == job["queue_name"]
+        assert span.attributes["job.task"] == "notes.enrich"
+        assert span.attributes["job.attempt"] == attempt
+        assert span.attributes["job.wait_seconds"] >= 0
+    assert first.failed and first.attributes["job.outcome"] == "failed" and first.attributes["job.will_retry"]
+    assert not second.failed and second.attributes["job.outcome"] == "succeeded"
+    calls = otlp.named("claude messages.create")
+    assert len(calls) == 2
+    failed_call = next(call for call in calls if call.is_child_of(first))
+    good_call = next(call for call in calls if call.is_child_of(second))
+    assert failed_call.failed and failed_call.kind == "CLIENT"
+    assert not good_call.failed and good_call.attributes["gen_ai.usage.output_tokens"] == 50
+    assert good_call.attributes["server.address"] == "127.0.0.1"
+    # Nothing of the note's text in any span.
+    assert not any("SKIP LOCKED" in str(span.attributes) for span in otlp.spans)
+
+
+def test_an_email_and_its_retried_smtp_delivery_form_one_trace(otlp, smtp):
+    owner = make_user("uma")
+    rita = make_recipient(owner)
+    smtp.reply_to_data("451 4.3.0 Try again later")
+    payload = {
+        "recipient_id": rita.id,
+        "subject": "Hello",
+        "body": "Hi there",
+        "notification_type": "system",
+        "priority": "normal",
+    }
+    response = client_for(owner).post("/api/notifications/send-email/", payload, format="json")
+    assert response.status_code in (201, 202), response.content
+    run_worker()
+    fast_forward_all()
+    run_worker()
+    assert len(smtp.messages) == 1
+    assert NotificationJob.objects.get().status == "sent"
+    tracing.tracing_flush()
+
+    request = otlp.span("POST /api/notifications/send-email/")
+    first, second = attempts(otlp, "notifications.deliver")
+    assert first.is_child_of(request) and second.is_child_of(request)
+    assert first.failed and not second.failed
+    sends = otlp.named("smtp send")
+    assert [send.failed for send in sends if send.is_child_of(first)] == [True]
+    assert [send.failed for send in sends if send.is_child_of(second)] == [False]
+    assert all(send.attributes["server.port"] == smtp.port for send in sends)
+    assert not any("rita@" in str(span.attributes) for span in otlp.spans)
+
+
+def test_a_job_deferred_outside_any_span_starts_its_own_trace(otlp):
+    job_defer(tasks.echo, value=1)  # as a command would
+    tasks.echo.defer(value=2)  # Procrastinate's own insert, as the periodic deferrer's
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM procrastinate_jobs WHERE trace_context IS NULL")
+        assert cursor.fetchone()[0] == 2
+    run_worker([tasks.QUEUE_A])
+    tracing.tracing_flush()
+
+    spans = otlp.named("job tests.echo")
+    assert len(spans) == 2
+    assert all(span.parent_span_id == "" for span in spans)
+    assert spans[0].trace_id != spans[1].trace_id
+
+
+def test_a_job_deferred_inside_a_job_and_its_webhook_delivery_join_the_trace(otlp, receiver):  # noqa: F811
+    owner = make_user("vera")
+    with tracing.tracer().start_as_current_span("caller") as caller:
+        job_defer(tasks.echo, owner_id=owner.id, callback_url=receiver.url(), value=1)
+    run_jobs_then_deliveries()
+    tracing.tracing_flush()
+
+    parent = otlp.span("caller")
+    assert parent.span_id == format(caller.get_span_context().span_id, "016x")
+    job = otlp.span("job tests.echo")
+    delivery = otlp.span("job jobs.webhook_deliver")
+    post = otlp.span("webhook POST")
+    assert job.is_child_of(parent)
+    assert delivery.is_child_of(parent)  # queued by the job's end, in the trace of the job
+    assert post.is_child_of(delivery) and post.attributes["http.response.status_code"] == 200
+    assert len(receiver.posts) == 1
+
+
+def test_a_worker_process_exports_to_the_endpoint_the_standard_variable_names(otlp):
+    """OTEL_EXPORTER_OTLP_ENDPOINT alone turns tracing on in a worker process."""
+    with tracing.tracer().start_as_current_span("caller"):
+        job_defer(tasks.echo, value=1)
+    env = {
+        **tasks.WORKER_ENV,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+        "OTEL_SERVICE_NAME": "secondbrain-worker",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    worker = start_worker_process("--queues", tasks.QUEUE_A, env=env)
+    try:
+        span = otlp.wait_for_span("job tests.echo")
+    finally:
+        output = stop_worker(worker)
+    tracing.tracing_flush()
+    assert span.service == "secondbrain-worker", output
+    assert span.is_child_of(otlp.span("caller"))
+
+
+def test_tracing_is_off_without_configuration_and_loads_no_sdk():
+    code = (
+        "import sys, django; django.setup();"
+        "from django.conf import settings; from core import tracing;"
+        "from jobs.tasking.defer import _job_params; from tests.jobs import tasks_for_tests as t;"
+        "params = _job_params(t.echo.configure().make_new_job(value=1));"
+        "print(settings.TRACING_ENABLED, tracing.tracer(), params['trace_context'],"
+        " 'opentelemetry.sdk' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TRACING_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=BASE_DIR,
+        env={**env, "DJANGO_SETTINGS_MODULE": "config.settings"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.split() == ["False", "None", "None", "False"], result.stderr
