@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from django.conf import settings as django_settings
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -129,6 +130,33 @@ def test_an_email_and_its_retried_smtp_delivery_form_one_trace(otlp, smtp):
     assert [send.failed for send in sends if send.is_child_of(second)] == [False]
     assert all(send.attributes["server.port"] == smtp.port for send in sends)
     assert not any("rita@" in str(span.attributes) for span in otlp.spans)
+
+
+def test_jobs_that_a_job_defers_in_bulk_are_its_children(otlp):
+    """An import (a request, then the `notes.import` job) defers its notes' enrichment with one
+    bulk defer from inside the job: those jobs' spans are children of the import's."""
+    owner = make_user("wes")
+    data = b"title,content,tags\na,first note,\nb,second note,\n"
+    response = client_for(owner).post(
+        "/api/notes/import/",
+        {"file": SimpleUploadedFile("notes.csv", data, content_type="text/csv")},
+        format="multipart",
+    )
+    assert response.status_code == 202, response.content
+    run_worker(queues=["imports"])
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'notes.enrich' AND trace_context ? 'traceparent'"
+        )
+        assert cursor.fetchone()[0] == 2
+    run_worker(queues=["enrichment"])
+    tracing.tracing_flush()
+
+    request = otlp.span("POST /api/notes/import/")
+    imported = otlp.span("job notes.import")
+    enrichments = otlp.named("job notes.enrich")
+    assert imported.is_child_of(request)
+    assert len(enrichments) == 2 and all(span.is_child_of(imported) for span in enrichments)
 
 
 def test_a_job_deferred_outside_any_span_starts_its_own_trace(otlp):
