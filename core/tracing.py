@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import traceback
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+
+from core.redaction import redact
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -99,13 +102,23 @@ def provider_span(name: str, **attributes: Any) -> Iterator[trace.Span | None]:
     if _tracer is None:
         yield None
         return
-    with _tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT, attributes=attributes) as span:
-        yield span
+    with _tracer.start_as_current_span(
+        name, kind=trace.SpanKind.CLIENT, attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as span:
+        try:
+            yield span
+        except Exception as exc:
+            span_failed(span, exc)
+            raise
 
 
 def span_failed(span: trace.Span, exc: BaseException) -> None:
-    span.record_exception(exc)
-    span.set_status(trace.StatusCode.ERROR, f"{type(exc).__name__}")
+    """Mark `span` failed by `exc`, its text redacted as the job's stored error is: a provider's
+    reply may quote an address or a secret."""
+    stacktrace = "".join(traceback.format_exception(exc))
+    message = redact(str(exc))[:2000]
+    span.record_exception(exc, attributes={"exception.message": message, "exception.stacktrace": redact(stacktrace)})
+    span.set_status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {message}"[:200])
 
 
 class TracingMiddleware:

@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from core import tracing
+from core.errors import ProviderError
 from jobs.tasking.defer import job_defer
 from notes.models import Note
 from notifications.models import NotificationJob
@@ -104,7 +105,7 @@ def test_a_note_capture_its_enrichment_and_a_retried_claude_call_form_one_trace(
 def test_an_email_and_its_retried_smtp_delivery_form_one_trace(otlp, smtp):
     owner = make_user("uma")
     rita = make_recipient(owner)
-    smtp.reply_to_data("451 4.3.0 Try again later")
+    smtp.reply_to_data("451 4.3.0 <rita@example.com> try again later")
     payload = {
         "recipient_id": rita.id,
         "subject": "Hello",
@@ -129,7 +130,10 @@ def test_an_email_and_its_retried_smtp_delivery_form_one_trace(otlp, smtp):
     assert [send.failed for send in sends if send.is_child_of(first)] == [True]
     assert [send.failed for send in sends if send.is_child_of(second)] == [False]
     assert all(send.attributes["server.port"] == smtp.port for send in sends)
-    assert not any("rita@" in str(span.attributes) for span in otlp.spans)
+    [failed_send] = [send for send in sends if send.failed]
+    assert "451" in failed_send.exceptions[0]["exception.message"]
+    # The server's reply quoted the address: the provider error keeps it out (its summary).
+    assert not any("rita@" in str(span.attributes) + str(span.exceptions) for span in otlp.spans)
 
 
 def test_jobs_that_a_job_defers_in_bulk_are_its_children(otlp):
@@ -210,6 +214,19 @@ def test_a_worker_process_exports_to_the_endpoint_the_standard_variable_names(ot
     tracing.tracing_flush()
     assert span.service == "secondbrain-worker", output
     assert span.is_child_of(otlp.span("caller"))
+
+
+def test_a_failed_provider_call_records_its_error_redacted(otlp):
+    with pytest.raises(ProviderError), tracing.provider_span("smtp send"):
+        raise ProviderError("550 <bob@example.com> no such user, key sk-ant-api03-abcdefghijklmnop", permanent=True)
+    tracing.tracing_flush()
+
+    span = otlp.span("smtp send")
+    assert span.failed and span.kind == "CLIENT"
+    [exception] = span.exceptions
+    assert exception["exception.type"].endswith("ProviderError") and "550" in exception["exception.message"]
+    recorded = str(exception)
+    assert "bob@example.com" not in recorded and "abcdefghijklmnop" not in recorded, recorded
 
 
 def test_tracing_is_off_without_configuration_and_loads_no_sdk():

@@ -30,6 +30,7 @@ class ReceivedSpan:
     attributes: dict[str, Any]
     failed: bool
     service: str
+    exceptions: tuple[dict[str, Any], ...]  # the attributes of its "exception" events
 
     def is_child_of(self, other: ReceivedSpan) -> bool:
         return self.trace_id == other.trace_id and self.parent_span_id == other.span_id
@@ -101,6 +102,11 @@ class OtlpReceiver:
                             attributes={a.key: _value(a.value) for a in span.attributes},
                             failed=span.status.code == Status.STATUS_CODE_ERROR,
                             service=resource.get("service.name", ""),
+                            exceptions=tuple(
+                                {a.key: _value(a.value) for a in event.attributes}
+                                for event in span.events
+                                if event.name == "exception"
+                            ),
                         )
                     )
         with self._lock:
