@@ -83,7 +83,8 @@ SELECT COALESCE(job.trace_context,
            AS trace_context,
        EXTRACT(epoch FROM clock_timestamp() - GREATEST(job.scheduled_at,
            (SELECT max(event.at) FROM procrastinate_events AS event
-             WHERE event.job_id = job.id AND event.type IN ('deferred', 'retried')))) AS wait_seconds
+             WHERE event.job_id = job.id AND event.type IN ('deferred', 'deferred_for_retry', 'retried'))))
+           AS wait_seconds
   FROM procrastinate_jobs AS job
  WHERE job.id = %(job_id)s
 """

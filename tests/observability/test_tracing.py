@@ -164,11 +164,13 @@ def test_jobs_that_a_job_defers_in_bulk_are_its_children(otlp):
 
 
 def test_a_job_deferred_outside_any_span_starts_its_own_trace(otlp):
-    job_defer(tasks.echo, value=1)  # as a command would
+    first = job_defer(tasks.echo, value=1)  # as a command would
     tasks.echo.defer(value=2)  # Procrastinate's own insert, as the periodic deferrer's
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM procrastinate_jobs WHERE trace_context IS NULL")
         assert cursor.fetchone()[0] == 2
+        # The first has waited an hour since it was deferred (its wait counts from then).
+        cursor.execute("UPDATE procrastinate_events SET at = at - interval '1 hour' WHERE job_id = %s", [first])
     run_worker([tasks.QUEUE_A])
     tracing.tracing_flush()
 
@@ -176,6 +178,8 @@ def test_a_job_deferred_outside_any_span_starts_its_own_trace(otlp):
     assert len(spans) == 2
     assert all(span.parent_span_id == "" for span in spans)
     assert spans[0].trace_id != spans[1].trace_id
+    waits = {span.attributes["job.id"]: span.attributes["job.wait_seconds"] for span in spans}
+    assert waits[first] >= 3600 > max(wait for job_id, wait in waits.items() if job_id != first)
 
 
 def test_a_job_deferred_inside_a_job_and_its_webhook_delivery_join_the_trace(otlp, receiver):  # noqa: F811
