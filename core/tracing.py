@@ -9,6 +9,10 @@ Off (`TRACING_ENABLED` false, the default without an `OTEL_EXPORTER_OTLP_*ENDPOI
 never imported, `tracer()` is None, and every hook here is a None check. On: spans go through a
 BatchSpanProcessor to an OTLP/HTTP (protobuf) exporter, which reads the standard `OTEL_*`
 variables itself (endpoint, headers, timeout, `OTEL_BSP_*`, `OTEL_TRACES_SAMPLER`).
+
+The request's span is a small middleware rather than opentelemetry-instrumentation-django (a
+beta that patches Django at start-up and brings four more packages): one span per request, the
+route as its name, a `traceparent` from the caller continued, is all it has to do.
 """
 
 from __future__ import annotations
