@@ -220,6 +220,18 @@ def test_a_worker_process_exports_to_the_endpoint_the_standard_variable_names(ot
     assert span.is_child_of(otlp.span("caller"))
 
 
+def test_a_request_continues_the_trace_its_caller_sent(otlp):
+    trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    response = client_for(make_user("xena")).get("/api/health/", HTTP_TRACEPARENT=f"00-{trace_id}-{caller_span}-01")
+    tracing.tracing_flush()
+
+    request = otlp.span("GET /api/health/")
+    assert request.trace_id == trace_id and request.parent_span_id == caller_span
+    # Health answers 503 here (no live worker): the status is on the span, and a 5xx marks it.
+    assert request.attributes["http.response.status_code"] == response.status_code
+    assert request.failed == (response.status_code >= 500)
+
+
 def test_a_failed_provider_call_records_its_error_redacted(otlp):
     with pytest.raises(ProviderError), tracing.provider_span("smtp send"):
         raise ProviderError("550 <bob@example.com> no such user, key sk-ant-api03-abcdefghijklmnop", permanent=True)
