@@ -112,7 +112,8 @@ class ExactlyOnceEmail:
         `permanent` when the mail server fails."""
         # A span of the job's trace when tracing is on (core/tracing.py): no address, no text.
         attributes = {"server.address": settings.EMAIL_HOST, "server.port": settings.EMAIL_PORT}
-        with provider_span("smtp send", notification_id=self.notification_id, attempt=self.attempt, **attributes):
+        attributes |= {"notification.id": self.notification_id, "notification.attempt": self.attempt}
+        with provider_span("smtp send", **attributes):
             return self._send(to=to, subject=subject, body=body, headers=headers)
 
     def _send(self, *, to: str, subject: str, body: str, headers: dict[str, str]) -> SendResult:

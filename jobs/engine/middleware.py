@@ -101,7 +101,11 @@ async def _traced(call_next, context: JobContext, worker) -> Any:
     in the job row) or the root of its own trace. Each attempt is its own span: a retried job's
     attempts are siblings under the same parent."""
     job = context.job
-    row = await context.app.connector.execute_query_one_async(_TRACE_CONTEXT, job_id=job.id)
+    try:
+        row = await context.app.connector.execute_query_one_async(_TRACE_CONTEXT, job_id=job.id)
+    except Exception:  # tracing never stops a job: it runs in a trace of its own
+        logger.warning("job %s: no trace context (the query failed)", job.id, exc_info=True)
+        row = {"trace_context": None, "wait_seconds": None}
     attributes = {
         "job.id": job.id,
         "job.queue": job.queue,

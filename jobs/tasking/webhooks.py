@@ -300,7 +300,7 @@ def webhook_post(*, url: str, payload: dict, secret: str, delivery_id: int) -> i
     (permanent when the URL breaks a rule or the answer is final, transient otherwise)."""
     # A span of the job's trace when tracing is on (core/tracing.py): the host, not the URL's path.
     host = urlsplit(url).hostname or ""
-    with provider_span("webhook POST", **{"server.address": host, "delivery_id": delivery_id}) as span:
+    with provider_span("webhook POST", **{"server.address": host, "webhook.delivery_id": delivery_id}) as span:
         answer = _webhook_post(url=url, payload=payload, secret=secret, delivery_id=delivery_id)
         if span is not None:
             span.set_attribute("http.response.status_code", answer)

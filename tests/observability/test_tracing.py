@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from core import tracing
 from core.errors import ProviderError
+from jobs.engine import middleware
 from jobs.tasking.defer import job_defer
 from notes.models import Note
 from notifications.models import NotificationJob
@@ -180,6 +181,18 @@ def test_a_job_deferred_outside_any_span_starts_its_own_trace(otlp):
     assert spans[0].trace_id != spans[1].trace_id
     waits = {span.attributes["job.id"]: span.attributes["job.wait_seconds"] for span in spans}
     assert waits[first] >= 3600 > max(wait for job_id, wait in waits.items() if job_id != first)
+
+
+def test_a_job_runs_in_a_trace_of_its_own_when_its_trace_context_cannot_be_read(otlp, monkeypatch):
+    monkeypatch.setattr(middleware, "_TRACE_CONTEXT", "SELECT * FROM no_such_table WHERE %(job_id)s > 0")
+    with tracing.tracer().start_as_current_span("caller"):
+        job_id = job_defer(tasks.echo, value=1)
+    run_worker([tasks.QUEUE_A])
+    tracing.tracing_flush()
+
+    assert jobs("tests.echo")[0]["status"] == "succeeded"
+    span = otlp.span("job tests.echo")
+    assert span.parent_span_id == "" and span.attributes["job.id"] == job_id and not span.failed
 
 
 def test_a_job_deferred_inside_a_job_and_its_webhook_delivery_join_the_trace(otlp, receiver):  # noqa: F811
