@@ -53,6 +53,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # The request's span when tracing is on (TRACING_ENABLED), a None check when it is off.
+    "core.tracing.TracingMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves /static/ from any web process (gunicorn included), before anything touches the
     # database: the admin's CSS and the dashboard's script need no reverse proxy.
@@ -448,6 +450,18 @@ METRICS_PUBLIC = env.bool("METRICS_PUBLIC", default=False)
 # One collection per web process serves every scrape within this many seconds (0: none kept),
 # so parallel or frequent scrapes cost the database one set of aggregates.
 METRICS_CACHE_SECONDS = env.float("METRICS_CACHE_SECONDS", default=5.0)
+
+# --- Traces (OpenTelemetry, core/tracing.py) -------------------------------------------------
+# Off unless an OTLP endpoint is given (OTEL_EXPORTER_OTLP_ENDPOINT, or ..._TRACES_ENDPOINT) or
+# TRACING_ENABLED says so; OTEL_SDK_DISABLED=true keeps it off. The exporter (OTLP/HTTP,
+# protobuf) reads the standard OTEL_EXPORTER_OTLP_* variables (headers, timeout, ...) itself.
+_otlp_endpoint = env.str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", default="") or env.str(
+    "OTEL_EXPORTER_OTLP_ENDPOINT", default=""
+)
+TRACING_ENABLED = env.bool("TRACING_ENABLED", default=bool(_otlp_endpoint)) and not env.bool(
+    "OTEL_SDK_DISABLED", default=False
+)
+TRACING_SERVICE_NAME = env.str("OTEL_SERVICE_NAME", default="secondbrain")
 
 # --- Bulk note import ------------------------------------------------------------------------
 IMPORTS_MAX_UPLOAD_BYTES = env.int("IMPORTS_MAX_UPLOAD_BYTES", default=50 * 1024 * 1024)

@@ -7,5 +7,7 @@ class CoreConfig(AppConfig):
 
     def ready(self) -> None:
         from core.erasure import erasure_connect
+        from core.tracing import tracing_setup
 
         erasure_connect()
+        tracing_setup()

@@ -15,6 +15,7 @@ import httpx2
 from django.conf import settings
 
 from core.errors import ProviderError
+from core.tracing import provider_span
 from llm import pricing
 
 __all__ = ["ClaudeClient", "Completion", "ProviderTimedOut", "estimate_input_tokens"]
@@ -57,6 +58,7 @@ _TRANSIENT_STATUSES = {408, 409, 429}
 class ClaudeClient:
     def __init__(self, *, api_key: str, base_url: str, model: str, timeout: float) -> None:
         self.model = model
+        self._host = httpx2.URL(base_url).host
         self._client = anthropic.Anthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
 
     @classmethod
@@ -69,6 +71,18 @@ class ClaudeClient:
         )
 
     def complete(self, *, system: str, prompt: str, max_tokens: int = 1024) -> Completion:
+        # A span of the job's trace when tracing is on (core/tracing.py); no prompt text in it.
+        with provider_span(
+            "claude messages.create",
+            **{"gen_ai.system": "anthropic", "gen_ai.request.model": self.model, "server.address": self._host},
+        ) as span:
+            completion = self._complete(system=system, prompt=prompt, max_tokens=max_tokens)
+            if span is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", completion.input_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", completion.output_tokens)
+            return completion
+
+    def _complete(self, *, system: str, prompt: str, max_tokens: int) -> Completion:
         try:
             message = self._client.messages.create(
                 model=self.model,

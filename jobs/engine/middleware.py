@@ -13,6 +13,8 @@
    `max_snoozes`) nor one aborted by its worker's shutdown spends an attempt, and a
    worker that re-queues a job for later wakes itself when it is due (Procrastinate sends no
    NOTIFY for a retried job, so it would otherwise wait for its next poll).
+6. Tracing (core/tracing.py), when it is on: each attempt is a span in the trace of whoever
+   deferred the job, with its queue, task, attempt and wait time.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from procrastinate.job_context import AbortReason
 from psycopg.types.json import Jsonb
 
 from core.redaction import redact
+from core.tracing import job_span, span_failed, tracer
 from jobs.tasking.limits import TimeLimitExceeded
 from jobs.tasking.ratelimit import rate_limit_refund, rate_limit_try_acquire
 from jobs.tasking.registry import TaskOptions, task_options
@@ -69,9 +72,68 @@ ON CONFLICT (job_id) DO UPDATE SET snoozes = jobs_job_info.snoozes + 1
 RETURNING snoozes
 """
 _OWNER = "SELECT owner_id FROM jobs_job_info WHERE job_id = %(job_id)s"
+# Tracing only: the deferring span's context (migration 0013) and how long the job waited since it
+# could first run (its scheduled time, or when it was deferred or put back for a retry). A webhook
+# delivery is queued by the status trigger (migration 0006), without a context: it joins the trace
+# of the job it reports on.
+_TRACE_CONTEXT = """
+SELECT COALESCE(job.trace_context,
+                (SELECT origin.trace_context FROM procrastinate_jobs AS origin
+                  WHERE job.task_name = 'jobs.webhook_deliver' AND origin.id = (job.args->>'job_id')::bigint))
+           AS trace_context,
+       EXTRACT(epoch FROM clock_timestamp() - GREATEST(job.scheduled_at,
+           (SELECT max(event.at) FROM procrastinate_events AS event
+             WHERE event.job_id = job.id AND event.type IN ('deferred', 'deferred_for_retry', 'retried'))))
+           AS wait_seconds
+  FROM procrastinate_jobs AS job
+ WHERE job.id = %(job_id)s
+"""
 
 
 async def job_middleware(call_next, context: JobContext, worker) -> Any:
+    if tracer() is None:  # tracing off: this check is all it costs
+        return await _job_middleware(call_next, context, worker)
+    return await _traced(call_next, context, worker)
+
+
+async def _traced(call_next, context: JobContext, worker) -> Any:
+    """The attempt as a span, a child of the span that deferred the job (its trace context is
+    in the job row) or the root of its own trace. Each attempt is its own span: a retried job's
+    attempts are siblings under the same parent."""
+    job = context.job
+    try:
+        row = await context.app.connector.execute_query_one_async(_TRACE_CONTEXT, job_id=job.id)
+    except Exception:  # tracing never stops a job: it runs in a trace of its own
+        logger.warning("job %s: no trace context (the query failed)", job.id, exc_info=True)
+        row = {"trace_context": None, "wait_seconds": None}
+    attributes = {
+        "job.id": job.id,
+        "job.queue": job.queue,
+        "job.task": job.task_name,
+        "job.attempt": job.attempts + 1,
+        "job.wait_seconds": max(0.0, float(row["wait_seconds"] or 0.0)),
+        "messaging.system": "procrastinate",
+        "messaging.destination.name": job.queue,
+    }
+    with job_span(f"job {job.task_name}", carrier=row["trace_context"], attributes=attributes) as span:
+        try:
+            result = await _job_middleware(call_next, context, worker)
+        except Postponed as exc:
+            span.set_attribute("job.outcome", "snoozed" if isinstance(exc, JobSnooze) else "postponed")
+            raise
+        except JobAborted:
+            span.set_attribute("job.outcome", "aborted")
+            raise
+        except Exception as exc:
+            span.set_attribute("job.outcome", "failed")
+            span.set_attribute("job.will_retry", _retry_at(context, exc) is not None)
+            span_failed(span, exc)
+            raise
+        span.set_attribute("job.outcome", "succeeded")
+        return result
+
+
+async def _job_middleware(call_next, context: JobContext, worker) -> Any:
     job = context.job
     options = task_options(job.task_name)
     connector = context.app.connector

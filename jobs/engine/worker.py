@@ -35,6 +35,7 @@ from procrastinate import job_context, types, utils
 from procrastinate import jobs as procrastinate_jobs
 from procrastinate.worker import Worker
 
+from core.tracing import tracer, tracing_flush
 from jobs.engine.connector import is_connection_error
 from jobs.engine.manager import BatchingJobManager
 from jobs.engine.periodic import ZonedPeriodicDeferrer
@@ -84,6 +85,8 @@ class BatchingWorker(Worker):
             await super().run()
         finally:
             unsubscribe()
+            if tracer() is not None:  # the last jobs' spans leave before the process does
+                await asyncio.to_thread(tracing_flush)
 
     def _log_extra(self, action: str, context, job_result, **kwargs: Any) -> types.JSONDict:
         # Procrastinate builds this dict (with a copy of the whole job) for every log call of

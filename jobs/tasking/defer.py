@@ -12,6 +12,7 @@ from procrastinate.jobs import Job
 from procrastinate.tasks import Task
 from psycopg.types.json import Jsonb
 
+from core.tracing import trace_carrier
 from jobs.tasking import workflows
 from jobs.tasking.fairness import defers_per_round, first_round_sql
 from jobs.tasking.registry import task_options
@@ -20,15 +21,16 @@ from jobs.tasking.webhooks import webhook_callback_check
 # One statement for the job and, when there is anything to know about it, its info row. It is
 # Procrastinate's own insert (procrastinate_defer_jobs_v1) without the function call, and a
 # waiting job with the same queueing lock makes it insert nothing (no savepoint needed).
-# The owner and the round are for the fair claim (jobs/tasking/fairness.py).
+# The owner and the round are for the fair claim (jobs/tasking/fairness.py); the trace context
+# for the worker's span (core/tracing.py, migration 0013).
 _DEFER = f"""
 WITH job AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
-                                    jobs_parents_waiting, jobs_batch_id, owner_id, fair_round,
+                                    jobs_parents_waiting, jobs_batch_id, owner_id, trace_context, fair_round,
                                     jobs_concurrency_key, jobs_concurrency_limit)
     VALUES (%(queue)s, %(task)s, %(priority)s, %(lock)s, %(queueing_lock)s, %(args)s, %(scheduled_at)s,
-            %(parents_waiting)s, %(batch_id)s,
-            %(owner_id)s, {first_round_sql(queue="%(queue)s", owner="%(owner_id)s::bigint", priority="%(priority)s")},
+            %(parents_waiting)s, %(batch_id)s, %(owner_id)s, %(trace_context)s,
+            {first_round_sql(queue="%(queue)s", owner="%(owner_id)s::bigint", priority="%(priority)s")},
             %(concurrency_key)s, %(concurrency_limit)s)
     ON CONFLICT (queueing_lock) WHERE status = 'todo' DO NOTHING
     RETURNING id
@@ -56,10 +58,10 @@ WITH given AS (
       FROM (SELECT DISTINCT line FROM given) AS owners
 ), jobs AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
-                                    jobs_parents_waiting, jobs_batch_id, owner_id, fair_round,
+                                    jobs_parents_waiting, jobs_batch_id, owner_id, trace_context, fair_round,
                                     jobs_concurrency_key, jobs_concurrency_limit)
     SELECT %(queue)s, %(task)s, %(priority)s, %(lock)s, NULL, given.args, %(scheduled_at)s,
-           %(parents_waiting)s, %(batch_id)s, given.owner_id, lines.rank + given.turn,
+           %(parents_waiting)s, %(batch_id)s, given.owner_id, %(trace_context)s, lines.rank + given.turn,
            given.concurrency_key, CASE WHEN given.concurrency_key IS NOT NULL THEN %(concurrency_limit)s::integer END
       FROM given JOIN lines USING (line)
      ORDER BY n
@@ -201,6 +203,8 @@ def _job_params(job: Job) -> dict[str, Any]:
         "args": Jsonb(job.task_kwargs),
         "scheduled_at": job.scheduled_at,
         "defers_per_round": defers_per_round(),
+        # The deferring span's context (core/tracing.py), NULL when tracing is off.
+        "trace_context": Jsonb(carrier) if (carrier := trace_carrier()) is not None else None,
     }
 
 

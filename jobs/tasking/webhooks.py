@@ -43,6 +43,7 @@ from django.conf import settings
 from rest_framework import status
 
 from core.errors import ApplicationError, ProviderError
+from core.tracing import provider_span
 
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -297,6 +298,16 @@ class _PinnedConnection(http.client.HTTPConnection):
 def webhook_post(*, url: str, payload: dict, secret: str, delivery_id: int) -> int:
     """POST `payload` signed with `secret`; returns the HTTP status. Raises ProviderError
     (permanent when the URL breaks a rule or the answer is final, transient otherwise)."""
+    # A span of the job's trace when tracing is on (core/tracing.py): the host, not the URL's path.
+    host = urlsplit(url).hostname or ""
+    with provider_span("webhook POST", **{"server.address": host, "webhook.delivery_id": delivery_id}) as span:
+        answer = _webhook_post(url=url, payload=payload, secret=secret, delivery_id=delivery_id)
+        if span is not None:
+            span.set_attribute("http.response.status_code", answer)
+        return answer
+
+
+def _webhook_post(*, url: str, payload: dict, secret: str, delivery_id: int) -> int:
     deadline = _Deadline(settings.JOBS_WEBHOOK_TIMEOUT_SECONDS)
     try:
         target = webhook_target(url)
