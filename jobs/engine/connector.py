@@ -92,8 +92,18 @@ async def _check_when_idle(conn: psycopg.AsyncConnection) -> None:
 
 
 def worker_pool(**kwargs: Any) -> psycopg_pool.AsyncConnectionPool:
-    """The pool the worker's PsycopgConnector builds (its `pool_factory`)."""
-    return WorkerPool(**{**kwargs, "check": _check_when_idle})
+    """The pool the worker's PsycopgConnector builds (its `pool_factory`).
+
+    Its connections are in autocommit: every statement Procrastinate and the engine send through
+    the pool is one statement on its own (a claim, a batch of completions, a heartbeat), which
+    psycopg otherwise wraps in BEGIN and COMMIT, two more round trips each."""
+    return WorkerPool(**{**kwargs, "check": _check_when_idle, "configure": _autocommit})
+
+
+async def _autocommit(conn: psycopg.AsyncConnection) -> None:
+    # Through `configure`, not the connection's kwargs: Procrastinate opens its LISTEN connection
+    # with the pool's kwargs plus autocommit=True, which would then be given twice.
+    await conn.set_autocommit(True)
 
 
 def worker_connector() -> PsycopgConnector:
