@@ -455,7 +455,10 @@ def _email_run(bench: Bench, *, count: int, processes: int) -> Figure:
             raise TimeoutError(f"{sink.count} of {count} e-mails arrived")
         cpu = meter.stop()
         span = sink.received_at[-1] - sink.received_at[0]
-        logs = DeliveryLog.objects.filter(notification__owner=owner, outcome="sent").count()
+        sent_logs = DeliveryLog.objects.filter(notification__owner=owner, outcome="sent")
+        # The last delivery log commits just after its message reaches the sink.
+        wait_until(lambda: sent_logs.count() >= count, 10, interval=0.05)
+        logs = sent_logs.count()
         twice = len(sink.notification_ids) - len(set(sink.notification_ids))
     finally:
         sink.stop()
