@@ -149,8 +149,12 @@ def _sum(*values: float | None) -> float | None:
 def _statements_note(statements: list[dict] | None) -> str:
     if statements is None:
         return "pg_stat_statements not loaded on this server: no per-statement figures"
-    lines = [f"{s['us_per_job']:>8.1f} us/job  {s['calls']:>6} calls  {s['query'][:110]}" for s in statements]
-    return "top statements by execution time (pg_stat_statements):\n      " + "\n      ".join(lines)
+    lines = [
+        f"{s['us_per_job']:>7.1f} + {s['plan_us_per_job']:>5.1f} us/job  {s['calls']:>6} calls {s['plans']:>6} plans"
+        f"  {s['query'][:90]}"
+        for s in statements
+    ]
+    return "top statements, execution + planning time (pg_stat_statements):\n      " + "\n      ".join(lines)
 
 
 CPU_BUDGET_US = 2 * 1e6 / 4000  # two cores at 4,000 jobs/s: what a job may cost, worker and server together

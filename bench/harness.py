@@ -160,6 +160,9 @@ class Bench:
         loaded it (shared_preload_libraries: the embedded PostgreSQL does, see scripts/devdb.py)."""
         try:
             self.sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", stock=stock)
+            # Planning too (off by default): a statement planned on every execution shows here.
+            name = self.scalar("SELECT current_database()", stock=stock)
+            self.sql(f'ALTER DATABASE "{name}" SET pg_stat_statements.track_planning = on', stock=stock)
             self.sql(
                 "SELECT pg_stat_statements_reset(0, oid, 0) FROM pg_database WHERE datname = current_database()",
                 stock=stock,
@@ -169,15 +172,15 @@ class Bench:
         return True
 
     def top_statements(self, jobs: int, *, stock: bool = False, limit: int = 5) -> list[dict]:
-        """The statements of this database that took the most execution time since
-        `statements_reset`, with their time per job (µs); [] without pg_stat_statements."""
+        """The statements of this database that took the most execution and planning time since
+        `statements_reset`, with their times per job (µs); [] without pg_stat_statements."""
         try:
             rows = self.sql(
                 """
-                SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g')
+                SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g'), plans, total_plan_time
                   FROM pg_stat_statements
                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-                 ORDER BY total_exec_time DESC
+                 ORDER BY total_exec_time + total_plan_time DESC
                  LIMIT %s
                 """,
                 [limit],
@@ -188,11 +191,13 @@ class Bench:
         return [
             {
                 "us_per_job": round(total_ms * 1000 / max(jobs, 1), 1),
+                "plan_us_per_job": round(plan_ms * 1000 / max(jobs, 1), 1),
                 "calls": calls,
+                "plans": plans,
                 "rows": count,
                 "query": query[:160],
             }
-            for calls, total_ms, count, query in rows
+            for calls, total_ms, count, query, plans, plan_ms in rows
         ]
 
 
