@@ -18,6 +18,7 @@ import psycopg
 BASE_DIR = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 LOG_DIR = BASE_DIR / ".data" / "bench"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -92,8 +93,8 @@ class Bench:
         """The worker exactly as `make run` and the Dockerfile start it (settings from the environment)."""
         return self.spawn("manage.py", "procrastinate", "worker", *args, env=env)
 
-    def stock_worker(self, *args: str) -> subprocess.Popen:
-        return self.spawn("-m", "procrastinate", "--app=bench.stock_app.app", "worker", *args)
+    def stock_worker(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        return self.spawn("-m", "procrastinate", "--app=bench.stock_app.app", "worker", *args, env=env)
 
     def stop_children(self) -> None:
         for child in self.children:
@@ -146,6 +147,121 @@ class Bench:
             stock=stock,
         )
         return sorted(float(r[0]) for r in rows)
+
+    # --- Where the CPU goes ------------------------------------------------------------------------
+    def postmaster_pid(self) -> int | None:
+        """The PostgreSQL server's main process, when it runs on this machine (its /proc visible)."""
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            stat = _proc_stats().get(backend)  # while the backend is there: its parent is the server
+        return stat[0] if stat is not None else None
+
+    def statements_reset(self, *, stock: bool = False) -> bool:
+        """Start pg_stat_statements afresh for this database; False where the server has not
+        loaded it (shared_preload_libraries: the embedded PostgreSQL does, see scripts/devdb.py)."""
+        try:
+            self.sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", stock=stock)
+            # Planning too (off by default): a statement planned on every execution shows here.
+            name = self.scalar("SELECT current_database()", stock=stock)
+            self.sql(f'ALTER DATABASE "{name}" SET pg_stat_statements.track_planning = on', stock=stock)
+            self.sql(
+                "SELECT pg_stat_statements_reset(0, oid, 0) FROM pg_database WHERE datname = current_database()",
+                stock=stock,
+            )
+        except psycopg.Error:
+            return False
+        return True
+
+    def top_statements(self, jobs: int, *, stock: bool = False, limit: int = 5) -> list[dict]:
+        """The statements of this database that took the most execution and planning time since
+        `statements_reset`, with their times per job (µs); [] without pg_stat_statements."""
+        try:
+            rows = self.sql(
+                """
+                SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g'), plans, total_plan_time
+                  FROM pg_stat_statements
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 ORDER BY total_exec_time + total_plan_time DESC
+                 LIMIT %s
+                """,
+                [limit],
+                stock=stock,
+            )
+        except psycopg.Error:
+            return []
+        return [
+            {
+                "us_per_job": round(total_ms * 1000 / max(jobs, 1), 1),
+                "plan_us_per_job": round(plan_ms * 1000 / max(jobs, 1), 1),
+                "calls": calls,
+                "plans": plans,
+                "rows": count,
+                "query": query[:160],
+            }
+            for calls, total_ms, count, query, plans, plan_ms in rows
+        ]
+
+
+class CpuMeter:
+    """CPU time (user + system) of process trees from /proc, between `start()` and `stop()`.
+
+    A tree's time is each live process's own time plus what its reaped children left in its
+    cutime/cstime, so a process that exits inside the window is still counted (PostgreSQL's
+    backends ending, a worker's children)."""
+
+    def __init__(self, **roots: int | None) -> None:
+        self.roots = {name: pid for name, pid in roots.items() if pid is not None}
+        self._begun: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+
+    def start(self) -> CpuMeter:
+        self._begun = _tree_seconds(self.roots)
+        return self
+
+    def stop(self) -> dict[str, float]:
+        ended = _tree_seconds(self.roots)
+        self.seconds = {name: ended[name] - self._begun[name] for name in self._begun if name in ended}
+        return self.seconds
+
+    def us_per_job(self, name: str, jobs: int) -> float | None:
+        if name not in self.seconds or not jobs:
+            return None
+        return self.seconds[name] * 1e6 / jobs
+
+
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    """{pid: (parent pid, clock ticks of the process and its reaped children)} of every process."""
+    stats = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as file:
+                text = file.read()
+        except OSError:
+            continue  # gone meanwhile
+        fields = text[text.rindex(b")") + 2 :].split()  # the name may hold spaces and parentheses
+        # fields[0] is field 3 of proc(5): ppid is field 4, utime..cstime are fields 14-17.
+        stats[int(entry.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]))
+    return stats
+
+
+def _tree_seconds(roots: dict[str, int]) -> dict[str, float]:
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    result = {}
+    for name, root in roots.items():
+        if root not in stats:
+            continue
+        ticks, todo = 0, [root]
+        while todo:
+            pid = todo.pop()
+            ticks += stats[pid][1]
+            todo.extend(children.get(pid, []))
+        result[name] = ticks / CLOCK_TICKS
+    return result
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:

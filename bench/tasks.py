@@ -3,9 +3,14 @@ so it runs through the project's own worker configuration: middleware, paused-qu
 
 from __future__ import annotations
 
+import time
+
+from bench import starts
 from jobs import job_task
 
 
 @job_task(name="bench.noop", queue="bench")
-def noop(i: int = 0) -> None:
-    return None
+def noop(i: int = 0, sent_at: float | None = None) -> None:
+    # sent_at: the client's time.time() just before the defer (the latency figure only).
+    if sent_at is not None:
+        starts.record(i, sent_at, time.time())

@@ -27,6 +27,8 @@ SERVER_SETTINGS = {
     "unix_socket_directories": "''",
     "max_connections": "200",
     "shared_buffers": "128MB",
+    # Where PostgreSQL spends its time, per statement: `make bench` shows the top ones per job.
+    "shared_preload_libraries": "pg_stat_statements",
 }
 
 

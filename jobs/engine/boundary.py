@@ -143,6 +143,13 @@ NAMES: tuple[Name, ...] = (
         called_in="procrastinate.worker",
     ),
     _worker("_log_extra", "method", "overrides", "(self, action, context, job_result, **kwargs)"),
+    _worker(
+        "_resolve_task_middlewares",
+        "method",
+        "overrides",
+        "(self, task, task_is_async)",
+        called_in="procrastinate.worker",
+    ),
     _worker("_process_job", "async method", "calls", "(self, context)"),
     _worker("_periodic_deferrer", "async method", "overrides", "(self)", called_in="procrastinate.worker"),
     _worker("_poll_jobs_to_abort", "async method", "calls", "(self)"),

@@ -91,9 +91,29 @@ async def _check_when_idle(conn: psycopg.AsyncConnection) -> None:
         await psycopg_pool.AsyncConnectionPool.check_connection(conn)
 
 
+PREPARE_THRESHOLD = 5  # psycopg's default: a statement is prepared on its fifth execution
+
+
 def worker_pool(**kwargs: Any) -> psycopg_pool.AsyncConnectionPool:
-    """The pool the worker's PsycopgConnector builds (its `pool_factory`)."""
-    return WorkerPool(**{**kwargs, "check": _check_when_idle})
+    """The pool the worker's PsycopgConnector builds (its `pool_factory`), see `_configure`."""
+    return WorkerPool(**{**kwargs, "check": _check_when_idle, "configure": _configure})
+
+
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    """Each new connection of the worker's pool (through `configure`, not the connection's
+    kwargs: Procrastinate opens its LISTEN connection with the pool's kwargs plus
+    autocommit=True, which would then be given twice).
+
+    - Autocommit: every statement Procrastinate and the engine send through the pool is one
+      statement on its own (a claim, a batch of completions, a heartbeat), which psycopg
+      otherwise wraps in BEGIN and COMMIT, two more round trips each.
+    - Prepared statements: the pool takes Django's connection parameters, and Django turns
+      psycopg's prepared statements off (prepare_threshold None), so PostgreSQL planned every
+      claim and every batch of completions afresh, about 0.4 ms each. The claim's LIMIT is
+      literal so that its generic plan walks the claim index (jobs/engine/manager.py). Behind
+      PgBouncer in transaction mode this needs PgBouncer 1.21+ with max_prepared_statements."""
+    await conn.set_autocommit(True)
+    conn.prepare_threshold = PREPARE_THRESHOLD
 
 
 def worker_connector() -> PsycopgConnector:

@@ -67,6 +67,7 @@ class BatchingWorker(Worker):
         self._check_own_jobs = False  # set by an outage: re-queue jobs this worker lost track of
         self._jobs_ended = 0  # how many jobs ran to their end in this process (a one-shot run's stop)
         self._register_lock = asyncio.Lock()
+        self._task_middlewares: dict[tuple[str, bool], tuple[Any, list]] = {}
 
     async def run(self) -> None:
         # Sync tasks run in the loop's default executor, which Python sizes by CPU count (6
@@ -94,6 +95,16 @@ class BatchingWorker(Worker):
         if not self.logger.isEnabledFor(logging.INFO):
             return {"action": action}
         return super()._log_extra(action, context, job_result, **kwargs)
+
+    def _resolve_task_middlewares(self, task, task_is_async: bool) -> list:
+        # Procrastinate sorts the worker-wide task middlewares for every job, formatting a debug
+        # line for each one it skips (a sync task skips the async ones) even with DEBUG off:
+        # once per task and kind is enough, the lists do not change while the worker runs.
+        key = (task.name, task_is_async)
+        cached = self._task_middlewares.get(key)
+        if cached is None or cached[0] is not task:
+            cached = self._task_middlewares[key] = (task, super()._resolve_task_middlewares(task, task_is_async))
+        return cached[1]
 
     async def _fetch_and_process_jobs(self) -> None:
         """Fetch and process jobs until there is none left or the worker is asked to stop

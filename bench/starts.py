@@ -1,0 +1,30 @@
+"""Where a latency run's handler records its start: one line per job, `<i> <start - sent_at>`
+in seconds, appended to the file named by BENCH_STARTS_FILE (one os.write of a short line with
+O_APPEND, so the worker's threads never interleave). Only the bench's latency figure passes
+`sent_at`; the processing figure's jobs record nothing."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+_fd: int | None = None
+_lock = threading.Lock()
+
+
+def record(i: int, sent_at: float, started: float) -> None:
+    global _fd
+    if _fd is None:
+        with _lock:
+            if _fd is None:
+                _fd = os.open(os.environ["BENCH_STARTS_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(_fd, f"{i} {started - sent_at:.6f}\n".encode())
+
+
+def read_ms(path: str) -> list[float]:
+    """The recorded waits, in milliseconds, sorted."""
+    try:
+        with open(path) as file:
+            return sorted(float(line.split()[1]) * 1000 for line in file if line.strip())
+    except FileNotFoundError:
+        return []
