@@ -142,9 +142,9 @@ _SESSION_SETTINGS = {
     "tcp_keepalives_interval": DATABASE_KEEPALIVES_INTERVAL_SECONDS,
     "tcp_keepalives_count": DATABASE_KEEPALIVES_COUNT,
 }
-DATABASES["default"]["OPTIONS"]["options"] = " ".join(
-    [DATABASES["default"]["OPTIONS"].get("options", ""), *(f"-c {k}={v}" for k, v in _SESSION_SETTINGS.items())]
-).strip()
+_URL_OPTIONS = DATABASES["default"]["OPTIONS"].get("options", "")
+_SESSION_OPTIONS = " ".join([_URL_OPTIONS, *(f"-c {k}={v}" for k, v in _SESSION_SETTINGS.items())]).strip()
+DATABASES["default"]["OPTIONS"]["options"] = _SESSION_OPTIONS
 # TLS to the database (libpq's sslmode and sslrootcert; also accepted as ?sslmode= in the URL).
 # The web processes, the workers' pool and the start-up check all connect with these.
 DATABASE_SSLMODE = env.str("DATABASE_SSLMODE", default="")
@@ -159,6 +159,36 @@ if DATABASE_SSLROOTCERT:
     if DATABASE_SSLROOTCERT != "system" and not Path(DATABASE_SSLROOTCERT).is_file():
         raise ImproperlyConfigured(f"DATABASE_SSLROOTCERT: no such file {DATABASE_SSLROOTCERT!r}")
     DATABASES["default"]["OPTIONS"]["sslrootcert"] = DATABASE_SSLROOTCERT
+# Behind a connection pooler in transaction mode (docs/operating.md#running-behind-a-connection-pooler)
+# DATABASE_URL points at the pooler and DATABASE_DIRECT_URL at PostgreSQL itself (or a
+# session-mode pool): workers (their pool, LISTEN connection and Django connection) and the web's
+# job streams (LISTEN, session advisory locks) connect there. Unset, or the same URL: no pooler.
+# Through the pooler the web sends no startup options (PgBouncer refuses unknown ones) and keeps
+# no session state; Django already leaves psycopg's server-side prepared statements off.
+_DIRECT_URL = env.str("DATABASE_DIRECT_URL", default="")
+DATABASE_BEHIND_POOLER = bool(_DIRECT_URL) and env.str("DATABASE_URL") != _DIRECT_URL
+# The direct connection's Django settings (NAME, USER, PASSWORD, HOST, PORT, OPTIONS), applied over
+# DATABASES["default"] by config.database; None without a pooler.
+DATABASE_DIRECT: dict | None = None
+if DATABASE_BEHIND_POOLER:
+    _direct = env.db_url_config(_DIRECT_URL)
+    if _direct.get("ENGINE") != "django.db.backends.postgresql":
+        raise ImproperlyConfigured("DATABASE_DIRECT_URL must point to PostgreSQL (postgres://...)")
+    _direct_options = _direct.get("OPTIONS", {})
+    DATABASE_DIRECT = {
+        **{key: _direct.get(key) or "" for key in ("NAME", "USER", "PASSWORD", "HOST", "PORT")},
+        "OPTIONS": {
+            **DATABASES["default"]["OPTIONS"],
+            **_direct_options,
+            "options": " ".join(
+                [_direct_options.get("options", ""), *(f"-c {k}={v}" for k, v in _SESSION_SETTINGS.items())]
+            ).strip(),
+        },
+    }
+    if _URL_OPTIONS:
+        DATABASES["default"]["OPTIONS"]["options"] = _URL_OPTIONS
+    else:
+        DATABASES["default"]["OPTIONS"].pop("options")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

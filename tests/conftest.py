@@ -15,6 +15,7 @@ from bench.harness import free_port
 from tests.factories import make_user
 from tests.helpers import PROCRASTINATE_TABLES, client_for, wait_for
 from tests.peers.claude import FakeClaude
+from tests.peers.pgbouncer import PgBouncer, pgbouncer_available
 from tests.peers.smtp import SmtpSink
 
 
@@ -104,3 +105,22 @@ def asgi_server(transactional_db, monkeypatch, settings):
     yield type("LiveServer", (), {"url": f"http://127.0.0.1:{port}"})
     server.should_exit = True
     thread.join(30)
+
+
+@pytest.fixture
+def pgbouncer(transactional_db, tmp_path_factory) -> Iterator[PgBouncer]:
+    """A real PgBouncer in transaction mode on 127.0.0.1 in front of this test database
+    (Debian's `pgbouncer` package; the test skips without it)."""
+    if not pgbouncer_available():
+        pytest.skip("pgbouncer is missing: apt-get install pgbouncer")
+    db = connection.settings_dict
+    bouncer = PgBouncer(
+        tmp_path_factory.mktemp("pgbouncer"),
+        host=db["HOST"] or "127.0.0.1",
+        port=int(db["PORT"] or 5432),
+        dbname=db["NAME"],
+        user=db["USER"],
+    )
+    bouncer.start()
+    yield bouncer
+    bouncer.stop()

@@ -38,6 +38,7 @@ import psycopg
 from django.db import connection
 from psycopg import sql
 
+from config.database import direct_connection_params
 from jobs.console.selectors import FINAL_STATUSES
 
 logger = logging.getLogger(__name__)
@@ -331,7 +332,9 @@ class StreamHub:
         wait = self._retry_at - time.monotonic()
         if wait > 0:
             raise StreamUnavailable(wait)
-        params = connection.get_connection_params()  # Django's settings, TLS and timeouts included
+        # Django's settings, TLS and timeouts included; behind a pooler PostgreSQL's own address
+        # (LISTEN and session advisory locks need a session of their own).
+        params = direct_connection_params(connection.get_connection_params())
         for django_only in ("cursor_factory", "context", "prepare_threshold"):
             params.pop(django_only, None)
         # Every stream of the process waits while one statement does: none may wait long on a lock.

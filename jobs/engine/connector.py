@@ -25,6 +25,8 @@ from procrastinate import utils as procrastinate_utils
 from procrastinate.contrib.django import utils
 from psycopg_pool.base import AttemptWithBackoff
 
+from config.database import direct_connection_params, use_direct_database
+
 CHECK_IDLE_SECONDS = 2.0
 RECONNECT_MAX_DELAY = 0.5
 POOL_ERROR_LOG_SECONDS = 10.0
@@ -117,5 +119,11 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
 
 
 def worker_connector() -> PsycopgConnector:
-    """What `manage.py procrastinate worker` runs on (Procrastinate's own, but for the pool)."""
-    return PsycopgConnector(pool_factory=worker_pool, kwargs=utils.connector_params("default"))
+    """What `manage.py procrastinate worker` runs on (Procrastinate's own, but for the pool).
+
+    Behind a pooler the worker connects to DATABASE_DIRECT_URL, its Django connection included
+    (config/database.py): prepared statements, LISTEN and session settings need a session."""
+    use_direct_database()
+    return PsycopgConnector(
+        pool_factory=worker_pool, kwargs=direct_connection_params(utils.connector_params("default"))
+    )
