@@ -14,15 +14,19 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
+from jobs.tasking.defer import job_defer
 from notes.models import Note
 from notifications.models import NotificationJob
 from tests.factories import make_recipient, make_user
 from tests.helpers import BASE_DIR, database_url, start_worker_process, wait_for
-from tests.jobs.test_stream_server import Server, Stream
+from tests.jobs.test_stream_server import Server, Stream, later
 from tests.peers.claude import FakeClaude
 from tests.peers.smtp import SmtpSink
 
@@ -164,8 +168,18 @@ def test_the_api_core_flows_through_pgbouncer_in_transaction_mode(pgbouncer, pee
         job_id = page["results"][0]["id"]
         status, detail = server.request("GET", f"/api/jobs/{job_id}/", token=token)
         assert status == 200 and detail["id"] == job_id
-        stream = Stream(server, job_id, token)
+        # A stream stays open on a job that is still to run (one scheduled for next year).
+        later_id = job_defer(later, owner_id=owner.id, schedule_at=timezone.now() + timedelta(days=365))
+        stream = Stream(server, later_id, token)
         assert stream.started() == 200
+        # The stream's slot is a session advisory lock: held on a direct session, not PgBouncer's.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT DISTINCT a.client_port FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                " WHERE l.locktype = 'advisory' AND a.pid <> pg_backend_pid()"
+            )
+            holders = {port for (port,) in cursor.fetchall()}
+        assert holders and not holders & pgbouncer.server_ports()
         stream.sock.close()
         # An import: a request, then the `notes.import` job and its notes' enrichment.
         status, imported = _upload(server, "/api/notes/import/", token, b"title,content,tags\na,first,\nb,second,\n")

@@ -57,7 +57,14 @@ class PgBouncer:
         return f"postgres://{self.user}@127.0.0.1:{self.port}/{self.dbname}"
 
     def clients(self) -> list[dict]:
-        """PgBouncer's SHOW CLIENTS (its admin console), but for this very connection."""
+        """PgBouncer's SHOW CLIENTS, but for the admin console's own connection."""
+        return [row for row in self._show("CLIENTS") if row["database"] != "pgbouncer"]
+
+    def server_ports(self) -> set[int]:
+        """The local ports of PgBouncer's connections to PostgreSQL (pg_stat_activity's client_port)."""
+        return {row["local_port"] for row in self._show("SERVERS")}
+
+    def _show(self, what: str) -> list[dict]:
         with psycopg.connect(
             host="127.0.0.1",
             port=self.port,
@@ -66,10 +73,9 @@ class PgBouncer:
             autocommit=True,
             cursor_factory=psycopg.ClientCursor,  # the admin console speaks the simple query protocol only
         ) as conn:
-            cursor = conn.execute("SHOW CLIENTS")
+            cursor = conn.execute(f"SHOW {what}")
             columns = [c.name for c in cursor.description]
-            rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
-        return [row for row in rows if row["database"] != "pgbouncer"]
+            return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def start(self) -> None:
         args = [PGBOUNCER, str(self.ini)]
