@@ -34,6 +34,10 @@ def fail_fast_if_database_unreachable(argv: list[str] | None = None) -> None:
     from django.conf import settings
 
     db = settings.DATABASES["default"]
+    variable = "DATABASE_URL"
+    if argv is not None and argv[1] == "procrastinate" and settings.DATABASE_DIRECT is not None:
+        # A worker behind a pooler connects to DATABASE_DIRECT_URL only (config/database.py).
+        db, variable = {**db, **settings.DATABASE_DIRECT}, "DATABASE_DIRECT_URL"
     try:
         psycopg.connect(
             dbname=db["NAME"],
@@ -49,7 +53,7 @@ def fail_fast_if_database_unreachable(argv: list[str] | None = None) -> None:
         where = f"{db.get('HOST') or 'localhost'}:{db.get('PORT') or 5432}/{db['NAME']}"
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         reason = lines[-1] if lines else type(exc).__name__
-        _exit(f"cannot reach the database at {where} ({reason}); check DATABASE_URL")
+        _exit(f"cannot reach the database at {where} ({reason}); check {variable}")
 
 
 def use_connection_pool() -> None:

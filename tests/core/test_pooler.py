@@ -116,6 +116,27 @@ def _upload(server: Server, path: str, token: str, data: bytes) -> tuple[int, di
     return _post(server, path, token, body, f"multipart/form-data; boundary={boundary}")
 
 
+def test_a_worker_behind_a_pooler_checks_the_direct_url_at_start():
+    """The pooler answers, PostgreSQL's own address does not: the worker stops, naming it."""
+    env = {
+        "DATABASE_URL": database_url(),
+        "DATABASE_DIRECT_URL": "postgres://postgres@127.0.0.1:1/secondbrain",
+        "DATABASE_CONNECT_TIMEOUT": "2",
+        "DEBUG": "true",
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "procrastinate", "worker"],
+        cwd=BASE_DIR,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot reach the database at 127.0.0.1:1/secondbrain" in result.stderr
+    assert "check DATABASE_DIRECT_URL" in result.stderr
+
+
 @pytest.fixture
 def peers():
     claude, smtp = FakeClaude().start(), SmtpSink().start()
