@@ -156,7 +156,9 @@ def test_the_api_core_flows_through_pgbouncer_in_transaction_mode(pgbouncer, pee
         "NOTIFICATIONS_RATE_PER_SECOND": "1000",
     }
     server = Server(tmp_path, env={**urls, **provider_env, "THROTTLE_USER_RATE": "40/min"})
-    worker = start_worker_process("--queues", "enrichment,notifications,imports", env={**urls, **provider_env})
+    # The worker keeps its Django connection (the tasks' queries), so that PgBouncer would list it.
+    worker_env = {**urls, **provider_env, "DATABASE_CONN_MAX_AGE": "600"}
+    worker = start_worker_process("--queues", "enrichment,notifications,imports", env=worker_env)
     try:
         owner = make_user("pia")
         token = Token.objects.create(user=owner).key
@@ -214,7 +216,7 @@ def test_the_api_core_flows_through_pgbouncer_in_transaction_mode(pgbouncer, pee
         assert "Traceback" not in log and '" 500' not in log, log[-3000:]
         # The web gone, the worker still at work: none of its connections is PgBouncer's.
         server.stop()
-        wait_for(lambda: not pgbouncer.clients(), timeout=30, what="the web's clients to leave PgBouncer")
+        wait_for(lambda: not pgbouncer.clients(), timeout=30, what="PgBouncer to have no client left (a worker's would stay)")
         assert worker.poll() is None
     finally:
         server.stop()
