@@ -216,7 +216,7 @@ def test_the_api_core_flows_through_pgbouncer_in_transaction_mode(pgbouncer, pee
         assert "Traceback" not in log and '" 500' not in log, log[-3000:]
         # The web gone, the worker still at work: none of its connections is PgBouncer's.
         server.stop()
-        wait_for(lambda: not pgbouncer.clients(), timeout=30, what="PgBouncer to have no client left (a worker's would stay)")
+        wait_for(lambda: not pgbouncer.clients(), timeout=30, what="no client left on PgBouncer")
         assert worker.poll() is None
     finally:
         server.stop()
