@@ -132,9 +132,10 @@ DATABASES["default"]["OPTIONS"].update(
     keepalives_count=DATABASE_KEEPALIVES_COUNT,
 )
 # Server settings of every session (web processes, a worker's pool and its jobs' connections),
-# as startup options after any the URL gives. client_connection_check_interval: a killed
-# process's backend notices the closed socket even while it waits on a lock, and aborts instead
-# of committing a statement nobody is waiting for any more.
+# as startup options after any the URL gives; behind a pooler, of the direct sessions only
+# (below). client_connection_check_interval: a killed process's backend notices the closed
+# socket even while it waits on a lock, and aborts instead of committing a statement nobody is
+# waiting for any more.
 _SESSION_SETTINGS = {
     "client_connection_check_interval": 500,
     "idle_in_transaction_session_timeout": int(DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS * 1000),
