@@ -264,11 +264,13 @@ def _latency_run(bench: Bench, task_name: str, start_worker, defer_one, count: i
 
     bench.reset_jobs()
     path = LOG_DIR / f"starts-{task_name}-{time.time_ns()}.txt"
-    start_worker({"BENCH_STARTS_FILE": str(path)})
+    worker = start_worker({"BENCH_STARTS_FILE": str(path)})
     bench.wait_workers(1, stock=stock)
     time.sleep(1)
+    meter = CpuMeter(worker=worker.pid, postgres=bench.postmaster_pid()).start()
     sent = _trickle(bench, defer_one, count, 50)
     wait_until(lambda: bench.remaining(task_name, stock=stock) == 0, 30)
+    meter.stop()
     bench.stop_children()
     waits = starts.read_ms(str(path))
     started = starts.read_started(str(path))
@@ -282,6 +284,9 @@ def _latency_run(bench: Bench, task_name: str, start_worker, defer_one, count: i
         "after_commit": after_commit,
         "defer_call": sorted((back - at) * 1000 for at, back in sent.values()),
         "events": bench.start_latencies_ms(task_name, stock=stock),
+        # Over the trickle, idle time included; PostgreSQL's counts the client's defers too.
+        "worker_us": meter.us_per_job("worker", count),
+        "postgres_us": meter.us_per_job("postgres", count),
     }
 
 
@@ -352,6 +357,22 @@ def latency(bench: Bench, *, quick: bool = False) -> list[Figure]:
             "ms",
             "stock",
             percentile(stock["after_commit"], 99),
+        ),
+        Figure(
+            "CPU per trickled job: worker process",
+            ours["worker_us"],
+            "us",
+            "stock worker",
+            stock["worker_us"],
+            notes="from /proc over the trickle (idle time between the jobs included)",
+        ),
+        Figure(
+            "CPU per trickled job: PostgreSQL",
+            ours["postgres_us"],
+            "us",
+            "stock",
+            stock["postgres_us"],
+            notes="every server process over the trickle, the client's defers included",
         ),
         Figure(
             "the defer call of those jobs, p50",
