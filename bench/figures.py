@@ -462,6 +462,8 @@ def email(bench: Bench, *, quick: bool = False) -> list[Figure]:
             "us",
             notes="from /proc, every process of the tree (the SMTP sink, in the bench's process, not counted)"
             if key == "worker_us" and n == 1
+            else _statements_note(run.extra["statements"]).replace("us/job", "us/e-mail")
+            if key == "postgres_us"
             else "",
         )
         for n, run in ((1, one), (2, two))
@@ -513,6 +515,7 @@ def _email_run(bench: Bench, *, count: int, processes: int) -> Figure:
     sink = CountingSmtpSink().start()
     try:
         env = {"EMAIL_URL": f"smtp://127.0.0.1:{sink.port}", "NOTIFICATIONS_RATE_PER_SECOND": "100000"}
+        statements = bench.statements_reset()
         workers = [bench.project_worker("-q", "notifications", env=env) for _ in range(processes)]
         bench.wait_workers(processes, timeout=60)
         roots = {f"worker{n}": worker.pid for n, worker in enumerate(workers)}
@@ -520,6 +523,7 @@ def _email_run(bench: Bench, *, count: int, processes: int) -> Figure:
         if not wait_until(lambda: sink.count >= count, 180, interval=0.05):
             raise TimeoutError(f"{sink.count} of {count} e-mails arrived")
         cpu = meter.stop()
+        top = bench.top_statements(count, limit=8) if statements else None
         span = sink.received_at[-1] - sink.received_at[0]
         sent_logs = DeliveryLog.objects.filter(notification__owner=owner, outcome="sent")
         # The last delivery log commits just after its message reaches the sink.
@@ -538,7 +542,7 @@ def _email_run(bench: Bench, *, count: int, processes: int) -> Figure:
         "e-mails/s",
         met=rate >= EMAIL_TARGET and logs == count and twice == 0,
         notes=f"{count} e-mails to a local SMTP sink, {logs} delivery logs, {twice} sent twice, rate limit raised",
-        extra={"worker_us": worker_us, "postgres_us": postgres_us},
+        extra={"worker_us": worker_us, "postgres_us": postgres_us, "statements": top},
     )
 
 
