@@ -123,7 +123,10 @@ UPDATE procrastinate_jobs AS job
    AND (candidates.concurrency_key IS NULL OR candidates.id IN (SELECT id FROM granted))
 RETURNING job.id, job.queue_name, job.task_name, job.priority, job.lock, job.queueing_lock, job.args,
           job.scheduled_at, job.attempts, job.status, job.abort_requested, job.worker_id,
-          job.jobs_concurrency_key
+          job.jobs_concurrency_key,
+          -- Fewer candidates than the LIMIT: the claim saw every job it could take (the worker's
+          -- fetch loop then waits for a NOTIFY instead of claiming again for nothing).
+          (SELECT count(*) FROM candidates) AS jobs_candidates
 """
 # Fair claims (jobs/tasking/fairness.py): the service band first, then each job's round, the
 # order of migration 0009's jobs_fair_claim_idx (the expressions must be written as there).
@@ -240,6 +243,9 @@ class BatchingJobManager(JobManager):
         self._lock_listeners: list[Callable[[], None]] = []
         self._adopted: dict[int, int] = {}  # job id -> the worker id that took it back
         self._keyed: dict[int, str] = {}  # running jobs claimed here that hold a concurrency slot: their key
+        # Whether the last claim took every job it could (it found fewer than it asked for), so
+        # that a claim made now would find none that was there then (see `fetch_jobs`).
+        self.last_claim_drained = False
 
     async def fetch_jobs(
         self, queues: Iterable[str] | None, worker_id: int, limit: int
@@ -250,6 +256,9 @@ class BatchingJobManager(JobManager):
             queues=list(queues) if queues is not None else None,
             worker_id=worker_id,
         )
+        # An empty claim drained the queue too (nothing returned, nothing counted); a claim that
+        # found as many candidates as it asked for may have left others behind them.
+        self.last_claim_drained = not rows or rows[0]["jobs_candidates"] < limit
         self._keyed.update((row["id"], row["jobs_concurrency_key"]) for row in rows if row["jobs_concurrency_key"])
         return [procrastinate_jobs.Job.from_row(row) for row in sorted(rows, key=_claim_order)]
 

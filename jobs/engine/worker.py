@@ -167,6 +167,12 @@ class BatchingWorker(Worker):
                 self._start(job)
             if self._check_own_jobs and await self._requeue_lost_jobs():
                 continue  # some went back to the queue: claim them (or others) now
+            if self.wait and jobs and manager.last_claim_drained:
+                # Fewer jobs waited than there were free slots, and the claim took them all: a
+                # claim now would come back empty (a job deferred since then NOTIFYs, and the
+                # wake-up was cleared before this claim). Wait for a NOTIFY or the next poll
+                # instead of a second round trip that competes with the jobs just started.
+                break
             if not jobs:
                 if self.wait:
                     break  # the queue is empty for now: wait for a NOTIFY or the next poll

@@ -7,6 +7,7 @@ worker claims them: on the worker's own pool, as a registered worker, up to `lim
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from datetime import timedelta
 
@@ -181,3 +182,89 @@ def test_workers_claiming_at_once_never_get_the_same_job_nor_two_jobs_of_one_loc
         assert len(locks) == len(set(locks)), f"two jobs of one lock in one round: {sorted(locks)}"
     # Each lock's jobs ran one per round, so no fewer rounds than the longest lock has jobs.
     assert len(rounds) >= 6
+
+
+def _claim_drained(limit: int) -> tuple[int, bool]:
+    """One claim of up to `limit` jobs: how many it took, and whether it says it took every job
+    it could (the worker's fetch loop then waits for a NOTIFY instead of claiming again)."""
+
+    async def claim(manager):
+        worker_id = await manager.register_worker()
+        jobs = await manager.fetch_jobs(queues=None, worker_id=worker_id, limit=limit)
+        return len(jobs), manager.last_claim_drained
+
+    return asyncio.run(_on_worker_pool(claim))
+
+
+def test_a_claim_that_finds_fewer_jobs_than_it_asks_for_says_it_drained_the_queue():
+    for _ in range(5):
+        _add()
+
+    assert _claim_drained(limit=3) == (3, False)  # as many as asked: others may be waiting
+    assert _claim_drained(limit=3) == (2, True)
+    assert _claim_drained(limit=3) == (0, True)
+
+
+def test_a_claim_that_leaves_jobs_of_a_full_lock_behind_counts_them_as_seen():
+    # The second job of a lock cannot run while the first is waiting ahead of it: not a candidate,
+    # so a claim of 3 that takes the first (and a plain job) found all it could.
+    _add(lock="L")
+    _add(lock="L")
+    _add()
+
+    assert _claim_drained(limit=3) == (2, True)
+
+
+def test_a_listening_worker_that_claimed_every_waiting_job_waits_for_a_notify_not_another_claim(monkeypatch):
+    # Concurrency 3, one job waiting: the claim takes it and says it took all there was, so the
+    # worker does not claim again for nothing (a round trip beside the job it just started); the
+    # NOTIFY of the next defer still wakes it at once (the poll is far off).
+    from procrastinate import jobs as procrastinate_jobs
+
+    from jobs.tasking.defer import job_defer
+    from tests.jobs.workers import job_status
+
+    first = job_defer(tasks.stamp_a, n=1)
+    claims: list[list[int]] = []
+    later: list[int] = []
+
+    async def scenario() -> None:
+        with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
+            manager = worker_app.job_manager
+            fetch_jobs = manager.fetch_jobs
+
+            async def spied_fetch_jobs(*args, **kwargs) -> list[procrastinate_jobs.Job]:
+                found = await fetch_jobs(*args, **kwargs)
+                claims.append([job.id for job in found])
+                return found
+
+            monkeypatch.setattr(manager, "fetch_jobs", spied_fetch_jobs)
+            async with worker_app.open_async():
+                worker = asyncio.create_task(
+                    worker_app.run_worker_async(
+                        queues=[QUEUE_A],
+                        concurrency=3,
+                        wait=True,
+                        install_signal_handlers=False,
+                        listen_notify=True,
+                        fetch_job_polling_interval=60,
+                    )
+                )
+                for _ in range(100):
+                    if claims or worker.done():
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)  # time for a second claim, were one made
+                later.append(await asyncio.to_thread(job_defer, tasks.stamp_a, n=2))
+                for _ in range(100):
+                    if len(claims) > 1 or worker.done():
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)  # its end written
+                worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker
+
+    asyncio.run(scenario())
+    assert claims == [[first], later], claims
+    assert [job_status(first), job_status(later[0])] == ["succeeded", "succeeded"]
