@@ -73,7 +73,10 @@ def test_a_periodic_task_is_deferred_once_per_tick_on_the_database_clock_by_work
     cron = {"TESTS_HOSTS_PERIODIC_CRON": "* * * * * */2"}  # every 2 s (croniter's seconds field)
     workers = [start_test_worker("--queues", tasks.QUEUE_A, env={**host_env(h), **cron}) for h in HOSTS]
     started.extend(workers)
-    until(lambda: query("SELECT count(*) FROM procrastinate_workers")[0][0] == len(HOSTS), "workers", workers)
+    registered = "SELECT count(jobs_host) FROM procrastinate_workers"  # the host is written right after the row
+    until(lambda: query(registered)[0][0] == len(HOSTS), "workers", workers)
+    # Each worker's row names its host (settings.WORKER_HOSTNAME), the dashboard shows it.
+    assert sorted(host for (host,) in query("SELECT jobs_host FROM procrastinate_workers")) == sorted(HOSTS)
     first = max([tick for tick, _ in _periodic_defers()], default=0)
     until(lambda: len([t for t, _ in _periodic_defers() if t > first]) >= 5, "five ticks more", workers)
     output = stop_all(workers)
