@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.contrib import admin
+from django.test import RequestFactory
+from django.urls import reverse
+from django.utils import timezone
+from procrastinate.contrib.django.models import ProcrastinateWorker
 
 from bench.harness import free_port
 from jobs.tasking import queues
@@ -172,3 +178,22 @@ def test_the_rescue_on_a_host_ten_minutes_ahead_never_takes_a_live_workers_job(t
     release.write_text("go")
     until(lambda: job_status(live_job) == "succeeded", "the live job's end", [live, rescuer])
     stop_all([live, rescuer])
+
+
+# --- What a web host shows ---------------------------------------------------------------------
+def test_the_admin_on_a_web_host_ten_minutes_ahead_shows_a_live_worker_alive(monkeypatch, admin_client):
+    [(live_id,)] = query(
+        "INSERT INTO procrastinate_workers (last_heartbeat, jobs_host) VALUES (now(), 'host-a') RETURNING id"
+    )
+    [(dead_id,)] = query(
+        "INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now() - interval '1 hour') RETURNING id"
+    )
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + timedelta(minutes=10))  # this web host's clock
+
+    worker_admin = admin.site._registry[ProcrastinateWorker]
+    workers = {w.id: w for w in worker_admin.get_queryset(RequestFactory().get("/"))}
+    assert worker_admin.alive(workers[live_id]) is True  # its heartbeat is fresh by the database's clock
+    assert worker_admin.alive(workers[dead_id]) is False
+    page = admin_client.get(reverse("admin:procrastinate_procrastinateworker_changelist"))
+    assert page.status_code == 200 and "host-a" in page.content.decode()  # the host column
