@@ -48,10 +48,11 @@ class ZonedPeriodicDeferrer(PeriodicDeferrer):
         self.connector = connector
 
     async def database_offset(self) -> float:
-        """Seconds the database's clock is ahead of this host's (negative: behind)."""
-        before = time.time()
+        """Seconds the database's clock is ahead of this host's (negative: behind), read against
+        this host's time once the answer is in: a slow round trip makes the deferrer late by it,
+        never early."""
         row = await self.connector.execute_query_one_async(query=_DATABASE_NOW)
-        return float(row["now"]) - (before + time.time()) / 2
+        return float(row["now"]) - time.time()
 
     async def worker(self) -> None:
         if not self.registry.periodic_tasks:

@@ -89,11 +89,11 @@ def test_a_periodic_task_is_deferred_once_per_tick_on_the_database_clock_by_work
 
     defers = _periodic_defers()
     ticks = [tick for tick, _ in defers]
-    assert len(ticks) == len(set(ticks)), output  # once per tick across the three hosts
-    assert ticks == list(range(ticks[0], ticks[-1] + 1, 2)), output  # and none missed
+    assert len(ticks) == len(set(ticks)), (defers, output)  # once per tick across the three hosts
+    assert ticks == list(range(ticks[0], ticks[-1] + 1, 2)), (defers, output)  # and none missed
     # None before its time by the database's clock: the host 30 s ahead does not defer early.
     early = [(tick, late) for tick, late in defers if late < -1]
-    assert early == [], output
+    assert early == [], (defers, output)
 
 
 # --- Rate limits and circuit breakers --------------------------------------------------------
@@ -187,14 +187,16 @@ def test_the_rescue_on_a_host_ten_minutes_ahead_never_takes_a_live_workers_job(t
     until(lambda: job_status(rescue) in ("succeeded", "failed"), "the rescue", [live, rescuer])
     wait_for_workers(2)
     assert job_status(rescue) == "succeeded", stop_all([live, rescuer])
-    assert job_status(dead_job) == "todo"  # the one nobody runs is rescued
+    assert job_status(dead_job) in ("todo", "doing", "succeeded")  # rescued (the live worker may run it since)
     # The live worker's is not, though its heartbeat is ten minutes old by the rescuer's clock.
     assert query("SELECT status, worker_id FROM procrastinate_jobs WHERE id = %s", [live_job]) == [
         ("doing", live_worker)
     ]
     release.write_text("go")
     until(lambda: job_status(live_job) == "succeeded", "the live job's end", [live, rescuer])
-    stop_all([live, rescuer])
+    stop_worker(live)
+    output = stop_worker(rescuer)
+    assert f"Retried 1 stalled job(s): [{dead_job}]" in output, output  # that one only
 
 
 # --- What a web host shows ---------------------------------------------------------------------
