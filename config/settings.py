@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from pathlib import Path
 
 import environ
@@ -418,6 +419,9 @@ WORKER_SHUTDOWN_GRACE_SECONDS = env.float("WORKER_SHUTDOWN_GRACE_SECONDS", defau
 # A worker writes its id (its row in procrastinate_workers) to this file once registered, for
 # `manage.py jobs_worker_health` in the same container; empty: no file.
 WORKER_ID_FILE = env.str("WORKER_ID_FILE", default="")
+# The host a worker runs on, recorded on its row (procrastinate_workers.jobs_host) and shown by the
+# dashboard: set it where the machine's name says nothing (a container's is a random id).
+WORKER_HOSTNAME = env.str("WORKER_HOSTNAME", default="") or socket.gethostname()
 
 PROCRASTINATE_WORKER_DEFAULTS = {
     "concurrency": WORKER_CONCURRENCY,

@@ -107,9 +107,10 @@ LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"  # Debian'
 
 
 def skewed_clock_env(offset: str) -> dict[str, str]:
-    """Environment for a process whose clock is `offset` off the real one ("+10m", "-40d"), with
+    """Environment for a process whose clock is `offset` off the real one ("+30s", "+10m", "-40d"), with
     libfaketime preloaded; checked on a first process, so a test can never pass unskewed.
-    The monotonic clock is left alone (timeouts and asyncio keep working)."""
+    The monotonic clock is left alone (timeouts and asyncio keep working), but then time.sleep
+    fails with EINVAL in such a process: a job it runs must not sleep."""
     if not Path(LIBFAKETIME).exists():
         pytest.skip("libfaketime is missing: apt-get install faketime")
     env = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": offset, "DONT_FAKE_MONOTONIC": "1"}
@@ -120,8 +121,15 @@ def skewed_clock_env(offset: str) -> dict[str, str]:
         text=True,
         check=True,
     )
-    assert abs(float(seen.stdout) - time.time()) > 60, f"libfaketime did not move the clock by {offset}"
+    shift = float(seen.stdout) - time.time()
+    assert abs(shift - _offset_seconds(offset)) < 10, f"libfaketime moved the clock by {shift:.0f} s, not {offset}"
     return env
+
+
+def _offset_seconds(offset: str) -> float:
+    """FAKETIME's relative offset ("+30s", "-10m", "+40d") in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    return float(offset[:-1]) * units[offset[-1]]
 
 
 def wait_for(predicate, *, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):

@@ -9,10 +9,11 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, Q
+from django.db.models import BooleanField, Count, ExpressionWrapper, Q
+from django.db.models.expressions import RawSQL
+from django.db.models.functions import Now
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.utils import timezone
 from procrastinate.contrib.django.admin import ProcrastinateJobAdmin
 from procrastinate.contrib.django.models import ProcrastinateEvent, ProcrastinateJob, ProcrastinateWorker
 
@@ -49,19 +50,31 @@ class ProcrastinateEventAdmin(ReadOnlyAdmin):
 
 @admin.register(ProcrastinateWorker)
 class ProcrastinateWorkerAdmin(ReadOnlyAdmin):
-    list_display = ("id", "last_heartbeat", "alive", "running_jobs")
+    list_display = ("id", "host", "last_heartbeat", "alive", "running_jobs")
     ordering = ("-last_heartbeat",)
 
     def get_queryset(self, request):
         return (
             super()
             .get_queryset(request)
-            .annotate(running=Count("procrastinatejob", filter=Q(procrastinatejob__status="doing")))
+            .annotate(
+                running=Count("procrastinatejob", filter=Q(procrastinatejob__status="doing")),
+                # Judged on the database's clock, as the rescue judges it: not this web host's.
+                alive_now=ExpressionWrapper(
+                    Q(last_heartbeat__gte=Now() - timedelta(seconds=settings.WORKER_STALLED_SECONDS)),
+                    output_field=BooleanField(),
+                ),
+                host=RawSQL('"procrastinate_workers"."jobs_host"', ()),  # migration 0014
+            )
         )
 
     @admin.display(boolean=True)
     def alive(self, worker: ProcrastinateWorker) -> bool:
-        return worker.last_heartbeat >= timezone.now() - timedelta(seconds=settings.WORKER_STALLED_SECONDS)
+        return worker.alive_now
+
+    @admin.display(description="host")
+    def host(self, worker: ProcrastinateWorker) -> str:
+        return worker.host or ""
 
     @admin.display(description="running jobs", ordering="running")
     def running_jobs(self, worker: ProcrastinateWorker) -> int:

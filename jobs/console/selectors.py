@@ -58,7 +58,7 @@ def live_workers(*, stalled_after_seconds: float) -> list[dict]:
     each is running."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT worker.id, worker.last_heartbeat,"
+            "SELECT worker.id, worker.jobs_host, worker.last_heartbeat,"
             "       (SELECT count(*) FROM procrastinate_jobs AS job"
             "         WHERE job.worker_id = worker.id AND job.status = 'doing')"
             "  FROM procrastinate_workers AS worker"
@@ -66,7 +66,10 @@ def live_workers(*, stalled_after_seconds: float) -> list[dict]:
             " ORDER BY worker.id",
             [stalled_after_seconds],
         )
-        return [{"id": wid, "last_heartbeat": beat, "running": running} for wid, beat, running in cursor.fetchall()]
+        return [
+            {"id": wid, "host": host, "last_heartbeat": beat, "running": running}
+            for wid, host, beat, running in cursor.fetchall()
+        ]
 
 
 # --- The jobs API: what a user (or staff) may see -------------------------------------------

@@ -236,6 +236,14 @@ NAMES: tuple[Name, ...] = (
         called_in="procrastinate.manager",
     ),
     Name(
+        "procrastinate.manager:JobManager.register_worker",
+        "async method",
+        "overrides",
+        MANAGER,
+        "(self)",
+        called_in="procrastinate.worker",
+    ),
+    Name(
         "procrastinate.manager:JobManager.unregister_worker",
         "async method",
         "overrides",

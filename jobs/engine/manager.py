@@ -199,6 +199,7 @@ RETURNING id
 
 # procrastinate_retry_job_v2 with the retry time taken from the database's clock.
 # The worker's own row, and its jobs (see jobs/engine/worker.py: after a database outage).
+SET_WORKER_HOST = "UPDATE procrastinate_workers SET jobs_host = %(host)s WHERE id = %(worker_id)s"
 HEARTBEAT = "UPDATE procrastinate_workers SET last_heartbeat = now() WHERE id = %(worker_id)s RETURNING id"
 ADOPT_JOBS = """
 UPDATE procrastinate_jobs SET worker_id = %(worker_id)s
@@ -336,6 +337,15 @@ class BatchingJobManager(JobManager):
                 len(self.pending_completion_ids()),
                 timeout,
             )
+
+    async def register_worker(self) -> int:
+        """Procrastinate's registration, then this host's name on the row (migration 0014)."""
+        worker_id = await super().register_worker()
+        await self.connector.execute_query_async(
+            query=SET_WORKER_HOST, worker_id=worker_id, host=settings.WORKER_HOSTNAME
+        )
+        logger.info("Worker %s registered on host %s", worker_id, settings.WORKER_HOSTNAME)
+        return worker_id
 
     async def unregister_worker(self, worker_id: int) -> None:
         await self.flush_finished()

@@ -7,8 +7,11 @@ The rest is Procrastinate's: `get_previous_tasks` (what is due since the last de
 run within `max_delay` at start-up), `defer_jobs` (the insert that Procrastinate's unique
 periodic_id + timestamp makes happen once across every worker) and `wait`.
 
-`clock` is the deferrer's time source, read once per tick: the tests move it to a DST change
-instead of waiting for one.
+The database's clock rules: every tick, the deferrer reads the database's time and decides what
+is due on it (`clock` plus the offset of the database's clock from this host's), so workers on
+hosts whose clocks are tens of seconds apart all defer a run at its time, never early because one
+host's clock is ahead (each run is still deferred once: the unique row). `clock` is the local
+time source: the tests move it to a DST change instead of waiting for one.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from typing import Any
 
+from procrastinate.connector import BaseConnector
 from procrastinate.periodic import PeriodicDeferrer, PeriodicTask
 
 from jobs.tasking.cron import CronSchedule
@@ -33,7 +38,22 @@ def schedule_of(periodic_task: PeriodicTask) -> CronSchedule:
     return periodic_schedule(periodic_task.task.name, periodic_task.periodic_id, periodic_task.cron)
 
 
+# The database's time, with this host's at the same instant: their difference is the offset.
+_DATABASE_NOW = "SELECT extract(epoch FROM clock_timestamp())::float8 AS now"
+
+
 class ZonedPeriodicDeferrer(PeriodicDeferrer):
+    def __init__(self, *, connector: BaseConnector, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.connector = connector
+
+    async def database_offset(self) -> float:
+        """Seconds the database's clock is ahead of this host's (negative: behind), read against
+        this host's time once the answer is in: a slow round trip makes the deferrer late by it,
+        never early."""
+        row = await self.connector.execute_query_one_async(query=_DATABASE_NOW)
+        return float(row["now"]) - time.time()
+
     async def worker(self) -> None:
         if not self.registry.periodic_tasks:
             logger.info(
@@ -42,7 +62,7 @@ class ZonedPeriodicDeferrer(PeriodicDeferrer):
             )
             return
         while True:
-            now = clock()
+            now = clock() + await self.database_offset()
             await self.defer_jobs(jobs_to_defer=self.get_previous_tasks(at=now))
             await self.wait(next_tick=self.get_next_tick(at=now))
 

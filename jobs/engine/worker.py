@@ -307,8 +307,11 @@ class BatchingWorker(Worker):
                 self._new_job_event.set()  # NOTIFYs sent while it was away are lost: look now
 
     async def _periodic_deferrer(self) -> None:
-        """Procrastinate's, with each cron read on its task's time zone (jobs/engine/periodic.py)."""
-        deferrer = ZonedPeriodicDeferrer(registry=self.app.periodic_registry, **self.app.periodic_defaults)
+        """Procrastinate's, with each cron read on its task's time zone and the database's clock
+        (jobs/engine/periodic.py)."""
+        deferrer = ZonedPeriodicDeferrer(
+            registry=self.app.periodic_registry, connector=self.app.connector, **self.app.periodic_defaults
+        )
         return await deferrer.worker()
 
     def _start_side_tasks(self) -> list[asyncio.Task[Any]]:

@@ -21,9 +21,14 @@ State = CircuitBreaker.State
 
 @dataclass(frozen=True)
 class Verdict:
+    """`retry_at` is the database's time (for a row or `job_defer(schedule_at=)`); `retry_in` is
+    the same moment as seconds from now, for a wait on this host, whose clock may be off the
+    database's by minutes (a Postponed's `retry_at` is read on this host's clock)."""
+
     allowed: bool
     retry_at: datetime | None = None
     clean: bool = False  # closed with no failures counted: a success has nothing to reset
+    retry_in: float = 0.0
 
 
 # A breaker seen closed and clean is taken as such for this long by this process without asking
@@ -47,14 +52,17 @@ def breaker_check(*, name: str, cooldown_seconds: float) -> Verdict:
         return Verdict(allowed=True, clean=clean)
     now = breaker.db_now
     if breaker.opened_until and now < breaker.opened_until:
-        return Verdict(allowed=False, retry_at=breaker.opened_until)
+        return Verdict(
+            allowed=False, retry_at=breaker.opened_until, retry_in=(breaker.opened_until - now).total_seconds()
+        )
     # Cooldown over (or a probe that never reported back): one caller wins the probe.
     won = CircuitBreaker.objects.filter(name=name, updated_at=breaker.updated_at).update(
         state=State.HALF_OPEN, opened_until=now + timedelta(seconds=cooldown_seconds), updated_at=now
     )
     if won:
         return Verdict(allowed=True)
-    return Verdict(allowed=False, retry_at=now + timedelta(seconds=min(cooldown_seconds, 5)))
+    wait = min(cooldown_seconds, 5)
+    return Verdict(allowed=False, retry_at=now + timedelta(seconds=wait), retry_in=wait)
 
 
 def breaker_record_success(*, name: str) -> None:

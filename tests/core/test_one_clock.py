@@ -180,7 +180,8 @@ def _enrichment_env(claude) -> dict[str, str]:
 
 
 def _enriched(note_id: int) -> Note | None:
-    return Note.objects.filter(id=note_id).exclude(enrichment_status="pending").first()
+    """The note once its enrichment has ended (not while it is still `processing`)."""
+    return Note.objects.filter(id=note_id).exclude(enrichment_status__in=["pending", "processing"]).first()
 
 
 def test_a_worker_a_month_ahead_still_counts_this_months_spend(claude):

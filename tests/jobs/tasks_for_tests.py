@@ -10,6 +10,7 @@ the database.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -193,6 +194,16 @@ def batch_report(**counts: object) -> dict:
 @job_task(name="tests.periodic_stamp", queue=QUEUE_A)
 def periodic_stamp(timestamp: int) -> dict:
     return {"timestamp": timestamp}
+
+
+# Periodic in the worker processes of tests/jobs/test_many_hosts.py only, which set this variable.
+if os.environ.get("TESTS_HOSTS_PERIODIC_CRON"):
+
+    @job_task(
+        name="tests.periodic_hosts", queue=QUEUE_A, cron=os.environ["TESTS_HOSTS_PERIODIC_CRON"], periodic_id="hosts"
+    )
+    def periodic_hosts(timestamp: int) -> dict:
+        return {"timestamp": timestamp}
 
 
 @job_task(name="tests.snooze_once", queue=QUEUE_A, retries=2)

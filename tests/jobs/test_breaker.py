@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from jobs.tasking.breaker import breaker_check, breaker_record_failure, breaker_record_success, breaker_state
 
@@ -16,7 +19,18 @@ def _cool_down(name: str) -> None:
 def test_threshold_one_opens_on_the_first_failure():
     assert breaker_check(name="b1", cooldown_seconds=30).clean
     assert breaker_record_failure(name="b1", threshold=1, cooldown_seconds=30) == "open"
-    assert not breaker_check(name="b1", cooldown_seconds=30).allowed
+    verdict = breaker_check(name="b1", cooldown_seconds=30)
+    assert not verdict.allowed
+    # The wait is measured on the database's clock (from its `opened_until`), not this host's.
+    assert 25 < verdict.retry_in <= 30
+
+
+def test_the_wait_of_an_open_breaker_does_not_read_this_hosts_clock(monkeypatch):
+    breaker_record_failure(name="b-host", threshold=1, cooldown_seconds=60)
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + timedelta(minutes=10))  # a host ahead
+    verdict = breaker_check(name="b-host", cooldown_seconds=60)
+    assert not verdict.allowed and 55 < verdict.retry_in <= 60
 
 
 def test_open_then_one_probe_then_closed_on_success():

@@ -114,8 +114,8 @@ def test_data_reports_depths_failures_progress_workers_and_pauses(operator):
     PausedQueue.objects.create(queue_name="digests")
     with connection.cursor() as cursor:
         cursor.execute(
-            "INSERT INTO procrastinate_workers (last_heartbeat)"
-            " VALUES (now()), (now() - interval '1 hour') RETURNING id"
+            "INSERT INTO procrastinate_workers (last_heartbeat, jobs_host)"
+            " VALUES (now(), 'worker-host-1'), (now() - interval '1 hour', 'worker-host-2') RETURNING id"
         )
         live_id = cursor.fetchone()[0]
         cursor.execute("UPDATE procrastinate_jobs SET worker_id = %s WHERE id = %s", [live_id, running])
@@ -134,6 +134,7 @@ def test_data_reports_depths_failures_progress_workers_and_pauses(operator):
     assert progress == {**progress, "job_id": running, "processed": 250, "total": 1000, "percent": 25.0}
     assert [w["id"] for w in data["workers"]] == [live_id]
     assert data["workers"][0]["running"] == 1
+    assert data["workers"][0]["host"] == "worker-host-1"
     assert data["permissions"] == {"retry": True, "pause": True, "cancel": False}
     assert sum(b["failed"] for b in data["throughput"]["hour"]) == 2
     assert len(data["throughput"]["hour"]) == 60 and len(data["throughput"]["day"]) == 24

@@ -197,9 +197,9 @@
   function drawWorkers(data) {
     document.getElementById("dash-workers-count").textContent = String(data.workers.length);
     const rows = data.workers.map((worker) =>
-      el("tr", { "data-worker": worker.id }, el("td", {}, "#" + worker.id), el("td", {}, ago(worker.last_heartbeat)), num(worker.running)),
+      el("tr", { "data-worker": worker.id }, el("td", {}, "#" + worker.id), el("td", {}, worker.host || ""), el("td", {}, ago(worker.last_heartbeat)), num(worker.running)),
     );
-    fillBody("dash-workers", rows, 3, "No live worker.");
+    fillBody("dash-workers", rows, 4, "No live worker.");
   }
 
   function drawPaused(data) {
