@@ -3,6 +3,7 @@ their own processes, reads of Procrastinate's tables, and waiting."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -276,3 +277,21 @@ def open_streams() -> int:
             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         )
         return cursor.fetchone()[0]
+
+
+async def on_worker_pool(action):
+    """`await action(job_manager)` on a worker's own connector (its pool, its SQL), as a worker runs it."""
+    with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
+        async with worker_app.open_async():
+            return await action(worker_app.job_manager)
+
+
+def claim_jobs(limit: int, queues: list[str] | None = None) -> list[int]:
+    """One claim of up to `limit` jobs by a newly registered worker; the ids in the order the
+    worker starts them."""
+
+    async def claim(manager):
+        worker_id = await manager.register_worker()
+        return [job.id for job in await manager.fetch_jobs(queues=queues, worker_id=worker_id, limit=limit)]
+
+    return asyncio.run(on_worker_pool(claim))

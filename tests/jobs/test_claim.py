@@ -17,6 +17,7 @@ from procrastinate.contrib.django import app
 
 from jobs.console import services
 from tests.factories import make_user
+from tests.helpers import claim_jobs, on_worker_pool
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import query
 
@@ -33,22 +34,6 @@ def _add(*, queue: str = QUEUE_A, priority: int = 0, lock: str | None = None, sc
         [queue, priority, lock, scheduled_at],
     )
     return job_id
-
-
-async def _on_worker_pool(action):
-    with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
-        async with worker_app.open_async():
-            return await action(worker_app.job_manager)
-
-
-def _claim(limit: int, queues: list[str] | None = None) -> list[int]:
-    """One claim of up to `limit` jobs; the ids in the order the worker starts them."""
-
-    async def claim(manager):
-        worker_id = await manager.register_worker()
-        return [job.id for job in await manager.fetch_jobs(queues=queues, worker_id=worker_id, limit=limit)]
-
-    return asyncio.run(_on_worker_pool(claim))
 
 
 def _doing() -> set[int]:
@@ -69,16 +54,16 @@ def test_the_highest_priority_first_then_the_oldest():
     high_later = _add(priority=10)
     negative = _add(priority=-3)
 
-    assert _claim(limit=10) == [high, high_later, middle, low, negative]
+    assert claim_jobs(limit=10) == [high, high_later, middle, low, negative]
 
 
 def test_the_limit_takes_the_most_urgent_jobs_and_leaves_the_others_waiting():
     jobs = [_add(priority=p) for p in (1, 4, 2, 5, 3)]
 
-    assert _claim(limit=2) == [jobs[3], jobs[1]]
-    assert _claim(limit=2) == [jobs[4], jobs[2]]
-    assert _claim(limit=2) == [jobs[0]]
-    assert _claim(limit=2) == []
+    assert claim_jobs(limit=2) == [jobs[3], jobs[1]]
+    assert claim_jobs(limit=2) == [jobs[4], jobs[2]]
+    assert claim_jobs(limit=2) == [jobs[0]]
+    assert claim_jobs(limit=2) == []
     assert _doing() == set(jobs)
 
 
@@ -88,26 +73,26 @@ def test_one_claim_of_many_takes_only_one_job_of_a_lock():
     other_lock = _add(lock="note:2")
     unlocked = [_add(), _add()]
 
-    assert sorted(_claim(limit=10)) == sorted([first_of_lock, other_lock, *unlocked])
+    assert sorted(claim_jobs(limit=10)) == sorted([first_of_lock, other_lock, *unlocked])
     # While the first runs, its successor waits, even for a claim with slots to spare.
-    assert _claim(limit=10) == []
+    assert claim_jobs(limit=10) == []
     _finish([first_of_lock])
-    assert _claim(limit=10) == [second_of_lock]
+    assert claim_jobs(limit=10) == [second_of_lock]
 
 
 def test_a_lock_runs_its_most_urgent_job_first():
     older_low = _add(lock="digest:7", priority=0)
     newer_high = _add(lock="digest:7", priority=5)
 
-    assert _claim(limit=10) == [newer_high]
+    assert claim_jobs(limit=10) == [newer_high]
     _finish([newer_high])
-    assert _claim(limit=10) == [older_low]
+    assert claim_jobs(limit=10) == [older_low]
 
 
 def test_jobs_without_a_lock_never_exclude_each_other():
     jobs = [_add() for _ in range(5)]
 
-    assert sorted(_claim(limit=10)) == jobs
+    assert sorted(claim_jobs(limit=10)) == jobs
 
 
 def test_a_paused_queue_is_not_claimed_and_its_jobs_are_once_it_resumes():
@@ -115,10 +100,10 @@ def test_a_paused_queue_is_not_claimed_and_its_jobs_are_once_it_resumes():
     paused = _add(queue=QUEUE_A, priority=10)
     running = _add(queue=QUEUE_B)
 
-    assert _claim(limit=10) == [running]
-    assert _claim(limit=10, queues=[QUEUE_A]) == []
+    assert claim_jobs(limit=10) == [running]
+    assert claim_jobs(limit=10, queues=[QUEUE_A]) == []
     services.queue_resume(queue=QUEUE_A)
-    assert _claim(limit=10) == [paused]
+    assert claim_jobs(limit=10) == [paused]
 
 
 def test_a_lock_keeps_its_order_across_queues_even_when_the_first_queue_is_paused():
@@ -128,19 +113,19 @@ def test_a_lock_keeps_its_order_across_queues_even_when_the_first_queue_is_pause
     first = _add(queue=QUEUE_A, lock="note:3")
     second = _add(queue=QUEUE_B, lock="note:3")
 
-    assert _claim(limit=10) == []
+    assert claim_jobs(limit=10) == []
     services.queue_resume(queue=QUEUE_A)
-    assert _claim(limit=10) == [first]
+    assert claim_jobs(limit=10) == [first]
     _finish([first])
-    assert _claim(limit=10) == [second]
+    assert claim_jobs(limit=10) == [second]
 
 
 def test_only_the_worker_queues_are_claimed():
     a_job = _add(queue=QUEUE_A)
     b_job = _add(queue=QUEUE_B)
 
-    assert _claim(limit=10, queues=[QUEUE_B]) == [b_job]
-    assert _claim(limit=10, queues=[QUEUE_A, QUEUE_B]) == [a_job]
+    assert claim_jobs(limit=10, queues=[QUEUE_B]) == [b_job]
+    assert claim_jobs(limit=10, queues=[QUEUE_A, QUEUE_B]) == [a_job]
 
 
 def test_a_job_scheduled_in_the_future_is_not_claimed_until_it_is_due():
@@ -148,9 +133,9 @@ def test_a_job_scheduled_in_the_future_is_not_claimed_until_it_is_due():
     due = _add(scheduled_at=timezone.now() - timedelta(seconds=1))
     unscheduled = _add()
 
-    assert sorted(_claim(limit=10)) == [due, unscheduled]
+    assert sorted(claim_jobs(limit=10)) == [due, unscheduled]
     query("UPDATE procrastinate_jobs SET scheduled_at = now() - interval '1 second' WHERE id = %s", [later])
-    assert _claim(limit=10) == [later]
+    assert claim_jobs(limit=10) == [later]
 
 
 def test_workers_claiming_at_once_never_get_the_same_job_nor_two_jobs_of_one_lock():
@@ -172,7 +157,7 @@ def test_workers_claiming_at_once_never_get_the_same_job_nor_two_jobs_of_one_loc
             rounds.append(claimed)
             await manager.connector.execute_query_async(_FINISH, ids=[job.id for job in claimed])
 
-    rounds = asyncio.run(_on_worker_pool(claim_everything))
+    rounds = asyncio.run(on_worker_pool(claim_everything))
 
     claims = Counter(job.id for claimed in rounds for job in claimed)
     assert sorted(claims) == sorted([*locked, *unlocked])
@@ -193,7 +178,7 @@ def _claim_drained(limit: int) -> tuple[int, bool]:
         jobs = await manager.fetch_jobs(queues=None, worker_id=worker_id, limit=limit)
         return len(jobs), manager.last_claim_drained
 
-    return asyncio.run(_on_worker_pool(claim))
+    return asyncio.run(on_worker_pool(claim))
 
 
 def test_a_claim_that_finds_fewer_jobs_than_it_asks_for_says_it_drained_the_queue():

@@ -23,7 +23,7 @@ from jobs.engine.manager import CLAIM_JOBS, FAIR_ORDER, BatchingJobManager
 from jobs.tasking.defer import job_defer, job_defer_bulk
 from jobs.tasking.registry import job_task
 from tests.factories import make_user
-from tests.helpers import database_url, run_worker, stop_worker, wait_for
+from tests.helpers import claim_jobs, database_url, on_worker_pool, run_worker, stop_worker, wait_for
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import event_times, job_events, job_status, query, start_test_worker, wait_for_workers
 
@@ -184,7 +184,7 @@ def test_a_job_deleted_when_it_ends_frees_its_slot():
 
 def test_operator_paths_out_of_doing_keep_the_count():
     ids = job_defer_bulk(tasks.limited_slots, [{"group": "a"} for _ in range(N)])
-    assert len(_claim(limit=5)) == N
+    assert len(claim_jobs(limit=5)) == N
     assert _running("group:a") == N
     query("UPDATE procrastinate_jobs SET status = 'failed' WHERE id = %s", [ids[0]])  # an operator's SQL
     assert _running("group:a") == N - 1
@@ -193,20 +193,6 @@ def test_operator_paths_out_of_doing_keep_the_count():
 
 
 # --- The claim: exact under races -------------------------------------------------------------
-
-
-async def _on_worker_pool(action):
-    with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
-        async with worker_app.open_async():
-            return await action(worker_app.job_manager)
-
-
-def _claim(limit: int) -> list[int]:
-    async def claim(manager):
-        worker_id = await manager.register_worker()
-        return [job.id for job in await manager.fetch_jobs(queues=None, worker_id=worker_id, limit=limit)]
-
-    return asyncio.run(_on_worker_pool(claim))
 
 
 def _worker_row() -> int:
@@ -218,7 +204,7 @@ def test_two_claims_racing_on_the_last_slot_take_it_once():
     # shows the slot free, waits on the slot's row and then reads the latest count: nothing.
     job_defer_bulk(tasks.limited_slots, [{"group": "a"} for _ in range(N + 2)])
     query("INSERT INTO jobs_concurrency_slots (key) VALUES ('group:a')")  # the same race for a new key's row
-    assert len(_claim(limit=N - 1)) == N - 1
+    assert len(claim_jobs(limit=N - 1)) == N - 1
     params = {"queues": None, "worker_id": _worker_row()}
     first = psycopg.connect(database_url())
     second = psycopg.connect(database_url(), autocommit=True)
@@ -279,7 +265,7 @@ def test_many_claims_at_once_never_exceed_the_limit():
     assert sorted(claimed) == sorted(row[0] for row in doing)
     # A claim whose snapshot showed a slot free that a racing claim took gets fewer jobs, never
     # more: one claim more, alone, tops each key up to its limit and no further.
-    claimed.extend(_claim(limit=10))
+    claimed.extend(claim_jobs(limit=10))
     keys = query(
         "SELECT jobs_concurrency_key, count(*) FROM procrastinate_jobs WHERE status = 'doing' GROUP BY 1 ORDER BY 1"
     )
@@ -294,17 +280,17 @@ def test_the_claim_takes_a_keys_jobs_in_the_fair_order_and_passes_over_a_full_ke
     a = job_defer_bulk(tasks.limited_slots, [{"group": "a"}] * 3, owner_id=alice.id)
     b = job_defer_bulk(tasks.limited_slots, [{"group": "a"}] * 3, owner_id=bob.id)
     plain = job_defer(tasks.echo, value=1)
-    first = _claim(limit=10)
+    first = claim_jobs(limit=10)
     assert sorted(first) == sorted([a[0], b[0], plain])
-    assert _claim(limit=10) == []
+    assert claim_jobs(limit=10) == []
 
 
 def test_the_limit_holds_in_procrastinates_priority_order_too(settings):
     settings.JOBS_FAIR_CLAIMS = False
     low = job_defer_bulk(tasks.limited_slots, [{"group": "a"}] * 3, priority=0)
     high = job_defer(tasks.limited_slots, group="a", priority=5)
-    assert sorted(_claim(limit=10)) == sorted([high, low[0]])  # the key's slots, highest priority first
-    assert _claim(limit=10) == []
+    assert sorted(claim_jobs(limit=10)) == sorted([high, low[0]])  # the key's slots, highest priority first
+    assert claim_jobs(limit=10) == []
 
 
 def test_the_limit_with_a_lock_and_fair_claims():
@@ -327,12 +313,12 @@ def test_the_limit_with_a_lock_and_fair_claims():
 def test_the_reconciliation_recomputes_the_counts_from_the_running_jobs():
     job_defer_bulk(tasks.limited_slots, [{"group": "a"} for _ in range(N + 1)])
     job_defer(tasks.limited_slots, group="b")
-    assert len(_claim(limit=10)) == N + 1
+    assert len(claim_jobs(limit=10)) == N + 1
     # Drift: a count too high blocks the key; a slot of a key with nothing running is left over.
     query("UPDATE jobs_concurrency_slots SET running = 99 WHERE key = 'group:a'")
     query("INSERT INTO jobs_concurrency_slots (key, running) VALUES ('group:gone', 3)")
     query("UPDATE procrastinate_jobs SET status = 'succeeded' WHERE jobs_concurrency_key = 'group:b'")
-    assert _claim(limit=10) == []
+    assert claim_jobs(limit=10) == []
 
     fixed = services.jobs_concurrency_reconcile()
 
@@ -348,7 +334,7 @@ def test_the_stalled_job_rescue_reconciles():
     async def rescue(manager):
         return await services.jobs_retry_stalled(job_manager=manager, seconds_since_heartbeat=3600)
 
-    report = asyncio.run(_on_worker_pool(rescue))
+    report = asyncio.run(on_worker_pool(rescue))
     assert report["concurrency_fixed"] == [{"key": "group:a", "counted": 5, "actual": 0}]
     assert _running("group:a") is None
 

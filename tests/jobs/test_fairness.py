@@ -5,39 +5,21 @@ tests run real worker processes."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 
 import pytest
-from procrastinate.contrib.django import app
 
 from jobs import SERVICE_PRIORITY
 from jobs.tasking.defer import job_defer, job_defer_bulk
 from notifications.services import notification_send_email
 from tests.factories import make_recipient, make_user
-from tests.helpers import stop_worker, wait_for
+from tests.helpers import claim_jobs, stop_worker, wait_for
 from tests.jobs import tasks_for_tests as tasks
 from tests.jobs.workers import job_status, query, start_test_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 URGENT, NORMAL = 30, 10  # the notifications API's job priorities for "urgent" and "normal"
-
-
-async def _on_worker_pool(action):
-    with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
-        async with worker_app.open_async():
-            return await action(worker_app.job_manager)
-
-
-def _claim(limit: int) -> list[int]:
-    """One claim of up to `limit` jobs, as a registered worker claims them."""
-
-    async def claim(manager):
-        worker_id = await manager.register_worker()
-        return [job.id for job in await manager.fetch_jobs(queues=None, worker_id=worker_id, limit=limit)]
-
-    return asyncio.run(_on_worker_pool(claim))
 
 
 def _backlog(owner, count: int, *, priority: int = NORMAL) -> list[int]:
@@ -55,7 +37,7 @@ def test_a_single_job_is_claimed_in_the_first_batch_behind_a_backlog_of_another_
         _backlog(alice, 1000)
     bobs = job_defer(tasks.stamp_a, owner_id=bob.pk, priority=NORMAL, n=1)
 
-    assert bobs in _claim(limit=10)
+    assert bobs in claim_jobs(limit=10)
 
 
 def test_with_fair_claims_off_the_single_job_waits_behind_the_backlog(settings):
@@ -65,7 +47,7 @@ def test_with_fair_claims_off_the_single_job_waits_behind_the_backlog(settings):
     _backlog(alice, 100)
     bobs = job_defer(tasks.stamp_a, owner_id=bob.pk, priority=NORMAL, n=1)
 
-    assert bobs not in _claim(limit=10)
+    assert bobs not in claim_jobs(limit=10)
 
 
 def test_owners_take_turns_job_for_job():
@@ -75,14 +57,14 @@ def test_owners_take_turns_job_for_job():
     _backlog(carol, 30)
 
     for _ in range(3):
-        assert _owners(_claim(limit=9)) == {alice.pk: 3, bob.pk: 3, carol.pk: 3}
+        assert _owners(claim_jobs(limit=9)) == {alice.pk: 3, bob.pk: 3, carol.pk: 3}
 
 
 def test_the_owners_of_one_bulk_defer_take_turns():
     alice, bob = make_user("alice"), make_user("bob")
     ids = job_defer_bulk(tasks.stamp_a, [{"n": i} for i in range(41)], owner_id=[alice.pk] * 40 + [bob.pk])
 
-    claimed = _claim(limit=2)
+    claimed = claim_jobs(limit=2)
     assert _owners(claimed) == {alice.pk: 1, bob.pk: 1}
     assert set(claimed) == {ids[0], ids[40]}
 
@@ -93,10 +75,10 @@ def test_an_owner_starting_again_takes_turns_with_a_backlog_already_served_for_a
     alice, carol = make_user("alice"), make_user("carol")
     _backlog(carol, 100)
     for _ in range(5):
-        _claim(limit=10)
+        claim_jobs(limit=10)
     _backlog(alice, 30)
 
-    assert _owners(_claim(limit=10)) == {alice.pk: 5, carol.pk: 5}
+    assert _owners(claim_jobs(limit=10)) == {alice.pk: 5, carol.pk: 5}
 
 
 def test_jobs_without_an_owner_are_one_more_owner():
@@ -104,7 +86,7 @@ def test_jobs_without_an_owner_are_one_more_owner():
     _backlog(alice, 50)
     ownerless = [job_defer(tasks.stamp_a, n=i) for i in range(3)]
 
-    claimed = _claim(limit=4)
+    claimed = claim_jobs(limit=4)
     assert len(set(claimed) & set(ownerless)) == 2  # taking turns with alice, job for job
 
 
@@ -113,7 +95,7 @@ def test_a_users_urgent_jobs_do_not_go_ahead_of_another_users_turn():
     _backlog(alice, 200, priority=URGENT)
     bobs = job_defer(tasks.stamp_a, owner_id=bob.pk, priority=NORMAL, n=1)
 
-    assert bobs in _claim(limit=2)
+    assert bobs in claim_jobs(limit=2)
 
 
 def test_a_users_urgent_job_does_not_wait_behind_their_own_backlog():
@@ -121,7 +103,7 @@ def test_a_users_urgent_job_does_not_wait_behind_their_own_backlog():
     backlog = _backlog(alice, 200, priority=NORMAL)
     urgent = job_defer(tasks.stamp_a, owner_id=alice.pk, priority=URGENT, n=1)
 
-    claimed = _claim(limit=2)
+    claimed = claim_jobs(limit=2)
     assert claimed == [urgent, backlog[0]]  # started first within the claim: the higher priority
 
 
@@ -132,7 +114,7 @@ def test_the_service_band_goes_ahead_of_every_users_turn():
     service = job_defer(tasks.stamp_a, priority=SERVICE_PRIORITY, n=2)
     staff_urgent = job_defer(tasks.stamp_a, owner_id=bob.pk, priority=SERVICE_PRIORITY + 30, n=3)
 
-    assert _claim(limit=2) == [staff_urgent, service]
+    assert claim_jobs(limit=2) == [staff_urgent, service]
 
 
 def test_a_users_urgent_email_stays_in_their_own_work_and_a_staff_members_does_not():
@@ -173,7 +155,7 @@ def test_a_backlog_is_not_starved_by_other_owners_that_keep_deferring(settings):
     for round_number in range(60):
         for user in others[round_number % 5 : round_number % 5 + 1]:
             _backlog(user, 2)
-        backlog -= set(_claim(limit=2))
+        backlog -= set(claim_jobs(limit=2))
         if not backlog:
             break
     assert not backlog, f"{len(backlog)} of alice's 10 jobs still waiting after 60 rounds"
@@ -182,12 +164,12 @@ def test_a_backlog_is_not_starved_by_other_owners_that_keep_deferring(settings):
 def test_a_retried_job_keeps_its_place():
     alice, bob = make_user("alice"), make_user("bob")
     [first, *_] = _backlog(alice, 20)
-    [claimed] = _claim(limit=1)
+    [claimed] = claim_jobs(limit=1)
     assert claimed == first
     _backlog(bob, 20)
     query("UPDATE procrastinate_jobs SET status = 'todo', worker_id = NULL WHERE id = %s", [first])
 
-    assert first in _claim(limit=1)
+    assert first in claim_jobs(limit=1)
 
 
 @pytest.mark.parametrize("fair", [True, False])
