@@ -26,9 +26,10 @@ from notes.models import Note
 from notifications.models import NotificationJob
 from tests.factories import make_recipient, make_user
 from tests.helpers import BASE_DIR, database_url, start_worker_process, wait_for
-from tests.jobs.test_stream_server import Server, Stream, later
+from tests.jobs.tasks_for_tests import later
 from tests.peers.claude import FakeClaude
 from tests.peers.smtp import SmtpSink
+from tests.production_server import Server, Stream
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -262,3 +262,8 @@ def limited_flaky(context: JobContext, *, group: str, fail_path: str) -> None:
     if not Path(fail_path).exists():
         Path(fail_path).write_text("failed once")
         raise ProviderError("transient, once", permanent=False)
+
+
+@job_task(name="tests.stream_server.later", queue=queues.IMPORTS)
+def later() -> None:
+    """Never runs here: its job is scheduled for next year, so its streams stay open."""
