@@ -67,6 +67,57 @@ def test_the_database_password_has_no_default():
         assert password and password.group(1).startswith("${POSTGRES_PASSWORD:?"), url
 
 
+# The optional variables the compose file passes through, and what their defaults must mean.
+OPTIONAL = {"DATABASE_DIRECT_URL": "", "OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_SERVICE_NAME": "secondbrain"}
+_SETTINGS_PROBE = (
+    "import django, json; django.setup(); from django.conf import settings as s; "
+    "print(json.dumps([s.DATABASE_BEHIND_POOLER, s.TRACING_ENABLED, s.TRACING_SERVICE_NAME]))"
+)
+
+
+def _compose_default(value: str) -> str:
+    """What docker compose puts in for ${VAR:-default} when VAR is unset."""
+    match = re.fullmatch(r"\$\{[A-Z_]+:-([^}]*)\}", value)
+    assert match, f"{value} is not a ${{VAR:-default}} pass-through"
+    return match.group(1)
+
+
+def _settings_with(**env: str) -> list:
+    base = {k: v for k, v in os.environ.items() if k not in OPTIONAL and k != "TRACING_ENABLED"}
+    done = subprocess.run(
+        [sys.executable, "-c", _SETTINGS_PROBE],
+        cwd=BASE_DIR,
+        env={**base, "DJANGO_SETTINGS_MODULE": "config.settings", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_the_pooler_and_tracing_variables_pass_through_with_defaults_that_turn_them_off(service):
+    env = _env(service)
+    for variable, default in OPTIONAL.items():
+        assert env[variable].startswith("${" + variable + ":-"), env[variable]
+        assert _compose_default(env[variable]) == default, variable
+
+
+def test_the_compose_defaults_mean_no_pooler_and_no_tracing_and_set_values_turn_them_on():
+    defaults = {variable: _compose_default(_env("web")[variable]) for variable in OPTIONAL}
+    assert _settings_with(**defaults) == [False, False, "secondbrain"]
+    direct = settings.DATABASES["default"]
+    direct_url = f"postgres://{direct['USER']}@{direct['HOST']}:{direct['PORT']}/{direct['NAME']}"
+    pooled = {
+        "DATABASE_URL": f"postgres://{direct['USER']}@{direct['HOST']}:6432/{direct['NAME']}",
+        "DATABASE_DIRECT_URL": direct_url,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+        "OTEL_SERVICE_NAME": "secondbrain-web",
+    }
+    assert _settings_with(**pooled) == [True, True, "secondbrain-web"]
+
+
 # --- health checks ----------------------------------------------------------------------------
 
 
