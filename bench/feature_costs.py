@@ -91,7 +91,8 @@ def feature_costs(bench: Bench, *, quick: bool = False) -> list[Figure]:
                 "" if name == plain_name else "no feature",
                 None if name == plain_name else plain,
                 notes=f"{run['jobs']} jobs at {run['client_rate']:,.0f} jobs/s client-timed; worker "
-                f"{run['worker_us']:,.0f} us + PostgreSQL {run['postgres_us'] or 0:,.0f} us",
+                f"{run['worker_us']:,.0f} us + PostgreSQL {run['postgres_us'] or 0:,.0f} us; "
+                + figures._statements_note((run["statements"] or [])[:3] if run["statements"] is not None else None),
             )
         )
     return rows
