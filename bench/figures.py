@@ -147,7 +147,7 @@ def _drain(
         "database_rate": _rate(finished, span),
         "worker_us": sum(worker_seconds) * 1e6 / timed if len(worker_seconds) == len(roots) and timed else None,
         "postgres_us": meter.us_per_job("postgres", timed),
-        "statements": bench.top_statements(timed, stock=stock) if statements else None,
+        "statements": bench.top_statements(finished, stock=stock) if statements else None,  # since the reset: all jobs
     }
 
 
