@@ -108,37 +108,46 @@ def _poll_none_left(conn, task_name: str, timeout: float, interval: float) -> bo
     return False
 
 
-def _drain(bench: Bench, task_name: str, total: int, start_worker, timeout: float, stock: bool) -> dict:
-    """Start a worker on `total` queued jobs and time it as the peers are timed: on the client's
-    clock from the moment the worker is ready (its row in procrastinate_workers, written once it
-    is connected, just before its first claim) to the moment nothing of the task is left to run.
-    Meanwhile the CPU time of the worker (and any children) and of every PostgreSQL process."""
+def _drain(
+    bench: Bench, task_name: str, total: int, start_worker, timeout: float, stock: bool, processes: int = 1
+) -> dict:
+    """Start `processes` workers on `total` queued jobs and time them as the peers are timed: on
+    the client's clock from the moment the last of them is ready (its row in
+    procrastinate_workers, written once it is connected, just before its first claim) to the
+    moment nothing of the task is left to run. Meanwhile the CPU time of the workers (and any
+    children) and of every PostgreSQL process. With several processes the first ones may finish
+    jobs while the last one starts: those are left out of the rates and the per-job CPU."""
     import psycopg
 
     bench.sql("ANALYZE procrastinate_jobs", stock=stock)  # as autovacuum would have by now in production
     statements = bench.statements_reset(stock=stock)
     postmaster = bench.postmaster_pid()
     with psycopg.connect(bench.stock_url if stock else bench.url, autocommit=True) as conn:
-        worker = start_worker()
-        ready = "SELECT EXISTS (SELECT 1 FROM procrastinate_workers)"
+        workers = [start_worker() for _ in range(processes)]
+        ready = f"SELECT count(*) >= {int(processes)} FROM procrastinate_workers"
         if not _poll(conn, ready, 60, READY_POLL_SECONDS):
-            raise TimeoutError(f"{task_name}: no worker registered after 60 s")
-        meter = CpuMeter(worker=worker.pid, postgres=postmaster).start()
+            raise TimeoutError(f"{task_name}: not {processes} workers registered after 60 s")
+        roots = {f"worker{n}": worker.pid for n, worker in enumerate(workers)}
+        meter = CpuMeter(**roots, postgres=postmaster).start()
         begun = time.monotonic()
+        early = total - (bench.remaining(task_name, stock=stock) if processes > 1 else total)
         done = _poll_none_left(conn, task_name, timeout, DONE_POLL_SECONDS)
         seconds = time.monotonic() - begun
-        meter.stop()
+        cpu = meter.stop()
     if not done:
         left = bench.remaining(task_name, stock=stock)
         raise TimeoutError(f"{task_name}: {left} of {total} jobs left after {timeout:.0f} s")
     finished, span = bench.processing_span(task_name, stock=stock)
+    timed = finished - early
+    worker_seconds = [cpu[name] for name in roots if name in cpu]
     return {
         "jobs": finished,
-        "client_rate": _rate(finished, seconds),
+        "timed_jobs": timed,
+        "client_rate": _rate(timed, seconds),
         "database_rate": _rate(finished, span),
-        "worker_us": meter.us_per_job("worker", finished),
-        "postgres_us": meter.us_per_job("postgres", finished),
-        "statements": bench.top_statements(finished, stock=stock) if statements else None,
+        "worker_us": sum(worker_seconds) * 1e6 / timed if len(worker_seconds) == len(roots) and timed else None,
+        "postgres_us": meter.us_per_job("postgres", timed),
+        "statements": bench.top_statements(finished, stock=stock) if statements else None,  # since the reset: all jobs
     }
 
 
@@ -161,12 +170,8 @@ CPU_BUDGET_US = 2 * 1e6 / 4000  # two cores at 4,000 jobs/s: what a job may cost
 
 
 def processing(bench: Bench, *, quick: bool = False) -> list[Figure]:
-    from django.db import transaction
-
     from bench.stock_app import app as stock_app
     from bench.stock_app import stock_noop
-    from bench.tasks import noop
-    from jobs import job_defer_bulk
 
     total = 3000 if quick else 20000
     bench.reset_jobs()
@@ -178,10 +183,7 @@ def processing(bench: Bench, *, quick: bool = False) -> list[Figure]:
     )
     bench.stop_children()
 
-    bench.reset_jobs()
-    for start in range(0, total, 1000):
-        with transaction.atomic():
-            job_defer_bulk(noop, [{"i": i} for i in range(start, min(total, start + 1000))])
+    _queue_noops(bench, total)
     ours = _drain(bench, "bench.noop", total, lambda: bench.project_worker(), timeout=180, stock=False)
     bench.stop_children()
     rate = ours["client_rate"]
@@ -236,6 +238,68 @@ def processing(bench: Bench, *, quick: bool = False) -> list[Figure]:
             both is not None and both <= CPU_BUDGET_US,
         ),
     ]
+
+
+def _queue_noops(bench: Bench, total: int) -> None:
+    from django.db import transaction
+
+    from bench.tasks import noop
+    from jobs import job_defer_bulk
+
+    bench.reset_jobs()
+    for start in range(0, total, 1000):
+        with transaction.atomic():
+            job_defer_bulk(noop, [{"i": i} for i in range(start, min(total, start + 1000))])
+
+
+WORKER_COUNTS = (1, 2, 4)
+
+
+def workers(bench: Bench, *, quick: bool = False) -> list[Figure]:
+    """The same queued no-op jobs through 1, 2 and 4 worker processes as `make run` starts them:
+    how the rate and the CPU a job costs change with the processes (issue 15)."""
+    total = 2000 if quick else 20000
+    runs = {}
+    for processes in WORKER_COUNTS:
+        _queue_noops(bench, total)
+        runs[processes] = _drain(
+            bench, "bench.noop", total, lambda: bench.project_worker(), timeout=180, stock=False, processes=processes
+        )
+        bench.stop_children()
+    one = runs[1]
+    figures_out = []
+    for processes, run in runs.items():
+        reference = "" if processes == 1 else "1 process"
+        label = f"{processes} worker process{'es' if processes > 1 else ''}"
+        figures_out += [
+            Figure(
+                f"{label}: queued no-op jobs, client-timed",
+                run["client_rate"],
+                "jobs/s",
+                reference,
+                None if processes == 1 else one["client_rate"],
+                notes=f"{run['timed_jobs']} of {run['jobs']} jobs in the window (from the last worker's row in"
+                " procrastinate_workers to the last job's end); each process concurrency 10, fair claims on",
+            ),
+            Figure(
+                f"{label}: CPU per job, worker processes",
+                run["worker_us"],
+                "us",
+                reference,
+                None if processes == 1 else one["worker_us"],
+                notes="user + system time summed over the worker processes, from /proc",
+            ),
+            Figure(
+                f"{label}: CPU per job, PostgreSQL",
+                run["postgres_us"],
+                "us",
+                reference,
+                None if processes == 1 else one["postgres_us"],
+                notes="every process of the server, from /proc; " + _statements_note(run["statements"]),
+                extra={"statements": run["statements"]},
+            ),
+        ]
+    return figures_out
 
 
 # --- 3. Enqueue-to-start latency -----------------------------------------------------------
@@ -791,6 +855,7 @@ def table_health(bench: Bench, *, quick: bool = False) -> list[Figure]:
 GROUPS = {
     "enqueue": enqueue,
     "processing": processing,
+    "workers": workers,
     "latency": latency,
     "http": http_load,
     "email": email,
