@@ -17,7 +17,7 @@ from jobs.tasking.defer import job_defer, job_defer_bulk
 from tests.factories import make_user
 from tests.helpers import stop_worker, wait_for
 from tests.jobs import tasks_for_tests as tasks
-from tests.jobs.workers import job_events, query, start_test_worker, wait_for_workers
+from tests.jobs.workers import job_events, query, start_test_worker, wait_for_listeners, wait_for_workers
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -34,6 +34,7 @@ def test_a_paused_queue_waits_in_every_worker_while_the_other_runs_and_resume_wa
     workers = [start_test_worker(*args) for _ in range(2)]
     try:
         wait_for_workers(2)
+        wait_for_listeners(2)
         a_jobs = job_defer_bulk(tasks.stamp_a, [{"n": n, "sleep": 0.3} for n in range(4)])
         job_defer_bulk(tasks.stamp_b, [{"n": n, "sleep": 0.3} for n in range(4)])
 

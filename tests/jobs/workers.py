@@ -24,6 +24,22 @@ def wait_for_workers(count: int, *, timeout: float = 30.0) -> None:
     )
 
 
+def wait_for_listeners(count: int, *, timeout: float = 30.0) -> None:
+    """Until `count` sessions of this database have run their LISTEN: a worker registers its row
+    and opens its LISTEN connection concurrently, so a job deferred once the rows are there may
+    NOTIFY before a worker listens (and a worker that polls rarely would then miss it)."""
+    wait_for(
+        lambda: (
+            query(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN %%'"
+            )[0][0]
+            >= count
+        ),
+        timeout=timeout,
+        what="LISTEN connections",
+    )
+
+
 def query(sql: str, params: list | dict | None = None) -> list[tuple]:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
