@@ -12,23 +12,10 @@ import time
 from collections.abc import Callable
 
 from bench import figures
+from bench.figures import queue_jobs
 from bench.harness import Bench, Figure
 
 OWNERS = 10  # the fair-claims variant: jobs of ten users, taken in turns
-
-
-def _queue(task, total: int, *, owners: list[int] | None = None, **options) -> None:
-    """`total` jobs in bulk statements of 1,000, each in its transaction; with `owners`, the jobs
-    go to them in turn."""
-    from django.db import transaction
-
-    from jobs import job_defer_bulk
-
-    for start in range(0, total, 1000):
-        numbers = range(start, min(total, start + 1000))
-        owner_id = [owners[i % len(owners)] for i in numbers] if owners else None
-        with transaction.atomic():
-            job_defer_bulk(task, [{"i": i} for i in numbers], owner_id=owner_id, **options)
 
 
 def _owners() -> list[int]:
@@ -45,24 +32,28 @@ def _variants(total: int) -> dict[str, tuple[str, Callable[[], None], dict[str, 
     def batched() -> None:
         for start in range(0, total, 1000):
             with job_batch(name=f"bench {start}") as batch:
-                _queue(noop, min(1000, total - start), batch_id=batch.id)
+                queue_jobs(noop, min(1000, total - start), batch_id=batch.id)
 
     def dependent() -> None:
         # Each thousand waits for a parent queued before it: blocked at the defer, released
         # when the parent ends, every child's link row written and read.
         for start in range(0, total, 1000):
             parent = job_defer(noop, i=-1)
-            _queue(noop, min(1000, total - start), after=[parent])
+            queue_jobs(noop, min(1000, total - start), after=[parent])
 
     return {
-        "no feature (owner-less jobs)": ("bench.noop", lambda: _queue(noop, total), None),
-        f"fair claims, jobs of {OWNERS} users": ("bench.noop", lambda: _queue(noop, total, owners=_owners()), None),
+        "no feature (owner-less jobs)": ("bench.noop", lambda: queue_jobs(noop, total), None),
+        f"fair claims, jobs of {OWNERS} users": ("bench.noop", lambda: queue_jobs(noop, total, owners=_owners()), None),
         f"fair claims off, jobs of {OWNERS} users": (
             "bench.noop",
-            lambda: _queue(noop, total, owners=_owners()),
+            lambda: queue_jobs(noop, total, owners=_owners()),
             {"JOBS_FAIR_CLAIMS": "false"},
         ),
-        "a concurrency key per user": ("bench.noop_keyed", lambda: _queue(noop_keyed, total, owners=_owners()), None),
+        "a concurrency key per user": (
+            "bench.noop_keyed",
+            lambda: queue_jobs(noop_keyed, total, owners=_owners()),
+            None,
+        ),
         "in a batch of 1,000": ("bench.noop", batched, None),
         "after a parent (dependency)": ("bench.noop", dependent, None),
     }
@@ -92,7 +83,7 @@ def feature_costs(bench: Bench, *, quick: bool = False) -> list[Figure]:
                 None if name == plain_name else plain,
                 notes=f"{run['jobs']} jobs at {run['client_rate']:,.0f} jobs/s client-timed; worker "
                 f"{run['worker_us']:,.0f} us + PostgreSQL {run['postgres_us'] or 0:,.0f} us; "
-                + figures._statements_note((run["statements"] or [])[:3] if run["statements"] is not None else None),
+                + figures._statements_note(run["statements"] and run["statements"][:3]),
             )
         )
     return rows

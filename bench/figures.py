@@ -241,15 +241,24 @@ def processing(bench: Bench, *, quick: bool = False) -> list[Figure]:
 
 
 def _queue_noops(bench: Bench, total: int) -> None:
-    from django.db import transaction
-
     from bench.tasks import noop
-    from jobs import job_defer_bulk
 
     bench.reset_jobs()
+    queue_jobs(noop, total)
+
+
+def queue_jobs(task, total: int, *, owners: list[int] | None = None, **options) -> None:
+    """`total` jobs in bulk statements of 1,000, each in its transaction (`options` as for
+    job_defer_bulk); with `owners`, the jobs go to them in turn."""
+    from django.db import transaction
+
+    from jobs import job_defer_bulk
+
     for start in range(0, total, 1000):
+        numbers = range(start, min(total, start + 1000))
+        owner_id = [owners[i % len(owners)] for i in numbers] if owners else None
         with transaction.atomic():
-            job_defer_bulk(noop, [{"i": i} for i in range(start, min(total, start + 1000))])
+            job_defer_bulk(task, [{"i": i} for i in numbers], owner_id=owner_id, **options)
 
 
 WORKER_COUNTS = (1, 2, 4)

@@ -107,11 +107,9 @@ def test_the_pooler_and_tracing_variables_pass_through_with_defaults_that_turn_t
 def test_the_compose_defaults_mean_no_pooler_and_no_tracing_and_set_values_turn_them_on():
     defaults = {variable: _compose_default(_env("web")[variable]) for variable in OPTIONAL}
     assert _settings_with(**defaults) == [False, False, "secondbrain"]
-    direct = settings.DATABASES["default"]
-    direct_url = f"postgres://{direct['USER']}@{direct['HOST']}:{direct['PORT']}/{direct['NAME']}"
-    pooled = {
-        "DATABASE_URL": f"postgres://{direct['USER']}@{direct['HOST']}:6432/{direct['NAME']}",
-        "DATABASE_DIRECT_URL": direct_url,
+    pooled = {  # read, never connected to
+        "DATABASE_URL": "postgres://postgres@127.0.0.1:6432/secondbrain",
+        "DATABASE_DIRECT_URL": "postgres://postgres@127.0.0.1:5432/secondbrain",
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
         "OTEL_SERVICE_NAME": "secondbrain-web",
     }
