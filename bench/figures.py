@@ -522,47 +522,47 @@ EMAIL_TARGET = 600  # e-mails/s, with the worker layout the docs recommend for 2
 
 
 def email(bench: Bench, *, quick: bool = False) -> list[Figure]:
-    """The same e-mails through one worker process, then through two (a process per core), with
-    the CPU time per e-mail of the workers and of PostgreSQL from the workers' rows to the last
-    e-mail at the sink."""
+    """The same e-mails through 1, 2 and 4 worker processes (two are the layout the docs
+    recommend for 2 cores), with the CPU time per e-mail of the workers and of PostgreSQL from
+    the workers' rows to the last e-mail at the sink (issues 14 and 15)."""
     count = 300 if quick else 3000
-    one = _email_run(bench, count=count, processes=1)
-    two = _email_run(bench, count=count, processes=2)
-    cpu = [
-        Figure(
-            f"CPU per e-mail, {n} worker process{'es' if n > 1 else ''}: {who}",
-            run.extra[key],
-            "us",
-            notes="from /proc, every process of the tree (the SMTP sink, in the bench's process, not counted)"
-            if key == "worker_us" and n == 1
-            else _statements_note(run.extra["statements"]).replace("us/job", "us/e-mail")
-            if key == "postgres_us"
-            else "",
+    runs = {processes: _email_run(bench, count=count, processes=processes) for processes in WORKER_COUNTS}
+    one = runs[1]
+    figures_out = []
+    for processes, run in runs.items():
+        base = None if processes == 1 else one  # the reference: one process, same run
+        reference = "1 process" if base else ""
+        label = f"{processes} worker process{'es' if processes > 1 else ''}"
+        figures_out.append(
+            Figure(
+                f"e-mails delivered, {label}",
+                run.value,
+                "e-mails/s",
+                reference,
+                base.value if base else None,
+                f">= {EMAIL_TARGET}",
+                run.met,
+                notes=run.notes,
+            )
         )
-        for n, run in ((1, one), (2, two))
-        for who, key in (("workers", "worker_us"), ("PostgreSQL", "postgres_us"))
-    ]
-    return [
-        Figure(
-            "e-mails delivered, 1 worker process",
-            one.value,
-            "e-mails/s",
-            target=f">= {EMAIL_TARGET}",
-            met=one.met,
-            notes=one.notes,
-        ),
-        Figure(
-            "e-mails delivered, 2 worker processes",
-            two.value,
-            "e-mails/s",
-            "1 process",
-            one.value,
-            f">= {EMAIL_TARGET}",
-            two.met,
-            notes=two.notes,
-        ),
-        *cpu,
-    ]
+        for who, key in (("workers", "worker_us"), ("PostgreSQL", "postgres_us")):
+            notes = ""
+            if key == "postgres_us":
+                notes = _statements_note(run.extra["statements"]).replace("us/job", "us/e-mail")
+            elif processes == 1:
+                notes = "from /proc, every process of the tree (the SMTP sink, in the bench's process, not counted)"
+            figures_out.append(
+                Figure(
+                    f"CPU per e-mail, {label}: {who}",
+                    run.extra[key],
+                    "us",
+                    reference,
+                    base.extra[key] if base else None,
+                    notes=notes,
+                    extra={"statements": run.extra["statements"]} if key == "postgres_us" else {},
+                )
+            )
+    return figures_out
 
 
 def _email_run(bench: Bench, *, count: int, processes: int) -> Figure:
