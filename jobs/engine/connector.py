@@ -113,9 +113,16 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
       psycopg's prepared statements off (prepare_threshold None), so PostgreSQL planned every
       claim and every batch of completions afresh, about 0.4 ms each. The claim's LIMIT is
       literal so that its generic plan walks the claim index (jobs/engine/manager.py). Behind
-      PgBouncer in transaction mode this needs PgBouncer 1.21+ with max_prepared_statements."""
+      PgBouncer in transaction mode this needs PgBouncer 1.21+ with max_prepared_statements.
+    - No sorts where an index gives the order: the claim must walk the claim index (a few
+      entries per claim) whatever the statistics say. After ANALYZE saw an empty or finished
+      queue, PostgreSQL estimates one waiting job, and both the generic and the custom plan then
+      read every waiting job through any small partial index and sort them: one claim per few
+      jobs, each reading the whole backlog (3 s a claim at 3,000 e-mails). Only the engine's own
+      statements run on this pool; where a sort is the only plan it is still taken."""
     await conn.set_autocommit(True)
     conn.prepare_threshold = PREPARE_THRESHOLD
+    await conn.execute("SET enable_sort = off")
 
 
 def worker_connector() -> PsycopgConnector:

@@ -72,16 +72,20 @@ candidates AS (
     SELECT jobs.id, jobs.priority, jobs.fair_round,
            jobs.jobs_concurrency_key AS concurrency_key, jobs.jobs_concurrency_limit AS concurrency_limit
       FROM procrastinate_jobs AS jobs
-     WHERE NOT EXISTS (
+     -- A job of a lock waits for the lock's running job and its more urgent ones. Written as
+     -- an OR, not as Procrastinate's NOT EXISTS: the planner cannot turn it into an anti join,
+     -- which under a queue's stale statistics joined every waiting job with every other
+     -- (millions of rows a claim); the lookup runs only for a job that has a lock.
+     WHERE (jobs.lock IS NULL
+            OR NOT EXISTS (
                SELECT 1
                  FROM procrastinate_jobs AS other_jobs
-                WHERE jobs.lock IS NOT NULL
-                  AND other_jobs.lock = jobs.lock
+                WHERE other_jobs.lock = jobs.lock
                   AND (other_jobs.status = 'doing'
                        OR (other_jobs.status = 'todo'
                            AND (other_jobs.priority > jobs.priority
                                 OR (other_jobs.priority = jobs.priority AND other_jobs.id < jobs.id))))
-           )
+           ))
        AND jobs.status = 'todo'
        AND (%(queues)s::varchar[] IS NULL OR jobs.queue_name = ANY(%(queues)s::varchar[]))
        AND (jobs.scheduled_at IS NULL OR jobs.scheduled_at <= now())

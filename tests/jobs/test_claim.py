@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import Counter
 from datetime import timedelta
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 from procrastinate.contrib.django import app
 
 from jobs.console import services
+from jobs.engine.connector import PREPARE_THRESHOLD
+from jobs.engine.manager import CLAIM_JOBS, FAIR_ORDER, PRIORITY_ORDER
 from tests.factories import make_user
 from tests.helpers import claim_jobs, on_worker_pool
 from tests.jobs import tasks_for_tests as tasks
@@ -253,3 +257,36 @@ def test_a_listening_worker_that_claimed_every_waiting_job_waits_for_a_notify_no
     asyncio.run(scenario())
     assert claims == [[first], later], claims
     assert [job_status(first), job_status(later[0])] == ["succeeded", "succeeded"]
+
+
+def _plan_nodes(node: dict):
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+def test_a_burst_after_an_empty_queue_is_claimed_a_few_index_entries_at_a_time():
+    """After ANALYZE saw the table empty, PostgreSQL expects one waiting job. A claim must still
+    walk the claim index for the first few jobs, not read all 3,000 through another partial
+    index and sort them (each claim of 10 reading the whole backlog: quadratic in the backlog)."""
+    query("ANALYZE procrastinate_jobs")  # empty: every test starts with no job
+    query(
+        "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
+        " SELECT %s, 'tests.claimed', '{}' FROM generate_series(1, 3000)",
+        [QUEUE_A],
+    )
+    order = FAIR_ORDER if settings.JOBS_FAIR_CLAIMS else PRIORITY_ORDER
+    explain = "EXPLAIN (ANALYZE, FORMAT JSON) " + CLAIM_JOBS.format(limit=10, order=order)
+
+    async def plans(manager):
+        worker_id = await manager.register_worker()
+        # Twice the psycopg prepare threshold: the custom plans, then the prepared one.
+        return [
+            (await manager.connector.execute_query_all_async(explain, queues=None, worker_id=worker_id))[0]
+            for _ in range(2 * PREPARE_THRESHOLD)
+        ]
+
+    for row in asyncio.run(on_worker_pool(plans)):
+        [plan] = json.loads(row["QUERY PLAN"]) if isinstance(row["QUERY PLAN"], str) else row["QUERY PLAN"]
+        scans = [n for n in _plan_nodes(plan["Plan"]) if n.get("Alias") == "jobs" and "Scan" in n["Node Type"]]
+        assert [(n.get("Index Name"), n["Actual Rows"] <= 20) for n in scans] == [("jobs_fair_claim_idx", True)]
