@@ -173,15 +173,20 @@ updated AS (
     RETURNING job.id, job.lock, job.jobs_concurrency_key
 ),
 ended AS (SELECT * FROM deleted UNION ALL SELECT * FROM updated),
+-- The queues of the jobs that waited for the ended jobs' locks. Looked up from each ended lock
+-- (OFFSET 0 keeps the lookup inside the loop): a join the planner could turn around read every
+-- waiting job on each batch of completions, lock or not, under a queue's stale statistics.
+woken_queues AS (
+    SELECT DISTINCT waiting.queue_name
+      FROM (SELECT DISTINCT lock FROM ended WHERE lock IS NOT NULL) AS ended_locks,
+           LATERAL (SELECT waiting.queue_name FROM procrastinate_jobs AS waiting
+                     WHERE waiting.lock = ended_locks.lock AND waiting.status = 'todo' OFFSET 0) AS waiting
+),
 woken AS (
     SELECT pg_notify(channel, '{{"type": "job_inserted"}}')
-      FROM (SELECT DISTINCT 'procrastinate_queue_v1#' || waiting.queue_name AS channel
-              FROM procrastinate_jobs AS waiting JOIN ended ON waiting.lock = ended.lock
-             WHERE waiting.status = 'todo'
+      FROM (SELECT 'procrastinate_queue_v1#' || queue_name AS channel FROM woken_queues
             UNION ALL
-            SELECT 'procrastinate_any_queue_v1'
-             WHERE EXISTS (SELECT 1 FROM procrastinate_jobs AS waiting JOIN ended ON waiting.lock = ended.lock
-                            WHERE waiting.status = 'todo')) AS channels
+            SELECT 'procrastinate_any_queue_v1' WHERE EXISTS (SELECT 1 FROM woken_queues)) AS channels
 )
 SELECT id, lock, jobs_concurrency_key FROM ended WHERE (SELECT count(*) FROM woken) >= 0
 """

@@ -19,7 +19,7 @@ from procrastinate.contrib.django import app
 
 from jobs.console import services
 from jobs.engine.connector import PREPARE_THRESHOLD
-from jobs.engine.manager import CLAIM_JOBS, FAIR_ORDER, PRIORITY_ORDER
+from jobs.engine.manager import CLAIM_JOBS, FAIR_ORDER, FINISH_JOBS, PRIORITY_ORDER
 from tests.factories import make_user
 from tests.helpers import claim_jobs, on_worker_pool
 from tests.jobs import tasks_for_tests as tasks
@@ -265,28 +265,64 @@ def _plan_nodes(node: dict):
         yield from _plan_nodes(child)
 
 
+def _explain_on_worker_pool(statement: str, make_params) -> list[dict]:
+    """EXPLAIN ANALYZE of `statement` on a registered worker's pool, twice psycopg's prepare
+    threshold (the custom plans, then the prepared one); `make_params(manager, worker_id)`."""
+    explain = "EXPLAIN (ANALYZE, FORMAT JSON) " + statement
+
+    async def plans(manager):
+        worker_id = await manager.register_worker()
+        out = []
+        for _ in range(2 * PREPARE_THRESHOLD):
+            params = await make_params(manager, worker_id)
+            [row] = await manager.connector.execute_query_all_async(explain, **params)
+            plan = row["QUERY PLAN"]
+            out.append((json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"])
+        return out
+
+    return asyncio.run(on_worker_pool(plans))
+
+
+def _burst_after_an_empty_queue(count: int = 3000) -> None:
+    """`count` jobs waiting, and statistics that say the table is empty (as after a drained queue)."""
+    query("ANALYZE procrastinate_jobs")  # empty: every test starts with no job
+    query(
+        "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
+        " SELECT %s, 'tests.claimed', '{}' FROM generate_series(1, %s)",
+        [QUEUE_A, count],
+    )
+
+
 def test_a_burst_after_an_empty_queue_is_claimed_a_few_index_entries_at_a_time():
     """After ANALYZE saw the table empty, PostgreSQL expects one waiting job. A claim must still
     walk the claim index for the first few jobs, not read all 3,000 through another partial
     index and sort them (each claim of 10 reading the whole backlog: quadratic in the backlog)."""
-    query("ANALYZE procrastinate_jobs")  # empty: every test starts with no job
-    query(
-        "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
-        " SELECT %s, 'tests.claimed', '{}' FROM generate_series(1, 3000)",
-        [QUEUE_A],
-    )
+    _burst_after_an_empty_queue()
     order = FAIR_ORDER if settings.JOBS_FAIR_CLAIMS else PRIORITY_ORDER
-    explain = "EXPLAIN (ANALYZE, FORMAT JSON) " + CLAIM_JOBS.format(limit=10, order=order)
 
-    async def plans(manager):
-        worker_id = await manager.register_worker()
-        # Twice the psycopg prepare threshold: the custom plans, then the prepared one.
-        return [
-            (await manager.connector.execute_query_all_async(explain, queues=None, worker_id=worker_id))[0]
-            for _ in range(2 * PREPARE_THRESHOLD)
-        ]
+    async def params(manager, worker_id):
+        return {"queues": None, "worker_id": worker_id}
 
-    for row in asyncio.run(on_worker_pool(plans)):
-        [plan] = json.loads(row["QUERY PLAN"]) if isinstance(row["QUERY PLAN"], str) else row["QUERY PLAN"]
-        scans = [n for n in _plan_nodes(plan["Plan"]) if n.get("Alias") == "jobs" and "Scan" in n["Node Type"]]
+    for plan in _explain_on_worker_pool(CLAIM_JOBS.format(limit=10, order=order), params):
+        scans = [n for n in _plan_nodes(plan) if n.get("Alias") == "jobs" and "Scan" in n["Node Type"]]
         assert [(n.get("Index Name"), n["Actual Rows"] <= 20) for n in scans] == [("jobs_fair_claim_idx", True)]
+
+
+def test_a_batch_of_completions_reads_none_of_the_waiting_jobs_when_no_ended_job_had_a_lock():
+    """The end of a job of a lock wakes the queues of that lock's waiting jobs; jobs without a lock
+    wake nobody, and writing their ends must not read the 3,000 jobs still waiting."""
+    _burst_after_an_empty_queue()
+
+    async def params(manager, worker_id):
+        jobs = await manager.fetch_jobs(queues=None, worker_id=worker_id, limit=10)
+        return {
+            "ids": [job.id for job in jobs],
+            "statuses": ["succeeded"] * len(jobs),
+            "worker_ids": [worker_id] * len(jobs),
+            "deletes": [False] * len(jobs),
+            "keys": [],
+        }
+
+    for plan in _explain_on_worker_pool(FINISH_JOBS, params):
+        read = [n["Actual Rows"] for n in _plan_nodes(plan) if n.get("Relation Name") == "procrastinate_jobs"]
+        assert read and max(read) <= 10
