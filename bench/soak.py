@@ -148,6 +148,7 @@ def _run(bench: Bench, *, total: int, purge: bool) -> dict:
         whole = CpuMeter(**roots).start()
         first.open(ready)
         after, next_sample = first_id, ready
+        previous = (0, _statements(bench))  # jobs done and the statements at the last sample
         deadline = ready + BUDGET_SECONDS
         while True:
             now = time.monotonic()
@@ -165,8 +166,10 @@ def _run(bench: Bench, *, total: int, purge: bool) -> dict:
                 last.close(now, total - last_from)
                 break
             if now >= next_sample:
-                samples.append({"s": round(now - ready, 1), "done": done, **_sample(bench)})
-                next_sample = now + SAMPLE_SECONDS
+                snapshot = _statements(bench)
+                claim = _statements_per_job(previous[1], snapshot, done - previous[0]).get("claim")
+                samples.append({"s": round(now - ready, 1), "done": done, "claim_us": claim, **_sample(bench)})
+                previous, next_sample = (done, snapshot), now + SAMPLE_SECONDS
             time.sleep(PROGRESS_POLL_SECONDS)
         processing_seconds = time.monotonic() - ready
         whole_cpu = whole.stop()
@@ -205,11 +208,12 @@ def _run(bench: Bench, *, total: int, purge: bool) -> dict:
 
 
 def _sample(bench: Bench) -> dict:
+    """procrastinate_jobs during the run: the statistics' row counts, its size, the claim index's."""
     row = bench.sql(
-        "SELECT n_live_tup, n_dead_tup, pg_total_relation_size(relid), autovacuum_count, n_tup_del"
-        " FROM pg_stat_user_tables WHERE relname = 'procrastinate_jobs'"
+        "SELECT n_live_tup, n_dead_tup, pg_total_relation_size(relid), pg_relation_size('jobs_fair_claim_idx'),"
+        " autovacuum_count, n_tup_del FROM pg_stat_user_tables WHERE relname = 'procrastinate_jobs'"
     )[0]
-    return dict(zip(("live", "dead", "bytes", "autovacuums", "deleted"), row, strict=True))
+    return dict(zip(("live", "dead", "bytes", "claim_index_bytes", "autovacuums", "deleted"), row, strict=True))
 
 
 def _database_windows(bench: Bench, window: int) -> tuple[float, float]:
@@ -257,7 +261,10 @@ def _run_figures(run: dict, label: str) -> list[Figure]:
     window = run["window"]
     total = run["total"]
     whole_worker, whole_pg = (run["whole_cpu"].get(k) for k in ("worker", "postgres"))
-    progress = ", ".join(f"{s['s']:.0f}s {s['done'] // 1000}k dead {s['dead'] // 1000}k" for s in run["samples"][::4])
+    progress = ", ".join(
+        f"{s['s']:.0f}s {s['done'] // 1000}k dead {s['dead'] // 1000}k av {s['autovacuums']} claim {s['claim_us']}"
+        for s in run["samples"][::2]
+    )
     rows = [
         Figure(
             f"{label}: first {window:,} jobs",
@@ -283,7 +290,8 @@ def _run_figures(run: dict, label: str) -> list[Figure]:
             f" CPU per job over the whole run: worker {whole_worker * 1e6 / total:,.0f} us,"
             f" PostgreSQL {whole_pg * 1e6 / total:,.0f} us"
             + (f"; every job purged {run['purge_wait']:.0f} s after the last one ended" if run["purge_wait"] else "")
-            + f"\n    progress (s, jobs done, dead tuples of procrastinate_jobs): {progress}",
+            + "\n    progress (s, jobs done, dead tuples and autovacuums of procrastinate_jobs,"
+            f" claim us/job since the sample before): {progress}",
             extra={"samples": run["samples"]},
         ),
     ]
