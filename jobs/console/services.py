@@ -270,11 +270,15 @@ WITH policy (queue_name, keep_seconds) AS (
 ), doomed AS (
     SELECT job.id
       FROM procrastinate_events AS ended
-      JOIN procrastinate_jobs AS job ON job.id = ended.job_id
+      -- One primary-key lookup per finishing event: as a plain join, the planner's estimate of
+      -- the events in range made it hash-join a sequential scan of every job (the backlog again).
+      CROSS JOIN LATERAL (SELECT * FROM procrastinate_jobs AS job
+                           WHERE job.id = ended.job_id
+                             AND job.status = ANY(%(statuses)s::procrastinate_job_status[])
+                          OFFSET 0) AS job
       LEFT JOIN policy ON policy.queue_name = job.queue_name
      WHERE ended.type IN ('succeeded', 'failed', 'cancelled', 'aborted')
        AND ended.at < now() - make_interval(secs => %(shortest_seconds)s)
-       AND job.status = ANY(%(statuses)s::procrastinate_job_status[])
        AND (SELECT max(event.at) FROM procrastinate_events AS event WHERE event.job_id = job.id)
            < now() - make_interval(secs => COALESCE(policy.keep_seconds, %(default_seconds)s))
      ORDER BY ended.at, ended.job_id
