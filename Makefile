@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements/base.txt requirements/dev.txt | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: run test bench chaos upstream lint format db stopdb clean
+.PHONY: run test bench soak chaos upstream lint format db stopdb clean
 
 $(STAMP): requirements/base.txt requirements/dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP)  ## the whole suite on real PostgreSQL (ARGS="-k enrich" to narro
 
 bench: $(STAMP)  ## the benchmark suite (bench/): one table, also in bench/results/latest.json
 	$(BIN)/python -m bench.run $(ARGS)
+
+soak: $(STAMP)  ## a million no-op jobs with the purge running: does the throughput hold? (ARGS="--soak-jobs 200000")
+	$(BIN)/python -m bench.run --only soak $(ARGS)
 
 chaos: $(STAMP)  ## 20,000 e-mails through SIGKILLed workers and a PostgreSQL restart: nothing lost, nothing twice
 	$(BIN)/python -m bench.chaos $(ARGS)

@@ -155,11 +155,18 @@ finished AS (
       FROM unnest(%(ids)s::bigint[], %(statuses)s::procrastinate_job_status[], %(worker_ids)s::bigint[],
                   %(deletes)s::boolean[]) AS f (id, status, worker_id, delete_job)
 ),
+-- Each job by its primary key alone: the row test `(status, worker_id) IS NOT DISTINCT FROM`
+-- matches no index and implies no partial index's predicate. Written `status = 'doing' AND
+-- worker_id = ...`, the generic plan walked the partial index of `doing` jobs by worker, which
+-- the planner sizes at the few running jobs but which holds an entry for every job the worker
+-- ran since the last vacuum (live to scans while a long statement holds the horizon back),
+-- once per finished job: quadratic in the batch. In the soak (bench/soak.py) one batch took
+-- 98 s while the worker kept claiming, and 35,000 jobs waited `doing` for their end.
 deleted AS (
     DELETE FROM procrastinate_jobs AS job
      USING finished
      WHERE job.id = finished.id AND finished.delete_job
-       AND job.status = 'doing' AND job.worker_id = finished.worker_id
+       AND (job.status, job.worker_id) IS NOT DISTINCT FROM ('doing', finished.worker_id)
        AND (SELECT count(*) FROM slot_locks) >= 0
     RETURNING job.id, job.lock, job.jobs_concurrency_key
 ),
@@ -168,7 +175,7 @@ updated AS (
        SET status = finished.status, abort_requested = false, attempts = job.attempts + 1
       FROM finished, commit_mode
      WHERE job.id = finished.id AND NOT finished.delete_job
-       AND job.status = 'doing' AND job.worker_id = finished.worker_id
+       AND (job.status, job.worker_id) IS NOT DISTINCT FROM ('doing', finished.worker_id)
        AND (SELECT count(*) FROM slot_locks) >= 0
     RETURNING job.id, job.lock, job.jobs_concurrency_key
 ),

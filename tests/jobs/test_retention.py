@@ -7,7 +7,7 @@ import pytest
 
 from jobs.console import services
 from jobs.models import JobInfo
-from jobs.tasking.defer import job_defer
+from jobs.tasking.defer import job_defer, job_defer_bulk
 from tests.factories import make_user
 from tests.helpers import job_move
 from tests.jobs import tasks_for_tests as tasks
@@ -69,6 +69,31 @@ def test_finished_jobs_go_after_their_retention_and_waiting_or_running_ones_neve
     assert not JobInfo.objects.filter(job_id__in=gone).exists()
     assert JobInfo.objects.filter(job_id=old_todo).exists() is False  # it never had one
     assert query("SELECT count(*) FROM procrastinate_events WHERE job_id = %s", [young_succeeded]) == [(3,)]
+
+
+def _jobs_rows_read() -> int:
+    """Rows of procrastinate_jobs this transaction has read so far (scans and index fetches)."""
+    return query(
+        "SELECT seq_tup_read + COALESCE(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables"
+        " WHERE relname = 'procrastinate_jobs'"
+    )[0][0]
+
+
+def test_the_purge_reads_what_it_deletes_not_the_backlog(settings):
+    """With 2,000 jobs waiting, the purge starts from the finishing events by time (migration
+    0015) instead of walking every job in id order (each purge run walked the whole backlog)."""
+    settings.JOBS_SUCCEEDED_RETENTION_SECONDS = HOUR
+    old = _job("succeeded", age_seconds=2 * HOUR)
+    young = _job("succeeded", age_seconds=60)
+    job_defer_bulk(tasks.stamp_a, [{"n": i} for i in range(2000)])
+    query("ANALYZE procrastinate_jobs")
+    query("ANALYZE procrastinate_events")
+    before = _jobs_rows_read()
+
+    assert services.jobs_purge()["succeeded/cancelled"] == 1
+
+    assert _jobs_rows_read() - before < 50
+    assert _remaining(old, young) == {young}
 
 
 def test_the_last_event_counts_not_the_first(settings):
