@@ -5,6 +5,7 @@ new primary, that nothing acknowledged was lost and nothing was sent twice.
     python -m bench.failover                        # the full run, about 3-5 minutes, at most 8
     python -m bench.failover --notifications 1000   # a quick look
     python -m bench.failover --asynchronous         # the same with an asynchronous standby
+    python -m bench.failover --asynchronous --lag 2 # ... 2 s behind when the primary dies
 
 What runs, all on 127.0.0.1 (the pieces are bench/chaos.py's, from bench/outage.py):
 - two throw-away PostgreSQL clusters (tests/peers/postgres.py): a primary and its streaming
@@ -20,7 +21,11 @@ What runs, all on 127.0.0.1 (the pieces are bench/chaos.py's, from bench/outage.
 Notifications are queued up front in bulk. When half of them have been delivered, the primary
 is stopped hard (`pg_ctl stop -m immediate`: a crash, no goodbye to any session), and after
 --promote-after seconds (what a failover manager takes to decide) the standby is promoted.
-Nobody restarts a web or worker process: they must find the new primary on their own. The run
+Nobody restarts a web or worker process: they must find the new primary on their own.
+With --lag (asynchronous only) the primary's WAL sender is paused (SIGSTOP) that long before
+the primary is killed (SIGKILL, every process at once, so the paused sender never sends what
+it holds): a standby that was that far behind, as over a slow network. Its results go to
+bench/results/failover-asynchronous.json, and its checks are expected to fail. The run
 ends once every notification and note is done; it is bounded by a SIGALRM budget and cleans
 every process and both clusters up on any exit. Prints a table and writes
 bench/results/failover.json; exits 1 when a check fails.
@@ -65,6 +70,7 @@ from tests.peers.claude import FakeClaude
 from tests.peers.postgres import ThrowawayPostgres
 
 RESULTS = BASE_DIR / "bench" / "results" / "failover.json"
+RESULTS_ASYNCHRONOUS = BASE_DIR / "bench" / "results" / "failover-asynchronous.json"
 LOG_DIR = BASE_DIR / ".data" / "failover"
 TIME_BUDGET_SECONDS = 8 * 60  # the whole run, set-up and clean-up included (5 min on a loaded 2-core machine)
 DRAIN_SECONDS = 90  # after the failover: the time left for the last jobs to finish
@@ -81,6 +87,7 @@ class Run:
     email_rate: float
     note_rate: float
     synchronous: bool
+    lag: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
     bulk_ids: list[int] = field(default_factory=list)
     killed_at: float | None = None  # monotonic: the primary stopped (immediate)
@@ -186,10 +193,18 @@ def failover(run: Run) -> dict:
                 run.notes.append("the run ran out of time before every notification ended")
                 break
             if run.killed_at is None and sink.count >= run.notifications // 2:
+                if run.lag:
+                    print(f"failover: the standby falls behind for {run.lag:g} s", flush=True)
+                    run.wall["replication paused"] = time.time()
+                    primary.pause_replication()
+                    time.sleep(run.lag)
                 print(f"failover: stopping the primary hard ({sink.count:,} e-mails delivered)", flush=True)
                 run.wall["killed"] = time.time()
                 run.killed_at = time.monotonic()
-                primary.stop("immediate")
+                if run.lag:
+                    primary.kill()
+                else:
+                    primary.stop("immediate")
                 time.sleep(run.promote_after)
                 run.wall["promoting"] = time.time()
                 run.promoted_at = standby.promote()
@@ -274,6 +289,7 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, clients: list[ApiClient]
     received = collections.Counter(sink.notification_ids)
     twice = sorted(i for i, n in received.items() if n > 1)
     lost = sorted(i for i in status_of if i not in received)
+    unknown = sorted(i for i in received if i not in status_of)  # delivered, then its row was lost
     acknowledged = emails.log.acknowledged
     acknowledged_missing = sorted(i for i in acknowledged if i not in status_of)  # a 202 whose row is gone
     acknowledged_lost = sorted(i for i in acknowledged if received[i] == 0)
@@ -305,6 +321,7 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, clients: list[ApiClient]
     checks = {
         "the primary was stopped hard and the standby promoted": promoted is not None and not in_recovery,
         "every notification and note job is in a final state": unfinished_jobs == 0 and run.drained,
+        "every e-mail at the sink has its row on the new primary": not unknown,
         "no notification lost (each one reached the sink)": not lost,
         "no e-mail sent twice": not twice,
         "every notification row says sent": not not_sent,
@@ -318,19 +335,28 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, clients: list[ApiClient]
         and not restarted["workers"],
     }
     figures = [
-        ("standby", "synchronous" if run.synchronous else "asynchronous", "synchronous"),
+        (
+            "standby",
+            ("synchronous" if run.synchronous else "asynchronous") + (f", {run.lag:g} s behind" if run.lag else ""),
+            "synchronous",
+        ),
         ("notifications queued (bulk)", f"{len(run.bulk_ids):,}", ""),
         ("e-mails / notes acknowledged by the API (202 / 201)", f"{len(acknowledged):,} / {len(note_status):,}", ""),
         ("e-mails at the sink, distinct notifications", f"{len(received):,}", f"{len(status_of):,}"),
         ("notifications lost / 202s missing on the new primary", f"{len(lost)} / {len(acknowledged_missing)}", "0 / 0"),
         ("e-mails sent twice", f"{len(twice)}", "0"),
+        ("e-mails at the sink whose row the new primary does not have", f"{len(unknown)}", "0"),
         ("notes acknowledged but missing or not enriched", f"{len(notes_missing) + len(notes_not_done)}", "0"),
         (
             "jobs started more than once (deliveries / enrichments)",
             f"{reruns['notifications.deliver']:,} / {reruns['notes.enrich']:,}",
             "",
         ),
-        ("primary stopped (immediate) -> standby takes writes", seconds(since_kill(promoted)), ""),
+        (
+            f"primary {'killed (SIGKILL)' if run.lag else 'stopped (immediate)'} -> standby takes writes",
+            seconds(since_kill(promoted)),
+            "",
+        ),
         ("  of which the wait before promoting (--promote-after)", seconds(run.promote_after), ""),
         ("throughput before the kill (median)", f"{around.get('median_before') or 0:,.0f} e-mails/s", ""),
         (
@@ -375,6 +401,7 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, clients: list[ApiClient]
             "email_rate_per_second": run.email_rate,
             "note_rate_per_second": run.note_rate,
             "synchronous_standby": run.synchronous,
+            "standby_lag_seconds": run.lag,
             "url": "postgres://postgres@127.0.0.1:<primary>,127.0.0.1:<standby>/... ?target_session_attrs=read-write",
         },
         "details": {
@@ -383,6 +410,7 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, clients: list[ApiClient]
             "note_status": dict(collections.Counter(note_status.values())),
             "lost_ids": lost[:100],
             "twice_ids": twice[:100],
+            "unknown_ids_at_sink": unknown[:100],
             "not_sent_ids": not_sent[:100],
             "acknowledged_missing_ids": acknowledged_missing[:100],
             "acknowledged_lost_ids": acknowledged_lost[:100],
@@ -416,7 +444,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--asynchronous", action="store_true", help="leave the standby asynchronous (what can then be lost)"
     )
+    parser.add_argument(
+        "--lag",
+        type=float,
+        default=0.0,
+        help="with --asynchronous: seconds the standby falls behind before the primary is killed",
+    )
     args = parser.parse_args(argv)
+    if args.lag and not args.asynchronous:
+        parser.error("--lag needs --asynchronous (a synchronous standby never falls behind a commit)")
     run = Run(
         notifications=args.notifications,
         workers=args.workers,
@@ -424,8 +460,10 @@ def main(argv: list[str]) -> int:
         email_rate=args.email_rate,
         note_rate=args.note_rate,
         synchronous=not args.asynchronous,
+        lag=args.lag,
     )
-    return run_bounded("failover", TIME_BUDGET_SECONDS, RESULTS, lambda: failover(run))
+    results = RESULTS_ASYNCHRONOUS if args.asynchronous else RESULTS
+    return run_bounded("failover", TIME_BUDGET_SECONDS, results, lambda: failover(run))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ A second cluster can stream from a running one, synchronously, and take over fro
 
     standby = pg.make_standby()       # pg_basebackup -R, started, streaming
     pg.make_synchronous(standby)      # every commit waits for the standby's flush
-    pg.stop("immediate")              # the primary crashes
+    pg.stop("immediate")              # the primary crashes (or pg.kill(): a power cut)
     standby.promote()                 # and the standby accepts writes
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import psutil
 import psycopg
 
 from scripts import devdb
@@ -121,6 +123,31 @@ class ThrowawayPostgres:
         sql(self.url(), f"ALTER SYSTEM SET synchronous_standby_names = '\"{standby.name}\"'")
         sql(self.url(), "SELECT pg_reload_conf()")
         self.wait_for_standby(standby, state="sync")
+
+    def pause_replication(self) -> list[int]:
+        """SIGSTOP this primary's WAL senders: its standbys fall behind (as over a slow network)
+        while it keeps committing. Returns their pids. Only with asynchronous standbys: a
+        synchronous one would hold every commit."""
+        pids = [pid for (pid,) in sql(self.url(), "SELECT pid FROM pg_stat_replication")]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    def kill(self) -> None:
+        """SIGKILL every process of the cluster at once (a power cut, without losing what was
+        flushed). Unlike `stop("immediate")` no process gets to act on a signal: a paused WAL
+        sender dies without sending what it holds."""
+        pid = self.postmaster_pid
+        if pid is None:
+            return
+        try:
+            processes = [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]
+        except psutil.NoSuchProcess:
+            return
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(processes, timeout=10)
 
     def promote(self, *, timeout: float = 30.0) -> float:
         """This standby becomes a primary (`pg_ctl promote`). Returns the monotonic time at which
