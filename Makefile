@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements/base.txt requirements/dev.txt | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: run test bench soak chaos upstream lint format db stopdb clean
+.PHONY: run test bench soak chaos failover image image-smoke upstream lint format db stopdb clean
 
 $(STAMP): requirements/base.txt requirements/dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ soak: $(STAMP)  ## a million no-op jobs with the purge running: does the through
 
 chaos: $(STAMP)  ## 20,000 e-mails through SIGKILLed workers and a PostgreSQL restart: nothing lost, nothing twice
 	$(BIN)/python -m bench.chaos $(ARGS)
+
+failover: $(STAMP)  ## e-mails and notes while the primary crashes and its synchronous standby is promoted: nothing acknowledged lost, nothing twice
+	$(BIN)/python -m bench.failover $(ARGS)
 
 upstream: $(STAMP)  ## Procrastinate's own integration + acceptance tests on our engine (ARGS="--stock", or tests/...)
 	$(BIN)/python scripts/upstream_suite.py $(ARGS)

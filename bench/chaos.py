@@ -28,27 +28,37 @@ check fails.
 from __future__ import annotations
 
 import argparse
-import bisect
 import collections
-import http.client
-import json
 import os
 import platform
 import random
-import shlex
-import signal
-import statistics
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import psycopg
-from psycopg import sql
+from psycopg import sql as pg_sql
 
-from bench.harness import BASE_DIR, PYTHON, free_port, percentile, port_open, server_args, wait_until
+from bench.harness import BASE_DIR, free_port, port_open, wait_until
+from bench.outage import (
+    FULL_THROUGHPUT,
+    ApiClient,
+    Processes,
+    Sampler,
+    clock,
+    jobs_waiting,
+    keep_server_log,
+    latencies,
+    prepare,
+    run_bounded,
+    run_cleanup,
+    seconds,
+    send_email_request,
+    service_env,
+    sql,
+    throughput,
+    unfinished,
+)
 from bench.peers import CountingSmtpSink
 from tests.peers.postgres import ThrowawayPostgres
 
@@ -56,187 +66,6 @@ RESULTS = BASE_DIR / "bench" / "results" / "chaos.json"
 LOG_DIR = BASE_DIR / ".data" / "chaos"
 TIME_BUDGET_SECONDS = 9 * 60 + 15  # the whole run, set-up and clean-up included, stays under 10 min
 DRAIN_SECONDS = 120  # after the chaos: the time left for the last jobs to finish
-FULL_THROUGHPUT = 0.8  # "full" throughput: this share of the median rate before the outage
-CLIENT_TIMEOUT_SECONDS = 5.0
-
-
-# --- Processes ---------------------------------------------------------------------------------
-class Processes:
-    """The run's child processes, each logging to .data/chaos/<name>.log (never to a pipe)."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.workers: dict[str, subprocess.Popen] = {}
-        self.others: list[subprocess.Popen] = []
-        self.exits: collections.Counter[str] = collections.Counter()  # unexpected exits by code
-        self.started = 0
-
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
-        with open(LOG_DIR / f"{name}.log", "a") as log:
-            log.write(f"\n--- started at {datetime.now(UTC).isoformat(timespec='milliseconds')}: {shlex.join(args)}\n")
-            log.flush()
-            return subprocess.Popen([PYTHON, *args], cwd=BASE_DIR, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-
-    def start_worker(self, name: str) -> None:
-        self.workers[name] = self._spawn(
-            name, "manage.py", "procrastinate", "worker", "--queues", "notifications,maintenance"
-        )
-        self.started += 1
-
-    def kill_random_worker(self) -> str:
-        name = random.choice(sorted(self.workers))
-        process = self.workers[name]
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        process.wait()
-        self.start_worker(name)
-        return name
-
-    def revive_dead_workers(self) -> None:
-        """A worker that exited on its own (e.g. started while the database was down) comes back."""
-        for name, process in list(self.workers.items()):
-            if process.poll() is not None:
-                self.exits[str(process.returncode)] += 1
-                self.start_worker(name)
-
-    def start_gunicorn(self, port: int) -> None:
-        self.others.append(self._spawn("gunicorn", *server_args(port)))
-
-    def stop_all(self, timeout: float = 15.0) -> None:
-        everyone = [*self.workers.values(), *self.others]
-        for process in everyone:
-            if process.poll() is None:
-                process.terminate()
-        deadline = time.monotonic() + timeout
-        for process in everyone:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.workers, self.others = {}, []
-
-
-# --- The HTTP client ---------------------------------------------------------------------------
-@dataclass
-class ClientLog:
-    statuses: collections.Counter[str] = field(default_factory=collections.Counter)
-    acknowledged: list[int] = field(default_factory=list)  # notification ids answered with 202
-    latencies_ms: list[float] = field(default_factory=list)
-    unavailable_without_hint: int = 0  # 503s missing Retry-After or the JSON retry_after
-    timeline: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, outcome)
-    samples: dict[str, str] = field(default_factory=dict)  # one body per unexpected outcome
-
-
-class ApiClient(threading.Thread):
-    """POSTs /api/notifications/send-email/ `rate` times a second until stopped."""
-
-    def __init__(self, *, port: int, token: str, recipient_id: int, rate: float) -> None:
-        super().__init__(name="api-client", daemon=True)
-        self.port, self.token, self.recipient_id, self.rate = port, token, recipient_id, rate
-        self.log = ClientLog()
-        self._halt = threading.Event()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(CLIENT_TIMEOUT_SECONDS + 5)
-
-    def run(self) -> None:
-        headers = {"Authorization": f"Token {self.token}", "Content-Type": "application/json"}
-        due = time.monotonic()
-        number = 0
-        while not self._halt.is_set():
-            number += 1
-            body = json.dumps({"recipient_id": self.recipient_id, "subject": f"Chaos {number}", "body": "Hello"})
-            outcome = self._post(body, headers)
-            self.log.statuses[outcome] += 1
-            self.log.timeline.append((time.monotonic(), outcome))
-            # On schedule, but no burst to catch up after slow answers: a client that fell
-            # behind by more than a second starts afresh.
-            due = max(due + 1 / self.rate, time.monotonic() - 1.0)
-            self._halt.wait(max(0.0, due - time.monotonic()))
-
-    def _post(self, body: str, headers: dict[str, str]) -> str:
-        started = time.monotonic()
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=CLIENT_TIMEOUT_SECONDS)
-        try:
-            conn.request("POST", "/api/notifications/send-email/", body=body, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-        except TimeoutError:
-            return "hang (no answer in 5 s)"
-        except OSError as exc:
-            self.log.samples.setdefault("connection error", repr(exc))
-            return "connection error"
-        finally:
-            conn.close()
-            self.log.latencies_ms.append((time.monotonic() - started) * 1000)
-        if response.status == 202:
-            self.log.acknowledged.append(json.loads(data)["notification_id"])
-        elif response.status == 503:
-            try:
-                hint = json.loads(data).get("retry_after")
-            except ValueError:
-                hint = None
-            if not response.getheader("Retry-After") or hint is None:
-                self.log.unavailable_without_hint += 1
-                self.log.samples.setdefault("503 without a hint", data[:300].decode(errors="replace"))
-        else:
-            self.log.samples.setdefault(str(response.status), data[:300].decode(errors="replace"))
-        return str(response.status)
-
-
-# --- What the database looks like, once a second --------------------------------------------
-SAMPLE = """
-SELECT (SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'notifications.deliver' AND status = 'todo'),
-       (SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'notifications.deliver' AND status = 'doing'),
-       (SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing' AND worker_id IS NULL),
-       (SELECT count(*) FROM procrastinate_workers),
-       (SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat < now() - interval '4 seconds'),
-       (SELECT json_object_agg(coalesce(state, '?') || ':' || coalesce(wait_event, '-'), n)
-          FROM (SELECT state, wait_event, count(*) AS n FROM pg_stat_activity
-                 WHERE datname = current_database() AND pid <> pg_backend_pid()
-                 GROUP BY 1, 2) AS activity)
-"""
-
-
-class Sampler(threading.Thread):
-    """Once a second: e-mails so far, the deliver jobs waiting and running, workers, and what the
-    database's sessions are doing; so a stall can be told apart from a slow patch afterwards."""
-
-    def __init__(self, url: str, sink: CountingSmtpSink) -> None:
-        super().__init__(name="sampler", daemon=True)
-        self.url, self.sink = url, sink
-        self.samples: list[dict] = []
-        self._halt = threading.Event()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(10)
-
-    def run(self) -> None:
-        while not self._halt.wait(1.0):
-            sample: dict = {"at": _clock(time.time()), "emails": self.sink.count}
-            try:
-                todo, doing, orphans, workers, silent, activity = _sql(self.url, SAMPLE)[0]
-                sample.update(
-                    todo=todo,
-                    doing=doing,
-                    doing_without_worker=orphans,
-                    workers=workers,
-                    silent_workers=silent,
-                    sessions=activity,
-                )
-            except psycopg.Error as exc:
-                sample["database"] = type(exc).__name__
-            self.samples.append(sample)
-
-
-def _keep_server_log(pg: ThrowawayPostgres) -> None:
-    if pg.log.exists():
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
-        (LOG_DIR / "postgres.log").write_text(pg.log.read_text(errors="replace"))
 
 
 # --- The run -----------------------------------------------------------------------------------
@@ -260,75 +89,6 @@ class Run:
     notes: list[str] = field(default_factory=list)
 
 
-def _sql(url: str, query: str, params: list | dict | None = None) -> list[tuple]:
-    with psycopg.connect(url, autocommit=True, connect_timeout=3) as conn:
-        cursor = conn.execute(query, params)
-        return cursor.fetchall() if cursor.description else []
-
-
-def _unfinished(url: str, ids: list[int] | None = None) -> int | None:
-    """Notifications not yet in a final state (None while the database cannot be reached)."""
-    try:
-        return _sql(
-            url,
-            "SELECT count(*) FROM notification_jobs WHERE status NOT IN ('sent', 'failed', 'cancelled')"
-            " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))",
-            {"ids": ids},
-        )[0][0]
-    except psycopg.Error:
-        return None
-
-
-def _jobs_waiting(url: str) -> int | None:
-    try:
-        return _sql(
-            url,
-            "SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'notifications.deliver'"
-            " AND status IN ('todo', 'doing')",
-        )[0][0]
-    except psycopg.Error:
-        return None
-
-
-def _prepare(url: str, run: Run) -> tuple[str, int]:
-    """Migrate, create the users and recipients, queue the notifications. Returns the API
-    client's (token, recipient id)."""
-    import django
-
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-    django.setup()
-    from django.core.management import call_command
-    from django.db import connection
-    from rest_framework.authtoken.models import Token
-
-    from notifications.models import Recipient
-    from notifications.services import notification_send_bulk
-    from tests.factories import make_user
-
-    call_command("migrate", verbosity=0)
-    owner = make_user("chaos-bulk")
-    recipients = Recipient.objects.bulk_create(
-        [Recipient(owner=owner, name=f"R{i}", email=f"r{i}@example.com") for i in range(1000)]
-    )
-    for start in range(0, run.notifications, 1000):
-        size = min(1000, run.notifications - start)
-        run.bulk_ids += notification_send_bulk(
-            owner=owner,
-            recipients=recipients[:size],
-            subject="Chaos",
-            body="Hello from the chaos run",
-            notification_type="system",
-            priority="normal",
-        )
-    with connection.cursor() as cursor:
-        cursor.execute("ANALYZE")  # what autovacuum would do after such a batch, within a minute
-    client_user = make_user("chaos-api")
-    recipient = Recipient.objects.create(owner=client_user, name="Api", email="api@example.com")
-    token = Token.objects.create(user=client_user).key
-    connection.close()  # from here on the driver reads with short-lived connections of its own
-    return token, recipient.id
-
-
 def chaos(run: Run) -> dict:
     # Waits on locks, checkpoints and autovacuum runs go to the server log, kept with the others.
     pg = ThrowawayPostgres(
@@ -345,36 +105,22 @@ def chaos(run: Run) -> dict:
         pg.start()
         url = pg.create_database("secondbrain_chaos")
         for name, value in run.database_settings.items():
-            query = sql.SQL("ALTER DATABASE secondbrain_chaos SET {} = {}").format(sql.Identifier(name), value)
-            _sql(url, query.as_string())
+            query = pg_sql.SQL("ALTER DATABASE secondbrain_chaos SET {} = {}").format(pg_sql.Identifier(name), value)
+            sql(url, query.as_string())
         sink = CountingSmtpSink().start()
-        env = {
-            **os.environ,
-            "DATABASE_URL": url,
-            "DEBUG": "false",
-            "SECRET_KEY": os.environ.get("SECRET_KEY") or "chaos-" + "x" * 40,
-            "ALLOWED_HOSTS": "127.0.0.1,localhost",
-            "LOG_LEVEL": "WARNING",
-            "PYTHONUNBUFFERED": "1",
-            "EMAIL_URL": f"smtp://127.0.0.1:{sink.port}",
-            "NOTIFICATIONS_RATE_PER_SECOND": "100000",  # measure the system, not the rate limit
-            "EMAIL_DAILY_QUOTA_PER_USER": "0",  # one user sends them all, far past a day's quota
-            "WORKER_HEARTBEAT_SECONDS": "1",
-            "WORKER_STALLED_SECONDS": "4",
-            "STALLED_JOBS_CRON": "* * * * * */1",  # look for killed workers' jobs every second
-        }
+        env = service_env(url, sink, "chaos")
         os.environ.update(env)
         print(f"chaos: queueing {run.notifications:,} notifications", flush=True)
-        token, recipient_id = _prepare(url, run)
+        run.bulk_ids, token, recipient_id = prepare(run.notifications, name="chaos")
 
-        processes = Processes(env)
+        processes = Processes(env, log_dir=LOG_DIR, queues="notifications,maintenance")
         port = free_port()
         processes.start_gunicorn(port)
         if not wait_until(lambda: port_open(port), 30):
             raise TimeoutError("gunicorn did not start")
         for number in range(run.workers):
             processes.start_worker(f"worker-{number + 1}")
-        client = ApiClient(port=port, token=token, recipient_id=recipient_id, rate=run.api_rate)
+        client = ApiClient(port=port, token=token, rate=run.api_rate, body=send_email_request(recipient_id))
         client.start()
         sampler = Sampler(url, sink)
         sampler.start()
@@ -403,13 +149,13 @@ def chaos(run: Run) -> dict:
             processes.revive_dead_workers()
             if run.outage_ended is not None and now >= next_check:
                 next_check = now + 1
-                if _unfinished(url, run.bulk_ids) == 0:
+                if unfinished(url, run.bulk_ids) == 0:
                     break
             time.sleep(0.1)
         run.chaos_ended = time.monotonic()
         print(f"chaos: chaos over after {run.kills} kills; draining", flush=True)
         client.stop()
-        run.drained = wait_until(lambda: _unfinished(url) == 0 and _jobs_waiting(url) == 0, DRAIN_SECONDS, interval=0.5)
+        run.drained = wait_until(lambda: unfinished(url) == 0 and jobs_waiting(url) == 0, DRAIN_SECONDS, interval=0.5)
         processes.revive_dead_workers()
         processes.stop_all()
         time.sleep(0.5)  # the sink has answered the last messages' final dot
@@ -418,36 +164,30 @@ def chaos(run: Run) -> dict:
         report["details"]["samples"] = sampler.samples
         return report
     finally:
-        # Each step on its own: one failing must not leave the others' processes running.
-        for step in (
+        run_cleanup(
+            "chaos",
             sampler.stop if sampler is not None else None,
             processes.stop_all if processes is not None else None,
             client.stop if client is not None else None,
             sink.stop if sink is not None else None,
-            lambda: _keep_server_log(pg),
+            lambda: keep_server_log(pg, LOG_DIR / "postgres.log"),
             pg.destroy,
-        ):
-            if step is None:
-                continue
-            try:
-                step()
-            except Exception as exc:
-                print(f"chaos: clean-up step {step.__qualname__} failed: {exc!r}", file=sys.stderr)
+        )
 
 
 # --- The checks and the figures ----------------------------------------------------------------
 def _report(run: Run, url: str, sink: CountingSmtpSink, client: ApiClient, processes: Processes) -> dict:
-    rows = _sql(url, "SELECT id, status FROM notification_jobs")
+    rows = sql(url, "SELECT id, status FROM notification_jobs")
     status_of = dict(rows)
     by_status = collections.Counter(status_of.values())
     job_states = dict(
-        _sql(
+        sql(
             url,
             "SELECT status::text, count(*) FROM procrastinate_jobs WHERE task_name = 'notifications.deliver'"
             " GROUP BY status",
         )
     )
-    [[reruns, rescued]] = _sql(
+    [[reruns, rescued]] = sql(
         url,
         """
         SELECT count(*) FILTER (WHERE starts > 1), coalesce(sum(retries), 0)
@@ -457,8 +197,8 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, client: ApiClient, proce
                  WHERE j.task_name = 'notifications.deliver' GROUP BY j.id) AS per_job
         """,
     )
-    outcomes = dict(_sql(url, "SELECT outcome, count(*) FROM notification_delivery_logs GROUP BY outcome"))
-    postgres_version = _sql(url, "SHOW server_version")[0][0]
+    outcomes = dict(sql(url, "SELECT outcome, count(*) FROM notification_delivery_logs GROUP BY outcome"))
+    postgres_version = sql(url, "SHOW server_version")[0][0]
 
     received = collections.Counter(sink.notification_ids)
     suspects = sorted({i for i in status_of if i not in received} | {i for i, n in received.items() if n > 1})
@@ -473,11 +213,9 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, client: ApiClient, proce
     unfinished_jobs = job_states.get("todo", 0) + job_states.get("doing", 0)
     final_jobs = sum(job_states.values()) - unfinished_jobs
     statuses = client.log.statuses
-    server_errors = sum(n for s, n in statuses.items() if s.isdigit() and int(s) >= 500 and s != "503")
-    hangs = statuses.get("hang (no answer in 5 s)", 0)
-    other = sum(statuses.values()) - statuses.get("202", 0) - statuses.get("503", 0) - server_errors - hangs
+    server_errors, hangs, other, _ = client.counts()
 
-    throughput = _throughput(run, sink)
+    around = throughput(sink.received_at, run.outage_started, run.outage_ended)
     outage_requests = collections.Counter(
         outcome
         for at, outcome in client.log.timeline
@@ -503,12 +241,12 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, client: ApiClient, proce
         ("notification rows 'sent'", f"{by_status.get('sent', 0):,} of {len(status_of):,}", "all"),
         ("worker processes / SIGKILLs", f"{run.workers} / {run.kills}", ""),
         ("jobs run more than once (rescued or retried)", f"{reruns:,}", ""),
-        ("PostgreSQL down (fast shutdown to accepting again)", _seconds(throughput.get("outage_seconds")), ""),
-        ("throughput before the restart (median)", f"{throughput.get('median_before') or 0:,.0f} e-mails/s", ""),
-        ("first e-mail after the database is back", _seconds(throughput.get("first_after_seconds")), ""),
+        ("PostgreSQL down (fast shutdown to accepting again)", seconds(around.get("outage_seconds")), ""),
+        ("throughput before the restart (median)", f"{around.get('median_before') or 0:,.0f} e-mails/s", ""),
+        ("first e-mail after the database is back", seconds(around.get("first_after_seconds")), ""),
         (
             f"database back to full throughput (>= {FULL_THROUGHPUT:.0%} of median)",
-            _seconds(throughput.get("recovery_seconds")),
+            seconds(around.get("recovery_seconds")),
             "",
         ),
         (
@@ -522,8 +260,8 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, client: ApiClient, proce
             f"{sum(outage_requests.values()) - outage_requests.get('202', 0) - outage_requests.get('503', 0)}",
             "",
         ),
-        ("API latency p50 / p99 / max", _latencies(client.log.latencies_ms), "max < 5,000 ms"),
-        ("run time (chaos + drain)", _seconds((run.chaos_ended or 0) - run.started_at), "< 10 min in all"),
+        ("API latency p50 / p99 / max", latencies(client.log.latencies_ms), "max < 5,000 ms"),
+        ("run time (chaos + drain)", seconds((run.chaos_ended or 0) - run.started_at), "< 10 min in all"),
     ]
     return {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -558,10 +296,10 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, client: ApiClient, proce
             "worker_starts": processes.started,
             "unexpected_worker_exits_by_code": dict(processes.exits),
             "drained": run.drained,
-            "throughput": throughput,
+            "throughput": around,
             "lost_or_twice": _evidence(url, suspects[:50], run),
-            "kills": [{"at": _clock(at), "worker": name} for at, name in run.kill_log],
-            "outage": {"stopped": _clock(run.outage_wall[0]), "back": _clock(run.outage_wall[1])}
+            "kills": [{"at": clock(at), "worker": name} for at, name in run.kill_log],
+            "outage": {"stopped": clock(run.outage_wall[0]), "back": clock(run.outage_wall[1])}
             if run.outage_wall
             else None,
             "notes": run.notes,
@@ -577,7 +315,7 @@ def _evidence(url: str, ids: list[int], run: Run) -> list[dict]:
     SIGKILL and the restart: enough to tell which window it fell in."""
     if not ids:
         return []
-    rows = _sql(
+    rows = sql(
         url,
         """
         SELECT n.id, n.status, n.retry_count, extract(epoch FROM n.started_at), extract(epoch FROM n.processed_at),
@@ -601,8 +339,8 @@ def _evidence(url: str, ids: list[int], run: Run) -> list[dict]:
                 "id": id_,
                 "status": status,
                 "retry_count": retries,
-                "started_at": _clock(started),
-                "processed_at": _clock(processed),
+                "started_at": clock(started),
+                "processed_at": clock(processed),
                 "nearest_kill": {"worker": worker, "ms_after_processed_at": round((kill_at - mark) * 1000, 1)}
                 if kill_at
                 else None,
@@ -613,73 +351,6 @@ def _evidence(url: str, ids: list[int], run: Run) -> list[dict]:
             }
         )
     return evidence
-
-
-def _clock(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(float(epoch), UTC).isoformat(timespec="milliseconds")
-
-
-def _throughput(run: Run, sink: CountingSmtpSink) -> dict:
-    """E-mails per second in sliding one-second windows (0.1 s steps), before and after the restart."""
-    times = sorted(sink.received_at)
-    if not times or run.outage_started is None or run.outage_ended is None:
-        return {}
-
-    def rate(at: float) -> int:
-        return _count_between(times, at, at + 1.0)
-
-    begin = times[0] + 1.0  # past the first, partial second
-    before = [rate(begin + step / 10) for step in range(int((run.outage_started - 1.0 - begin) * 10))]
-    median_before = statistics.median(before) if before else None
-    after_back = [t for t in times if t >= run.outage_ended]
-    result = {
-        "outage_seconds": run.outage_ended - run.outage_started,
-        "median_before": median_before,
-        "delivered_during_outage": _count_between(times, run.outage_started, run.outage_ended),
-        "first_after_seconds": (after_back[0] - run.outage_ended) if after_back else None,
-        "recovery_seconds": None,
-        "per_second": [rate(times[0] + s) for s in range(int(times[-1] - times[0]) + 1)],
-        "first_email_at": _clock(times[0] + time.time() - time.monotonic()),
-        "restart_at_second": run.outage_started - times[0],
-        "back_at_second": run.outage_ended - times[0],
-    }
-    if median_before:
-        step = 0
-        while run.outage_ended + step / 10 <= times[-1]:
-            if rate(run.outage_ended + step / 10) >= FULL_THROUGHPUT * median_before:
-                # The window starts here, but full speed starts no earlier than the first e-mail.
-                result["recovery_seconds"] = max(step / 10, result["first_after_seconds"] or 0.0)
-                break
-            step += 1
-    return result
-
-
-def _count_between(times: list[float], start: float, end: float) -> int:
-    return bisect.bisect_left(times, end) - bisect.bisect_left(times, start)
-
-
-def _seconds(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f} s"
-
-
-def _latencies(values: list[float]) -> str:
-    ordered = sorted(values)
-    if not ordered:
-        return "n/a"
-    return f"{percentile(ordered, 50):,.0f} / {percentile(ordered, 99):,.0f} / {ordered[-1]:,.0f} ms"
-
-
-def _table(report: dict) -> str:
-    header = ("figure", "value", "expected")
-    body = [(f["figure"], f["value"], f["expected"]) for f in report["figures"]]
-    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(3)]
-    lines = [" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *body]]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    lines.append("")
-    lines += [f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in report["checks"].items()]
-    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
@@ -710,27 +381,7 @@ def main(argv: list[str]) -> int:
         database_settings=dict(setting.split("=", 1) for setting in args.database_setting),
     )
 
-    def out_of_time(signum, frame):
-        raise TimeoutError(f"the chaos run went past its {TIME_BUDGET_SECONDS} s budget")
-
-    def terminated(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGALRM, out_of_time)
-    signal.signal(signal.SIGTERM, terminated)
-    signal.alarm(TIME_BUDGET_SECONDS)
-    begun = time.monotonic()
-    try:
-        report = chaos(run)
-    finally:
-        signal.alarm(0)
-    report["seconds"] = round(time.monotonic() - begun, 1)
-    print()
-    print(_table(report))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS.relative_to(BASE_DIR)} in {report['seconds']:.0f} s; logs in {report['logs']}/")
-    return 0 if report["passed"] else 1
+    return run_bounded("chaos", TIME_BUDGET_SECONDS, RESULTS, lambda: chaos(run))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import environ
 from croniter import croniter
 from django.core.exceptions import ImproperlyConfigured
 
+from config.database_url import database_url_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -88,10 +90,12 @@ TEMPLATES = [
     },
 ]
 
-# PostgreSQL only: the job queue, its schedules and its locks live in this database.
-DATABASES = {"default": env.db("DATABASE_URL", default="")}
-if not DATABASES["default"].get("ENGINE"):
+# PostgreSQL only: the job queue, its schedules and its locks live in this database. The URL may
+# list a primary and its standbys, "postgres://u@db1:5432,db2:5432/db?target_session_attrs=read-write"
+# (config/database_url.py, docs/reliability.md#failover): every connection then finds the primary.
+if not env.str("DATABASE_URL", default=""):
     raise ImproperlyConfigured("DATABASE_URL is not set (e.g. postgres://postgres@127.0.0.1:5432/secondbrain)")
+DATABASES = {"default": database_url_config("DATABASE_URL", env.str("DATABASE_URL"))}
 if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ImproperlyConfigured("DATABASE_URL must point to PostgreSQL (postgres://...)")
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
@@ -173,7 +177,7 @@ DATABASE_BEHIND_POOLER = bool(_DIRECT_URL) and env.str("DATABASE_URL") != _DIREC
 # DATABASES["default"] by config.database; None without a pooler.
 DATABASE_DIRECT: dict | None = None
 if DATABASE_BEHIND_POOLER:
-    _direct = env.db_url_config(_DIRECT_URL)
+    _direct = database_url_config("DATABASE_DIRECT_URL", _DIRECT_URL)
     if _direct.get("ENGINE") != "django.db.backends.postgresql":
         raise ImproperlyConfigured("DATABASE_DIRECT_URL must point to PostgreSQL (postgres://...)")
     _direct_options = _direct.get("OPTIONS", {})

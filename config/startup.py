@@ -7,9 +7,12 @@ import sys
 import psycopg
 from django.core.exceptions import ImproperlyConfigured
 
+from config.database_url import describe_hosts
+
 # Commands that need the database from their first second; `check`, `help`, `makemigrations
 # --check` and friends stay usable without one.
 _DATABASE_COMMANDS = {"runserver", "migrate", "procrastinate", "ensure_dev_admin", "shell"}
+_CONNECTION_CHECK_OPTIONS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "target_session_attrs")
 
 
 def _exit(message: str) -> None:
@@ -46,11 +49,12 @@ def fail_fast_if_database_unreachable(argv: list[str] | None = None) -> None:
             host=db.get("HOST") or None,
             port=db.get("PORT") or None,
             connect_timeout=db["OPTIONS"].get("connect_timeout", 5),
-            # The same TLS as the app's own connections (DATABASE_SSLMODE, DATABASE_SSLROOTCERT).
-            **{k: v for k, v in db["OPTIONS"].items() if k in ("sslmode", "sslrootcert", "sslcert", "sslkey")},
+            # The same TLS as the app's own connections (DATABASE_SSLMODE, DATABASE_SSLROOTCERT), and
+            # with several hosts the same choice among them (a standby is no use to a read-write app).
+            **{k: v for k, v in db["OPTIONS"].items() if k in _CONNECTION_CHECK_OPTIONS},
         ).close()
     except psycopg.OperationalError as exc:
-        where = f"{db.get('HOST') or 'localhost'}:{db.get('PORT') or 5432}/{db['NAME']}"
+        where = f"{describe_hosts(db.get('HOST'), db.get('PORT'))}/{db['NAME']}"
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         reason = lines[-1] if lines else type(exc).__name__
         _exit(f"cannot reach the database at {where} ({reason}); check {variable}")
