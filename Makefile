@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements/base.txt requirements/dev.txt | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: run test bench chaos upstream lint format db stopdb clean
+.PHONY: run test bench chaos upstream image image-smoke lint format db stopdb clean
 
 $(STAMP): requirements/base.txt requirements/dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ chaos: $(STAMP)  ## 20,000 e-mails through SIGKILLed workers and a PostgreSQL re
 
 upstream: $(STAMP)  ## Procrastinate's own integration + acceptance tests on our engine (ARGS="--stock", or tests/...)
 	$(BIN)/python scripts/upstream_suite.py $(ARGS)
+
+image: $(STAMP)  ## the image with podman, on a base debootstrapped here (no Docker engine, no registry; as root)
+	$(BIN)/python scripts/image.py build
+
+image-smoke: $(STAMP)  ## build it, start compose's services from it, smoke-test through the web's port, remove everything
+	$(BIN)/python scripts/image.py smoke $(ARGS)
 
 lint: $(STAMP)  ## ruff, the layering of the apps (import-linter), and every relative link and #anchor of the docs
 	$(BIN)/ruff check .
