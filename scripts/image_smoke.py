@@ -56,8 +56,10 @@ def wait_for(what: str, predicate: Callable[[], object], seconds: float, interva
 class Containers:
     """The smoke run's containers: started from their specs, checked, removed together."""
 
-    def __init__(self, deadline: Deadline) -> None:
-        self.label = f"{os.getpid()}-{secrets.token_hex(3)}"
+    def __init__(self, deadline: Deadline, slack: float) -> None:
+        self.slack = slack
+        self.label = str(os.getpid())  # the run's: its containers are removed with it
+        self.prefix = f"secondbrain-smoke-{self.label}"
         self.deadline = deadline
         self.started: list[ContainerSpec] = []
 
@@ -69,21 +71,27 @@ class Containers:
         log(f"started {spec.name} ({spec.service})")
 
     def healthy(self, spec: ContainerSpec) -> None:
-        """Its compose health check (`podman exec`) passes, within the start period and retries."""
+        """Its compose health check (`podman exec`) passes within the start period and retries.
+        Each try gets the check's timeout times `slack` (a loaded machine starts Python slowly)
+        and is killed inside the container when it runs out, as Docker kills a check: a check
+        left running would slow down the next."""
         check = spec.healthcheck
         assert check is not None
+        limit = check.timeout * self.slack
         begun = time.monotonic()
 
         def passes() -> bool:
             if self.state(spec.name) != "running":
                 raise SmokeFailure(f"{spec.name} is {self.state(spec.name)}, not running")
+            test = ["timeout", "--signal", "KILL", f"{limit:.0f}", *check.test]
             try:
-                result = podman("exec", spec.name, *check.test, check=False, timeout=check.timeout)
+                result = podman("exec", spec.name, *test, check=False, timeout=limit + 10)
             except subprocess.TimeoutExpired:
                 return False
             return result.returncode == 0
 
-        wait_for(f"{spec.name} healthy", passes, self.deadline.left(check.budget), interval=1.0)
+        budget = check.start_period + check.retries * (check.interval + limit)
+        wait_for(f"{spec.name} healthy", passes, self.deadline.left(budget), interval=1.0)
         log(f"{spec.name} healthy after {time.monotonic() - begun:.1f} s")
 
     def completed(self, spec: ContainerSpec, seconds: float = 300.0) -> None:
@@ -109,13 +117,40 @@ class Containers:
             result = podman("logs", "--tail", str(lines), spec.name, check=False)
             print(f"--- {spec.name}: last {lines} lines ---\n{result.stdout}{result.stderr}", flush=True)
 
-    def remove(self, label: str | None = None) -> int:
-        """Remove the containers of this run (or every smoke run's with label=None)."""
-        selector = f"label={LABEL}={label}" if label else f"label={LABEL}"
-        ids = podman("ps", "--all", "--quiet", "--filter", selector, check=False).stdout.split()
+    def remove(self) -> int:
+        """Remove this run's containers, and those of earlier runs whose process is gone (one
+        killed with SIGKILL could not clean up); another run's, still going, stay."""
+        listed = podman(
+            "ps",
+            "--all",
+            "--filter",
+            f"label={LABEL}",
+            "--format",
+            f'{{{{.ID}}}} {{{{index .Labels "{LABEL}"}}}}',
+            check=False,
+        ).stdout.split("\n")
+        ids = [line.split()[0] for line in listed if line.strip() and _gone(line.split()[-1], self.label)]
         if ids:
             podman("rm", "--force", "--time", "0", *ids, check=False)
         return len(ids)
+
+    def left(self) -> int:
+        return len(
+            podman("ps", "--all", "--quiet", "--filter", f"label={LABEL}={self.label}", check=False).stdout.split()
+        )
+
+
+def _gone(label: str, mine: str) -> bool:
+    """Whether a container labelled `label` (its run's pid) may be removed by run `mine`."""
+    if label == mine or not label.isdigit():
+        return True
+    try:
+        os.kill(int(label), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
 
 
 class Api:
@@ -150,10 +185,10 @@ class Api:
         return data
 
 
-def smoke(*, timeout: float) -> bool:
+def smoke(*, timeout: float, slack: float) -> bool:
     """Start, check, stop, remove. True when every check passed."""
     deadline = Deadline(timeout)
-    containers = Containers(deadline)
+    containers = Containers(deadline, slack)
     leftovers = containers.remove()
     if leftovers:
         log(f"removed {leftovers} container(s) left by an earlier smoke run")
@@ -170,7 +205,7 @@ def smoke(*, timeout: float) -> bool:
             "WORKERS": "2",
         }
         compose = yaml.safe_load((BASE_DIR / "docker-compose.yml").read_text())
-        specs = container_specs(compose, env, ports=ports)
+        specs = container_specs(compose, env, ports=ports, prefix=containers.prefix)
         for spec in specs:
             if spec.service != "postgres":  # not in the compose file: Claude's address
                 spec.environment["ANTHROPIC_BASE_URL"] = claude.base_url
@@ -178,16 +213,15 @@ def smoke(*, timeout: float) -> bool:
         _up(containers, specs, compose)
         api = Api(ports["web"])
         _check(api, containers, env, claude, sink)
-        _stop(containers, [s for s in specs if s.service == "worker"])
+        _stop(containers, [s for s in specs if s.service in ("worker", "web")])
         return True
     except SmokeFailure as exc:
         log(f"FAILED: {exc}")
         containers.print_logs()
         return False
     finally:
-        removed = containers.remove(containers.label)
-        left = podman("ps", "--all", "--quiet", "--filter", f"label={LABEL}", check=False).stdout.split()
-        log(f"removed {removed} container(s); {len(left)} left")
+        removed = containers.remove()
+        log(f"removed {removed} container(s); {containers.left()} left")
         claude.stop()
         sink.stop()
 
@@ -283,9 +317,10 @@ def _check(api: Api, containers: Containers, env: dict[str, str], claude: FakeCl
     log(f"e-mail delivered once to the SMTP sink in {time.monotonic() - begun:.1f} s, status sent")
 
 
-def _stop(containers: Containers, workers: list[ContainerSpec]) -> None:
-    """SIGTERM (podman stop): each worker exits 0 within its stop_grace_period, not killed."""
-    for spec in workers:
+def _stop(containers: Containers, specs: list[ContainerSpec]) -> None:
+    """SIGTERM (podman stop): the workers, then the web, each exits 0 within its
+    stop_grace_period (a container still running then is killed: 137)."""
+    for spec in sorted(specs, key=lambda spec: spec.service == "web"):
         begun = time.monotonic()
         podman("stop", "--time", str(round(spec.stop_grace_seconds)), spec.name, timeout=spec.stop_grace_seconds + 30)
         took = time.monotonic() - begun
