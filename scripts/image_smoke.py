@@ -97,10 +97,11 @@ class Containers:
     def completed(self, spec: ContainerSpec, seconds: float = 300.0) -> None:
         """A one-shot container (migrate) exits 0."""
         begun = time.monotonic()
+        allowed = self.deadline.left(seconds)
         try:
-            result = podman("wait", spec.name, timeout=self.deadline.left(seconds))
+            result = podman("wait", spec.name, timeout=allowed)
         except subprocess.TimeoutExpired as exc:
-            raise SmokeFailure(f"{spec.name} still running after {seconds:.0f} s") from exc
+            raise SmokeFailure(f"{spec.name} still running after {allowed:.0f} s") from exc
         code = result.stdout.strip()
         if code != "0":
             raise SmokeFailure(f"{spec.name} exited with {code}")
