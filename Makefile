@@ -34,6 +34,12 @@ failover: $(STAMP)  ## e-mails and notes while the primary crashes and its synch
 upstream: $(STAMP)  ## Procrastinate's own integration + acceptance tests on our engine (ARGS="--stock", or tests/...)
 	$(BIN)/python scripts/upstream_suite.py $(ARGS)
 
+image: $(STAMP)  ## the image with podman, on a base debootstrapped here (no Docker engine, no registry; as root)
+	$(BIN)/python scripts/image.py build
+
+image-smoke: $(STAMP)  ## build it, start compose's services from it, smoke-test through the web's port, remove everything
+	$(BIN)/python scripts/image.py smoke $(ARGS)
+
 lint: $(STAMP)  ## ruff, the layering of the apps (import-linter), and every relative link and #anchor of the docs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
