@@ -49,9 +49,13 @@ ABORT_POLL_SECONDS = 0.2
 
 # Only while this worker still holds the job: a run that outlived its worker's rescue (the job
 # now runs elsewhere) must not leave its result on the new run (jobs/engine/manager.py drops its end).
+# Not durable, like the job's end written after it (manager.py): a crash that loses the result
+# loses the later end too, and the job runs again. It saves a disk flush per job with a result.
 _STORE_RESULT = """
+WITH commit_mode AS (SELECT set_config('synchronous_commit', 'off', true))
 INSERT INTO jobs_job_info (job_id, result, result_expires_at)
 SELECT %(job_id)s, %(result)s, now() + make_interval(secs => %(ttl)s)
+  FROM commit_mode
  WHERE EXISTS (SELECT 1 FROM procrastinate_jobs
                 WHERE id = %(job_id)s AND status = 'doing' AND worker_id = %(worker_id)s)
 ON CONFLICT (job_id) DO UPDATE SET result = EXCLUDED.result, result_expires_at = EXCLUDED.result_expires_at,
