@@ -102,10 +102,12 @@ def containers_conf_with_ulimits(text: str | None) -> tuple[str, str]:
 
 def machine_prepare() -> None:
     """podman, runc and debootstrap installed (as root, from Debian), containers.conf set."""
+    if os.geteuid() != 0:
+        raise SystemExit("scripts/image.py runs as root (debootstrap, containers.conf, rootful podman)")
     missing = [package for program, package in TOOLS.items() if shutil.which(program) is None]
     if missing:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            raise SystemExit(f"missing {', '.join(missing)}: apt-get install -y {' '.join(missing)}")
+        if shutil.which("apt-get") is None:
+            raise SystemExit(f"missing {', '.join(missing)}: install the Debian packages {' '.join(missing)}")
         log(f"installing {', '.join(missing)} (apt-get)")
         run("apt-get", "install", "-y", "-q", *missing, stdout=subprocess.DEVNULL)
     current = CONTAINERS_CONF.read_text() if CONTAINERS_CONF.exists() else None
