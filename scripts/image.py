@@ -83,7 +83,7 @@ def containers_conf_with_ulimits(text: str | None) -> tuple[str, str]:
     value already set there is left alone, whatever it is."""
     text = text or ""
     lines = text.splitlines(keepends=True)
-    section = None
+    section = header = None
     for index, line in enumerate(lines):
         stripped = line.strip()
         if stripped.startswith("["):
@@ -92,9 +92,9 @@ def containers_conf_with_ulimits(text: str | None) -> tuple[str, str]:
                 header = index
         elif section == "containers" and re.match(r"default_ulimits\s*=", stripped):
             return text, f"already set ({stripped}), left alone"
-    if section is None and not text.strip():
+    if not text.strip():
         return "[containers]\ndefault_ulimits = []\n", "written"
-    if any(line.strip() == "[containers]" for line in lines):
+    if header is not None:
         lines.insert(header + 1, "default_ulimits = []\n")
         return "".join(lines), "added under [containers]"
     return text.rstrip("\n") + "\n\n[containers]\ndefault_ulimits = []\n", "added a [containers] section"
@@ -102,10 +102,12 @@ def containers_conf_with_ulimits(text: str | None) -> tuple[str, str]:
 
 def machine_prepare() -> None:
     """podman, runc and debootstrap installed (as root, from Debian), containers.conf set."""
+    if os.geteuid() != 0:
+        raise SystemExit("scripts/image.py runs as root (debootstrap, containers.conf, rootful podman)")
     missing = [package for program, package in TOOLS.items() if shutil.which(program) is None]
     if missing:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            raise SystemExit(f"missing {', '.join(missing)}: apt-get install -y {' '.join(missing)}")
+        if shutil.which("apt-get") is None:
+            raise SystemExit(f"missing {', '.join(missing)}: install the Debian packages {' '.join(missing)}")
         log(f"installing {', '.join(missing)} (apt-get)")
         run("apt-get", "install", "-y", "-q", *missing, stdout=subprocess.DEVNULL)
     current = CONTAINERS_CONF.read_text() if CONTAINERS_CONF.exists() else None

@@ -3,6 +3,9 @@ containers.conf edit, the host's apt and pip settings carried into the build."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 import yaml
 
@@ -122,3 +125,13 @@ def test_the_dockerfile_takes_the_local_base_as_its_build_argument():
     dockerfile = (BASE_DIR / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=python:3.11-slim-bookworm\nFROM ${BASE_IMAGE}\n" in dockerfile
     assert image.BASE_IMAGE.startswith("localhost/")  # podman never looks it up in a registry
+
+
+def test_a_smoke_run_removes_its_own_containers_and_those_of_runs_that_are_gone():
+    from scripts import image_smoke
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    assert image_smoke._gone("123", "123")  # its own
+    assert image_smoke._gone(str(finished.pid), "123")  # a run killed before it could clean up
+    assert not image_smoke._gone(str(os.getpid()), "123")  # another run, still going
