@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,24 +67,33 @@ def test_psycopg_gets_the_lists_and_tries_every_host_in_order():
     assert describe_hosts(config["HOST"], config["PORT"]) == "127.0.0.1:1, 127.0.0.1:2"
 
 
-def test_settings_give_django_the_lists_and_a_bad_url_stops_the_start_with_one_line():
-    def settings_of(url: str) -> subprocess.CompletedProcess:
-        script = (
-            "import django, json; django.setup(); from django.conf import settings;"
-            " d = settings.DATABASES['default']; print(json.dumps([d['HOST'], d['PORT'], d['OPTIONS']]))"
-        )
-        return subprocess.run(
-            [sys.executable, "-c", script],
-            cwd=BASE_DIR,
-            env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", "DATABASE_URL": url},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    result = settings_of("postgres://u@10.0.0.1:5432,10.0.0.2:5432/d?target_session_attrs=read-write")
+def test_settings_give_django_and_the_direct_connection_the_lists_and_a_bad_url_stops_the_start():
+    script = (
+        "import django, json; django.setup(); from django.conf import settings;"
+        " d, direct = settings.DATABASES['default'], settings.DATABASE_DIRECT;"
+        " print(json.dumps([d['HOST'], d['PORT'], d['OPTIONS'], direct['HOST'], direct['PORT'], direct['OPTIONS']]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=BASE_DIR,
+        env={
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+            "DATABASE_URL": "postgres://u@10.0.0.1:6432,10.0.0.2:6432/d?target_session_attrs=read-write",
+            "DATABASE_DIRECT_URL": "postgres://u@10.0.0.1:5432,10.0.0.2/d?target_session_attrs=read-write",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
-    assert '["10.0.0.1,10.0.0.2", "5432,5432", {"target_session_attrs": "read-write"' in result.stdout
+    host, port, options, direct_host, direct_port, direct_options = json.loads(result.stdout)
+    assert (host, port, options["target_session_attrs"]) == ("10.0.0.1,10.0.0.2", "6432,6432", "read-write")
+    assert (direct_host, direct_port, direct_options["target_session_attrs"]) == (
+        "10.0.0.1,10.0.0.2",
+        "5432,",
+        "read-write",
+    )
     started = subprocess.run(
         [sys.executable, "manage.py", "check"],
         cwd=BASE_DIR,
