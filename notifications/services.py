@@ -332,14 +332,14 @@ def _postpone(notification: NotificationJob, *, until: datetime, attempt: int) -
 
 # The claim, in one statement: a fresh Message-ID is this run's token (only the run holding it
 # may mark the row sent), unless the notification has finished or its recipient is muted.
-# Not durable on its own (one disk flush less per e-mail): the commit point (notifications/mail.py)
-# commits durably before the final dot, which flushes this claim with it; a claim lost in a crash
-# had no commit point, so no e-mail went out, and the job's re-run claims again.
+# Durable, although the commit point commits durably after it: the final dot goes out while the
+# commit point's COMMIT is in flight (notifications/mail.py), so a crash can lose that COMMIT with
+# the e-mail delivered, and the send is then recorded afterwards by this claim's Message-ID
+# (tests/notifications/test_commit_point.py fails with this claim not durable).
 _CLAIM = """
-WITH commit_mode AS (SELECT set_config('synchronous_commit', 'off', true))
 UPDATE notification_jobs AS n
    SET status = 'processing', provider_message_id = %(message_id)s, started_at = now(), retry_count = %(attempt)s
-  FROM notification_recipients AS r, commit_mode
+  FROM notification_recipients AS r
  WHERE n.id = %(id)s
    AND r.id = n.recipient_id
    AND n.status IN ('pending', 'processing', 'failed')
