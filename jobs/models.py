@@ -80,6 +80,10 @@ class JobInfo(models.Model):
             models.Index(
                 fields=["dedup_key", "dedup_until"], name="jobs_info_dedup", condition=~models.Q(dedup_key="")
             ),
+            # The end trigger's lookups (migration 0006): the few watched jobs and jobs with a
+            # webhook, never every kept job's row, whatever plan the statistics lead to.
+            models.Index(fields=["job"], name="jobs_info_watched", condition=models.Q(watched=True)),
+            models.Index(fields=["job"], name="jobs_info_callback", condition=~models.Q(callback_url="")),
         ]
         permissions = [
             ("retry_job", "Can retry jobs of any user"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import Counter
 from datetime import timedelta
 
@@ -326,3 +327,44 @@ def test_a_batch_of_completions_reads_none_of_the_waiting_jobs_when_no_ended_job
     for plan in _explain_on_worker_pool(FINISH_JOBS, params):
         read = [n["Actual Rows"] for n in _plan_nodes(plan) if n.get("Relation Name") == "procrastinate_jobs"]
         assert read and max(read) <= 10
+
+
+def _info_rows_read() -> int:
+    [(read,)] = query(
+        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables"
+        " WHERE relname = 'jobs_job_info'"
+    )
+    return read
+
+
+def test_a_batch_of_completions_of_jobs_with_info_rows_reads_only_the_watched_ones():
+    """Jobs of users have a jobs_job_info row. The end trigger (migration 0006) looks up the
+    watched ones (live streams) and those with a completion webhook: with 3,000 rows and
+    statistics that say none, ten batches of ten ends must not read them all, twice a batch
+    (with every finished job kept, each batch would read the whole table)."""
+    query("ANALYZE jobs_job_info")  # empty
+    _burst_after_an_empty_queue()
+    query("INSERT INTO jobs_job_info (job_id) SELECT id FROM procrastinate_jobs")
+    before = _info_rows_read()
+
+    async def end_batches(manager):
+        worker_id = await manager.register_worker()
+        for _ in range(2 * PREPARE_THRESHOLD):
+            jobs = await manager.fetch_jobs(queues=None, worker_id=worker_id, limit=10)
+            await manager.connector.execute_query_all_async(
+                FINISH_JOBS,
+                ids=[job.id for job in jobs],
+                statuses=["succeeded"] * len(jobs),
+                worker_ids=[worker_id] * len(jobs),
+                deletes=[False] * len(jobs),
+                keys=[],
+            )
+        # A known read of every row, so that the counts below are known to include the batches'.
+        await manager.connector.execute_query_async("SELECT count(*) FROM jobs_job_info")
+
+    asyncio.run(on_worker_pool(end_batches))  # the pool's sessions end: their statistics are sent
+    deadline = time.monotonic() + 10
+    while _info_rows_read() - before < 3000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    read = _info_rows_read() - before - 3000
+    assert 0 <= read <= 200
