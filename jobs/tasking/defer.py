@@ -23,24 +23,29 @@ from jobs.tasking.webhooks import webhook_callback_check
 # waiting job with the same queueing lock makes it insert nothing (no savepoint needed).
 # The owner and the round are for the fair claim (jobs/tasking/fairness.py); the trace context
 # for the worker's span (core/tracing.py, migration 0013).
+# Every parameter carries its type: parameters are bound by the server (config/settings.py),
+# which refuses one used as two types (a varchar column and a text comparison, say).
+_QUEUE = "%(queue)s::varchar"
+_PRIORITY = "%(priority)s::integer"
 _DEFER = f"""
 WITH job AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
                                     jobs_parents_waiting, jobs_batch_id, owner_id, trace_context, fair_round,
                                     jobs_concurrency_key, jobs_concurrency_limit)
-    VALUES (%(queue)s, %(task)s, %(priority)s, %(lock)s, %(queueing_lock)s, %(args)s, %(scheduled_at)s,
-            %(parents_waiting)s, %(batch_id)s, %(owner_id)s, %(trace_context)s,
-            {first_round_sql(queue="%(queue)s", owner="%(owner_id)s::bigint", priority="%(priority)s")},
-            %(concurrency_key)s, %(concurrency_limit)s)
+    VALUES (%(queue)s::varchar, %(task)s::varchar, %(priority)s::integer, %(lock)s::text, %(queueing_lock)s::text,
+            %(args)s::jsonb, %(scheduled_at)s::timestamptz, %(parents_waiting)s::integer, %(batch_id)s::bigint,
+            %(owner_id)s::bigint, %(trace_context)s::jsonb,
+            {first_round_sql(queue=_QUEUE, owner="%(owner_id)s::bigint", priority=_PRIORITY)},
+            %(concurrency_key)s::text, %(concurrency_limit)s::integer)
     ON CONFLICT (queueing_lock) WHERE status = 'todo' DO NOTHING
     RETURNING id
 ), info AS (
     INSERT INTO jobs_job_info (job_id, owner_id, dedup_key, dedup_until, callback_url)
-    SELECT id, %(owner_id)s, %(dedup_key)s,
-           CASE WHEN %(dedup_key)s <> '' THEN now() + make_interval(secs => %(dedup_seconds)s) END,
-           %(callback_url)s
+    SELECT id, %(owner_id)s::bigint, %(dedup_key)s::varchar,
+           CASE WHEN %(dedup_key)s::varchar <> '' THEN now() + make_interval(secs => %(dedup_seconds)s::float8) END,
+           %(callback_url)s::varchar
       FROM job
-     WHERE %(with_info)s
+     WHERE %(with_info)s::boolean
 )
 SELECT id FROM job
 """
@@ -51,17 +56,19 @@ _DEFER_MANY = f"""
 WITH given AS (
     SELECT args, owner_id, concurrency_key, n, COALESCE(owner_id, 0) AS line,
            row_number() OVER (PARTITION BY owner_id ORDER BY n) - 1 AS turn
-      FROM unnest(%(args)s::jsonb[], %(owner_ids)s::bigint[], %(concurrency_keys)s::text[])
+      FROM ROWS FROM (jsonb_array_elements(%(args)s::jsonb), unnest(%(owner_ids)s::bigint[]),
+                      unnest(%(concurrency_keys)s::text[]))
            WITH ORDINALITY AS g (args, owner_id, concurrency_key, n)
 ), lines AS MATERIALIZED (  -- once per owner, not once per job
-    SELECT line, {first_round_sql(queue="%(queue)s", owner="owners.line", priority="%(priority)s")} AS rank
+    SELECT line, {first_round_sql(queue=_QUEUE, owner="owners.line", priority=_PRIORITY)} AS rank
       FROM (SELECT DISTINCT line FROM given) AS owners
 ), jobs AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
                                     jobs_parents_waiting, jobs_batch_id, owner_id, trace_context, fair_round,
                                     jobs_concurrency_key, jobs_concurrency_limit)
-    SELECT %(queue)s, %(task)s, %(priority)s, %(lock)s, NULL, given.args, %(scheduled_at)s,
-           %(parents_waiting)s, %(batch_id)s, given.owner_id, %(trace_context)s, lines.rank + given.turn,
+    SELECT %(queue)s::varchar, %(task)s::varchar, %(priority)s::integer, %(lock)s::text, NULL, given.args,
+           %(scheduled_at)s::timestamptz, %(parents_waiting)s::integer, %(batch_id)s::bigint, given.owner_id,
+           %(trace_context)s::jsonb, lines.rank + given.turn,
            given.concurrency_key, CASE WHEN given.concurrency_key IS NOT NULL THEN %(concurrency_limit)s::integer END
       FROM given JOIN lines USING (line)
      ORDER BY n
@@ -179,7 +186,9 @@ def job_defer_bulk(
     ]
     params = {
         **_job_params(job),
-        "args": [Jsonb(kwargs) for kwargs in kwargs_list],
+        # One JSON array, not an array of jsonb: one C-encoded dump instead of one per job, and
+        # no array quoting (a fifth of a bulk defer's time in Python).
+        "args": Jsonb(kwargs_list),
         "owner_ids": owner_ids,
         "concurrency_keys": [key for key, _ in slots],
         "concurrency_limit": options.concurrency,

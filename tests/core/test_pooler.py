@@ -58,6 +58,12 @@ def test_without_a_direct_url_there_is_no_pooler_and_sessions_keep_their_setting
         )
         assert (pooled, direct) == (False, None)
         assert "client_connection_check_interval" in options
+    # Statements are prepared on every connection (the web's, a worker's).
+    binding, threshold = _settings_of(
+        {"DATABASE_URL": url},
+        "[settings.DATABASES['default']['OPTIONS'][key] for key in ('server_side_binding', 'prepare_threshold')]",
+    )
+    assert (binding, threshold) == (True, 5)
 
 
 def test_behind_a_pooler_the_web_sends_no_startup_options_and_the_direct_url_keeps_them():
@@ -75,6 +81,9 @@ def test_behind_a_pooler_the_web_sends_no_startup_options_and_the_direct_url_kee
     assert direct["OPTIONS"]["sslmode"] == "require"
     assert "client_connection_check_interval=500" in direct["OPTIONS"]["options"]
     assert direct["OPTIONS"]["keepalives"] == 1
+    # Prepared statements only on the direct sessions: PgBouncer before 1.21 cannot keep them.
+    assert default["OPTIONS"]["prepare_threshold"] is None
+    assert direct["OPTIONS"]["prepare_threshold"] == 5
 
 
 def test_a_direct_url_that_is_not_postgresql_stops_the_start():

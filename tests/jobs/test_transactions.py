@@ -44,3 +44,23 @@ def test_a_job_is_invisible_to_workers_until_its_transaction_commits():
             assert other.execute("SELECT count(*) FROM procrastinate_jobs").fetchone() == (0,)
     with psycopg.connect(database_url()) as other:
         assert other.execute("SELECT args FROM procrastinate_jobs").fetchall() == [({"note_id": note.id},)]
+
+
+def test_a_defer_repeated_on_one_connection_is_planned_once():
+    # Server-side binding with psycopg's prepare_threshold (config/settings.py): from its fifth
+    # run a statement is prepared, so PostgreSQL stops parsing and planning it on every call
+    # (a third of a defer's time). Client-side binding, Django's default, never prepares.
+    from django.db import connection
+
+    from jobs.tasking.defer import job_defer
+    from tests.jobs.tasks_for_tests import later
+
+    for _ in range(6):
+        job_defer(later)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%%INSERT INTO procrastinate_jobs%%'"
+        )
+        [(prepared,)] = cursor.fetchall()
+    assert prepared == 1
+    assert len(jobs(later.name)) == 6
