@@ -150,7 +150,13 @@ NAMES: tuple[Name, ...] = (
         "(self, task, task_is_async)",
         called_in="procrastinate.worker",
     ),
-    _worker("_process_job", "async method", "calls", "(self, context)"),
+    _worker("_process_job", "async method", "overrides", "(self, context)", called_in="procrastinate.worker"),
+    _worker(
+        "_log_job_outcome",
+        "method",
+        "calls",
+        "(self, status, context, job_result, job_retry, exc_info=False)",
+    ),
     _worker("_periodic_deferrer", "async method", "overrides", "(self)", called_in="procrastinate.worker"),
     _worker("_poll_jobs_to_abort", "async method", "calls", "(self)"),
     _worker("_handle_notification", "async method", "calls", "(self, *, channel, notification)"),
@@ -174,6 +180,7 @@ NAMES: tuple[Name, ...] = (
             ("delete_jobs", "DeleteJobCondition"),
             ("additional_context", "NoneType"),
             ("logger", "Logger"),
+            ("worker_middleware", "list"),
         )
     ),
     Name(
@@ -184,6 +191,8 @@ NAMES: tuple[Name, ...] = (
         "(*, app, worker_name=None, worker_queues=None, job, start_timestamp, additional_context=..., abort_reason)",
     ),
     Name("procrastinate.utils:wait_any", "async function", "calls", WORKER, "(*coros_or_futures)"),
+    # Public name, undocumented helper: the task and worker middlewares, as upstream runs them.
+    Name("procrastinate.middleware:compose", "function", "calls", WORKER, "(middlewares, run_task, context, worker)"),
     Name("procrastinate.utils:causes", "function", "calls", WORKER, "(exc)"),
     Name("procrastinate.utils:utcnow", "function", "calls", MANAGER, "()"),
     # --- Procrastinate: the app and its connector (jobs/engine/app.py) ---------------------------------

@@ -1,0 +1,53 @@
+"""A job's run inside the worker (jobs/engine/worker.py's `_process_job`): what it costs per job
+beside the task, and what it still logs. The worker runs in this process, on its own pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from procrastinate import jobs as procrastinate_jobs
+from procrastinate.contrib.django import app
+
+from jobs.tasking.defer import job_defer
+from tests.jobs import tasks_for_tests as tasks
+from tests.jobs.workers import job_status
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _run_worker_until_idle() -> None:
+    async def scenario() -> None:
+        with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
+            async with worker_app.open_async():
+                await worker_app.run_worker_async(
+                    queues=[tasks.QUEUE_A], concurrency=2, wait=False, install_signal_handlers=False
+                )
+
+    asyncio.run(scenario())
+
+
+def test_with_info_off_a_job_formats_no_log_line_and_a_final_failure_is_still_logged(monkeypatch, caplog):
+    # Upstream formats "Starting job <call string>" and "Job <call string> ended ..." for every
+    # job, logged or not: the call string renders the job's arguments, a cost per job that buys
+    # nothing with INFO off (production's level is WARNING).
+    rendered: list[int] = []
+    upstream_call_string = procrastinate_jobs.Job.call_string
+
+    def counting(job):
+        rendered.append(job.id)
+        return upstream_call_string.func(job)  # a cached_property upstream
+
+    monkeypatch.setattr(procrastinate_jobs.Job, "call_string", property(counting))
+    caplog.set_level(logging.WARNING, logger="procrastinate")
+    ok = [job_defer(tasks.echo, value=n) for n in range(3)]
+    failed = job_defer(tasks.fail_permanently, reason="no such mailbox")
+
+    _run_worker_until_idle()
+
+    assert [job_status(job_id) for job_id in ok] == ["succeeded"] * 3
+    assert job_status(failed) == "failed"
+    assert [job_id for job_id in rendered if job_id in (*ok, failed)] == [failed]  # the line that is logged
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR and "ended with status" in r.getMessage()]
+    assert "fail_permanently" in error.getMessage() and error.exc_info is not None
