@@ -210,6 +210,11 @@ class BatchingWorker(Worker):
         try:
             if not task:
                 raise exceptions.TaskNotFound
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self.logger.debug(
+                    f"Loaded job info, about to start job {job.call_string}",
+                    extra=self._log_extra(context=context, action="loaded_job_info", job_result=job_result),
+                )
             if self.logger.isEnabledFor(logging.INFO):
                 self.logger.info(
                     f"Starting job {job.call_string}",

@@ -2,7 +2,7 @@
 Procrastinate's job manager, worker and psycopg pool, for Procrastinate's own test suite.
 
 The repository is not put on sys.path: its `tests` package would hide Procrastinate's. Only its
-`jobs` package is loaded, from SECONDBRAIN_ENGINE_REPO.
+`jobs` package and the two it imports (`config`, `core`) are loaded, from SECONDBRAIN_ENGINE_REPO.
 """
 
 from __future__ import annotations
@@ -13,20 +13,22 @@ import sys
 from pathlib import Path
 
 
-def _load_jobs_package(repo: Path) -> None:
-    if "jobs" in sys.modules:
+def _load_package(repo: Path, name: str) -> None:
+    if name in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(
-        "jobs", repo / "jobs" / "__init__.py", submodule_search_locations=[str(repo / "jobs")]
+        name, repo / name / "__init__.py", submodule_search_locations=[str(repo / name)]
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["jobs"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
 
 
 def install() -> None:
-    _load_jobs_package(Path(os.environ["SECONDBRAIN_ENGINE_REPO"]))
+    repo = Path(os.environ["SECONDBRAIN_ENGINE_REPO"])
+    for name in ("config", "core", "jobs"):  # the engine imports config.database and core.tracing
+        _load_package(repo, name)
 
     import procrastinate.manager
     import procrastinate.worker
