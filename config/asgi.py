@@ -10,12 +10,15 @@ from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
+from config.handler import SyncChainASGIHandler
 from config.startup import fail_fast_if_database_unreachable, use_connection_pool
 
 fail_fast_if_database_unreachable()
 use_connection_pool()
-django_application = get_asgi_application()
+# Every request but the job streams: middleware and view in one hop (config/handler.py).
+stream_application = get_asgi_application()  # django.setup(), and the async chain for the streams
+django_application = SyncChainASGIHandler()
 
 from jobs.console.stream import serve_streams_without_request_thread  # noqa: E402 (needs the apps loaded)
 
-application = serve_streams_without_request_thread(django_application)
+application = serve_streams_without_request_thread(django_application, streams=stream_application)

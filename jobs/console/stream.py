@@ -224,7 +224,7 @@ async def _events(
         await stream_hub().release(sub)
 
 
-def serve_streams_without_request_thread(django_app: Any) -> Any:
+def serve_streams_without_request_thread(django_app: Any, *, streams: Any | None = None) -> Any:
     """The ASGI application: Django's, except that a job or batch stream is handled outside a
     per-request thread context.
 
@@ -235,7 +235,7 @@ def serve_streams_without_request_thread(django_app: Any) -> Any:
 
     async def application(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and STREAM_PATH.match(scope.get("path", "")):
-            await django_app.handle(scope, receive, send)
+            await (streams or django_app).handle(scope, receive, send)
         else:
             await django_app(scope, receive, send)
 

@@ -82,6 +82,7 @@ MIGRATION_TRIGGERS = "jobs/migrations/0003_statement_level_triggers.py"
 MIGRATION_UPDATED_TRIGGER = "jobs/migrations/0006_webhooks_queue_and_secrets.py"
 MIGRATION_RETRY = "jobs/migrations/0005_queueing_lock_supersede.py"
 CACHE = "core/cache.py"
+HANDLER = "config/handler.py"
 SCHEMA = "core/schema.py"
 
 
@@ -334,6 +335,15 @@ NAMES: tuple[Name, ...] = (
         called_in="django.core.cache.backends.db",
     ),
     Name("django.core.cache.backends.db:DatabaseCache._table", "instance attribute", "reads", CACHE, type="str"),
+    Name(
+        "django.core.handlers.base:BaseHandler.load_middleware",
+        "method",
+        "overrides",
+        HANDLER,
+        "(self, is_async=False)",
+        called_in="django.core.handlers.asgi",
+    ),
+    Name("django.core.handlers.base:BaseHandler._middleware_chain", "NoneType", "assigns", HANDLER),
     # Importing drf_spectacular.openapi costs every process 120 ms, and only the schema generator
     # uses these: tests/jobs/test_engine_boundary.py checks them (the schema tests exercise them).
     Name(
