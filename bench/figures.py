@@ -6,6 +6,8 @@ import json
 import tempfile
 import time
 
+import psycopg
+
 from bench.harness import LOG_DIR, Bench, CpuMeter, Figure, free_port, percentile, port_open, server_args, wait_until
 from bench.loadgen import run_load
 
@@ -28,6 +30,7 @@ def enqueue(bench: Bench, *, quick: bool = False) -> list[Figure]:
     one_by_one = 500 if quick else 3000
     bulk_total, batch = (5000, 1000) if quick else (40000, 1000)
     bench.reset_jobs()
+    floor = _single_row_commits(bench, one_by_one)
 
     with stock_app.open():
         begun = time.perf_counter()
@@ -61,6 +64,14 @@ def enqueue(bench: Bench, *, quick: bool = False) -> list[Figure]:
             notes=f"{one_by_one} jobs, jobs.job_defer, one transaction each",
         ),
         Figure(
+            "PostgreSQL alone: single-row INSERT commits, 1 client",
+            floor,
+            "tx/s",
+            notes="the floor under one-by-one enqueue on this server and disk: the same number of"
+            " one-row INSERTs into an unindexed table, each its own transaction (synchronous commit),"
+            " one psycopg connection",
+        ),
+        Figure(
             "enqueue in bulk",
             project_bulk,
             "jobs/s",
@@ -71,6 +82,19 @@ def enqueue(bench: Bench, *, quick: bool = False) -> list[Figure]:
             notes=f"{bulk_total} jobs in batches of {batch}, jobs.job_defer_bulk",
         ),
     ]
+
+
+def _single_row_commits(bench: Bench, count: int) -> float:
+    """What the server and its disk allow one client: one-row INSERT transactions per second."""
+    with psycopg.connect(bench.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_floor (n integer)")  # logged: each commit waits for the WAL flush
+        try:
+            begun = time.perf_counter()
+            for n in range(count):
+                conn.execute("INSERT INTO bench_floor VALUES (%s)", [n])
+            return _rate(count, time.perf_counter() - begun)
+        finally:
+            conn.execute("DROP TABLE bench_floor")
 
 
 # --- 2. End-to-end processing --------------------------------------------------------------
