@@ -1,10 +1,11 @@
-"""Django's database cache, with the write that every throttled request makes in one statement.
+"""Django's database cache (the project's `default` cache), with each write in one statement.
 
 Django's DatabaseCache.set() counts the whole table (to cull it), then reads the key and updates
-or inserts it inside a transaction: five round trips, one of them a COUNT(*) over every entry,
-on each API request (DRF's throttles write their counter on every request). On PostgreSQL the
-write is one INSERT ... ON CONFLICT DO UPDATE. Expired entries are deleted by the periodic purge
-(core.purge_expired), so nothing needs counting here. Everything else is Django's.
+or inserts it inside a transaction: five round trips, one of them a COUNT(*) over every entry
+(DRF's throttles wrote their counter that way on every API request, until they got their own
+table, core/throttling.py). On PostgreSQL the write is one INSERT ... ON CONFLICT DO UPDATE.
+Expired entries are deleted by the periodic purge (core.purge_expired), so nothing needs
+counting here. Everything else is Django's.
 """
 
 from __future__ import annotations

@@ -18,10 +18,11 @@ from collections.abc import Callable
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.core.cache import cache
 from django.db import transaction
 from django.db.models.signals import pre_delete
 from rest_framework.settings import api_settings
+
+from core.throttling import throttle_buckets_erase
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +41,13 @@ def user_erase(*, user: AbstractBaseUser) -> None:
 
 
 def _throttle_counters_erase(user_id: int) -> None:
-    """The user's request history in the throttles' cache rows (DRF's key: scope and user id)."""
-    for throttle_class in api_settings.DEFAULT_THROTTLE_CLASSES:
-        scope = getattr(throttle_class, "scope", None)
-        if scope:
-            cache.delete(throttle_class.cache_format % {"scope": scope, "ident": user_id})
+    """The user's throttle buckets (DRF's key: scope and user id, core/throttling.py)."""
+    keys = [
+        throttle_class.cache_format % {"scope": throttle_class.scope, "ident": user_id}
+        for throttle_class in api_settings.DEFAULT_THROTTLE_CLASSES
+        if getattr(throttle_class, "scope", None)
+    ]
+    throttle_buckets_erase(keys)
 
 
 def _run_erasers(sender, instance: AbstractBaseUser, **kwargs) -> None:

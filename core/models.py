@@ -43,3 +43,18 @@ class QuotaCounter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} on {self.day}: {self.used}"
+
+
+class ThrottleBucket(models.Model):
+    """One API client's throttle (core/throttling.py): the time its bucket is next empty. A row
+    of constant size whatever the rate; one whose time has passed is a full bucket, the same as
+    no row, and the periodic purge drops it."""
+
+    key = models.CharField(max_length=255, primary_key=True)  # DRF's key: scope and user id or address
+    tat = models.DateTimeField(help_text="The theoretical arrival time of the next request (GCRA).")
+
+    class Meta:
+        db_table = "core_throttle_buckets"
+
+    def __str__(self) -> str:
+        return f"{self.key} until {self.tat}"

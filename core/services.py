@@ -70,6 +70,12 @@ DELETE FROM core_cache WHERE cache_key IN (
     SELECT cache_key FROM core_cache WHERE expires < now() LIMIT %s FOR UPDATE SKIP LOCKED
 )
 """
+# Throttle buckets whose time has passed: full, the same as no row (core/throttling.py).
+_PURGE_THROTTLE_BUCKETS = """
+DELETE FROM core_throttle_buckets WHERE key IN (
+    SELECT key FROM core_throttle_buckets WHERE tat < now() LIMIT %s FOR UPDATE SKIP LOCKED
+)
+"""
 # Past days' quota counters (core/quotas.py): yesterday's is kept for a look at the day before.
 _PURGE_QUOTAS = """
 DELETE FROM core_quota_counters WHERE id IN (
@@ -92,7 +98,7 @@ def purge_register(name: str, purge_path: str) -> None:
 
 
 def expired_rows_purge(*, batch_size: int = 1000, max_batches: int = 1000) -> dict[str, int]:
-    """Delete expired idempotency keys, expired database-cache rows (old throttle counters), the
+    """Delete expired idempotency keys, expired database-cache rows, full throttle buckets, the
     quota counters of past days, and whatever the apps registered (purge_register).
 
     Expired keys are already ignored when looked up; this only keeps the tables small. Runs
@@ -102,6 +108,7 @@ def expired_rows_purge(*, batch_size: int = 1000, max_batches: int = 1000) -> di
         for name, statement in (
             ("idempotency_keys", _PURGE_KEYS),
             ("cache", _PURGE_CACHE),
+            ("throttle_buckets", _PURGE_THROTTLE_BUCKETS),
             ("quota_counters", _PURGE_QUOTAS),
         ):
             total = 0

@@ -1,15 +1,16 @@
-"""API throttling (core/throttling.py): per user and per anonymous address, counted in the
-PostgreSQL cache table that every web process shares; 429 with Retry-After."""
+"""API throttling (core/throttling.py): per user and per anonymous address, counted in one
+PostgreSQL table that every web process shares, one statement a request; 429 with Retry-After."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 
 import pytest
-from django.core.cache import cache
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
 from notes.models import Note
@@ -17,19 +18,24 @@ from tests.factories import make_user
 from tests.helpers import BASE_DIR, client_for, database_url
 
 
+def _buckets_clear() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM core_throttle_buckets")
+
+
 @pytest.fixture
 def rates(settings):
     """Small rates, and no counters left by an earlier test."""
     settings.THROTTLE_USER_RATE = "3/min"
     settings.THROTTLE_ANON_RATE = "2/min"
-    cache.clear()
+    _buckets_clear()
     yield settings
-    cache.clear()
+    _buckets_clear()
 
 
-def _cache_keys(fragment: str) -> list[str]:
+def _bucket_keys(fragment: str) -> list[str]:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT cache_key FROM core_cache WHERE cache_key LIKE %s", [f"%{fragment}%"])
+        cursor.execute("SELECT key FROM core_throttle_buckets WHERE key LIKE %s", [f"%{fragment}%"])
         return [row[0] for row in cursor.fetchall()]
 
 
@@ -47,8 +53,8 @@ def test_a_users_limit_is_shared_by_all_their_clients_and_answers_429_with_retry
     assert not Note.objects.filter(owner=user).exists()
     # Another user has their own budget.
     assert client_for(other_user).get("/api/notes/").status_code == 200
-    # The counter is a row of the PostgreSQL cache table, not a process's memory.
-    assert len(_cache_keys(f"throttle_user_{user.pk}")) == 1
+    # The counter is a row in PostgreSQL, not a process's memory.
+    assert _bucket_keys(f"throttle_user_{user.pk}") == [f"throttle_user_{user.pk}"]
 
 
 def _guess(client, **headers):
@@ -102,7 +108,7 @@ def test_another_web_process_spends_the_same_budget(settings):
     process may make one more: the count lives in PostgreSQL."""
     user = make_user("pat")
     token = client_for(user)._credentials["HTTP_AUTHORIZATION"]
-    cache.clear()
+    _buckets_clear()
     script = (
         "import django; django.setup()\n"
         "from django.test import Client\n"
@@ -125,7 +131,7 @@ def test_another_web_process_spends_the_same_budget(settings):
     api = client_for(user)
     assert api.get("/api/notes/").status_code == 200
     assert api.get("/api/notes/").status_code == 429
-    cache.clear()
+    _buckets_clear()
 
 
 def test_a_malformed_rate_stops_the_start_with_the_variables_name():
@@ -135,3 +141,38 @@ def test_a_malformed_rate_stops_the_start_with_the_variables_name():
     )
     assert result.returncode == 2
     assert "THROTTLE_USER_RATE" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.django_db
+def test_a_request_is_counted_in_one_statement_on_a_row_of_constant_size(rates, user):
+    # DRF's own throttle read and rewrote the client's whole history (a pickled list of up to N
+    # times in the cache table): two statements, and kilobytes a request at 600/min.
+    rates.THROTTLE_USER_RATE = "600/min"
+    api = client_for(user)
+    sizes = []
+    for _ in range(50):
+        with CaptureQueriesContext(connection) as queries:
+            assert api.get("/api/notes/").status_code == 200
+        counting = [q["sql"] for q in queries.captured_queries if "core_throttle_buckets" in q["sql"]]
+        assert len(counting) == 1
+        assert not [q for q in queries.captured_queries if "core_cache" in q["sql"]]
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_column_size(b.*) FROM core_throttle_buckets AS b WHERE key = %s",
+                [f"throttle_user_{user.pk}"],
+            )
+            sizes.append(cursor.fetchone()[0])
+    assert len(set(sizes)) == 1
+
+
+@pytest.mark.django_db
+def test_a_burst_of_the_rate_then_one_request_per_share_of_the_period(rates, user):
+    # "2/s": a bucket of two requests, refilled at one every half second.
+    rates.THROTTLE_USER_RATE = "2/s"
+    api = client_for(user)
+    assert [api.get("/api/notes/").status_code for _ in range(2)] == [200, 200]
+    throttled = api.get("/api/notes/")
+    assert throttled.status_code == 429 and throttled["Retry-After"] == "1"
+    time.sleep(0.6)
+    assert api.get("/api/notes/").status_code == 200
+    assert api.get("/api/notes/").status_code == 429
