@@ -447,6 +447,13 @@ JOBS_FAIR_CLAIMS = env.bool("JOBS_FAIR_CLAIMS", default=True)
 # How many defers, anywhere, move the fair clock by a round (jobs/tasking/fairness.py): the
 # bound on a backlog's wait for its next turn while new owners alone keep every worker busy.
 JOBS_FAIR_DEFERS_PER_ROUND = env.int("JOBS_FAIR_DEFERS_PER_ROUND", default=1_000_000)
+# How long a worker's batch of completions waits for more jobs' ends before it is written
+# (jobs/engine/manager.py): jobs ending a few milliseconds apart (e-mails, say) then share one
+# statement instead of one each. Never for an end that frees a lock or a concurrency slot, nor
+# when something waits for the write (a stop); a crash re-runs at most this much more. 0: off.
+JOBS_COMPLETION_WINDOW_MS = env.float("JOBS_COMPLETION_WINDOW_MS", default=2.0)
+if not 0 <= JOBS_COMPLETION_WINDOW_MS <= 1000:
+    raise ImproperlyConfigured("JOBS_COMPLETION_WINDOW_MS must be between 0 and 1000")
 # Extra task modules beyond each app's tasks.py (the benchmark's no-op task: bench.tasks).
 PROCRASTINATE_IMPORT_PATHS = env.list("PROCRASTINATE_IMPORT_PATHS", default=[])
 # Installs the job layer into the worker: paused queues, rate limits, time limits, results.

@@ -10,7 +10,8 @@
   slot (`jobs_concurrency_slots`, migration 0012): over its limit it stays `todo`, untouched,
   and the end that frees a slot wakes this worker (and NOTIFYs the queue where the key waits).
 - Completions: a finished job is written with the next batch (one UPDATE for every job that
-  finished while the previous batch was being written), not one statement per job. A batch
+  finished while the previous batch was being written, or within JOBS_COMPLETION_WINDOW_MS of
+  the first end waiting), not one statement per job. A batch
   only ends jobs the writing worker still holds (`doing` under its id): a worker declared dead
   and rescued whose old run ends later drops that end (logged), the new run's stays. When an
   ended job had a `lock`, its successor must not wait for a poll: the worker is woken once the
@@ -40,6 +41,7 @@ re-queue jobs whose claim committed but whose answer was lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 from collections.abc import Callable, Iterable
@@ -260,6 +262,7 @@ class BatchingJobManager(JobManager):
         self._lock_listeners: list[Callable[[], None]] = []
         self._adopted: dict[int, int] = {}  # job id -> the worker id that took it back
         self._keyed: dict[int, str] = {}  # running jobs claimed here that hold a concurrency slot: their key
+        self._write_now = asyncio.Event()  # someone waits for the write: the window closes at once
         # Whether the last claim took every job it could (it found fewer than it asked for), so
         # that a claim made now would find none that was there then (see `fetch_jobs`).
         self.last_claim_drained = False
@@ -327,6 +330,7 @@ class BatchingJobManager(JobManager):
 
     async def wait_written(self) -> None:
         """Until the ends buffered now are written (or the writer gives up on them)."""
+        self._write_now.set()
         if self._finished and (self._writer is None or self._writer.done()):
             self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
         if self._writer is not None and not self._writer.done():
@@ -340,6 +344,7 @@ class BatchingJobManager(JobManager):
         """Write every completion still waiting for its batch (a graceful stop calls it). Gives up
         after `timeout` seconds of a database that does not answer: those jobs stay `doing`,
         and the stalled-job rescue runs them again once this worker is gone."""
+        self._write_now.set()
         if self._finished and (self._writer is None or self._writer.done()):
             self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
         if self._writer is None or self._writer.done():
@@ -371,6 +376,7 @@ class BatchingJobManager(JobManager):
         # Completions arriving while one batch is written form the next one.
         failures = 0
         while self._finished:
+            await self._gather_ends()
             batch, self._finished = self._finished, []
             self._writing = batch
             try:
@@ -401,6 +407,16 @@ class BatchingJobManager(JobManager):
                 logger.warning("Wrote finished jobs after %d failed attempt(s)", failures)
                 failures = 0
             self._after_batch(batch, rows)
+        self._write_now.clear()  # everything asked for is written
+
+    async def _gather_ends(self) -> None:
+        """Let the ends of jobs finishing in the next JOBS_COMPLETION_WINDOW_MS join the batch:
+        not when one frees a lock or a slot (its successor waits for this write), nor when
+        someone waits for the write (`wait_written`, `flush_finished`)."""
+        window = settings.JOBS_COMPLETION_WINDOW_MS / 1000
+        if window and not self._write_now.is_set() and not any(end.frees for end in self._finished):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._write_now.wait(), window)
 
     def _after_batch(self, batch: list[_End], rows: list[dict]) -> None:
         ended = {row["id"] for row in rows}
