@@ -83,6 +83,7 @@ def test_the_purge_is_registered_with_the_periodic_purge():
     assert expired_rows_purge() == {
         "idempotency_keys": 0,
         "cache": 0,
+        "throttle_buckets": 0,
         "quota_counters": 0,
         "notifications.notifications": 0,
         "notifications.delivery_logs": 0,
