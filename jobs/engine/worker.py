@@ -200,7 +200,9 @@ class BatchingWorker(Worker):
         `sync_to_async` (which also copies the context back), and the end written from a task
         of its own behind a shield. Here a log line is only formatted when it is logged, a sync
         task runs in the loop's executor in a copy of the context, and an end that needs no
-        round trip (the batch of completions takes it) is handed over directly."""
+        round trip (the batch of completions takes it) is handed over directly. (A sync task
+        that calls asgiref's `async_to_sync` runs that coroutine in a loop of its own thread,
+        not on the worker's loop: nothing of ours does.)"""
         job = context.job
         task = self.app.tasks.get(job.task_name)
         job_retry = None
