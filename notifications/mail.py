@@ -66,8 +66,12 @@ class SendResult:
 # acknowledged but not yet flushed (synchronous_commit = off) is lost in a crash, and its re-run
 # would send the e-mail a second time.
 _DURABLE = "SET LOCAL synchronous_commit = on"
+# The commit point's UPDATE sets it itself (set_config(..., true) is SET LOCAL): one round trip
+# less on every e-mail.
 _MARK_SENT = """
+WITH durable AS (SELECT set_config('synchronous_commit', 'on', true))
 UPDATE notification_jobs SET status = 'sent', processed_at = now(), error = ''
+  FROM durable
  WHERE id = %s AND provider_message_id = %s AND status = 'processing'
 """
 _RECORD_SENT = """
@@ -203,7 +207,6 @@ class ExactlyOnceEmail:
         connection.set_autocommit(False)
         try:
             with connection.cursor() as cursor:
-                cursor.execute(_DURABLE)
                 cursor.execute(_MARK_SENT, [self.notification_id, self.message_id])
                 if cursor.rowcount != 1:
                     raise SendAborted

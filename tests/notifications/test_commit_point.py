@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from notifications import services
 from notifications.models import NotificationJob
@@ -55,7 +56,10 @@ def test_the_commit_point_commits_synchronously_when_the_database_default_is_off
         with connection.cursor() as cursor:
             cursor.execute("SHOW synchronous_commit")
             assert cursor.fetchone()[0] == "off"
-        assert services.notification_deliver(notification_id=notification.id, attempt=1) == "sent"
+        with CaptureQueriesContext(connection) as queries:
+            assert services.notification_deliver(notification_id=notification.id, attempt=1) == "sent"
+        # The UPDATE sets it itself: no statement (and round trip) of its own before it.
+        assert not [q["sql"] for q in queries.captured_queries if q["sql"].lstrip().upper().startswith("SET ")]
         with connection.cursor() as cursor:
             cursor.execute("SELECT synchronous_commit FROM commit_point_settings")
             assert cursor.fetchall() == [("on",)]
