@@ -41,7 +41,6 @@ re-queue jobs whose claim committed but whose answer was lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 from collections.abc import Callable, Iterable
@@ -262,7 +261,9 @@ class BatchingJobManager(JobManager):
         self._lock_listeners: list[Callable[[], None]] = []
         self._adopted: dict[int, int] = {}  # job id -> the worker id that took it back
         self._keyed: dict[int, str] = {}  # running jobs claimed here that hold a concurrency slot: their key
-        self._write_now = asyncio.Event()  # someone waits for the write: the window closes at once
+        # Someone waits for the write (a stop, a lock's successor): the completion window closes.
+        self._write_now = False
+        self._window: asyncio.Future | None = None  # the batch's wait for more ends, while it waits
         # Whether the last claim took every job it could (it found fewer than it asked for), so
         # that a claim made now would find none that was there then (see `fetch_jobs`).
         self.last_claim_drained = False
@@ -330,11 +331,12 @@ class BatchingJobManager(JobManager):
 
     async def wait_written(self) -> None:
         """Until the ends buffered now are written (or the writer gives up on them)."""
-        self._write_now.set()
+        self._close_window()
         if self._finished and (self._writer is None or self._writer.done()):
             self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
         if self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
+        self._window_may_open()
 
     def pending_completion_ids(self) -> list[int]:
         """Jobs that ended in this process but are still `doing` in the database until written."""
@@ -344,10 +346,11 @@ class BatchingJobManager(JobManager):
         """Write every completion still waiting for its batch (a graceful stop calls it). Gives up
         after `timeout` seconds of a database that does not answer: those jobs stay `doing`,
         and the stalled-job rescue runs them again once this worker is gone."""
-        self._write_now.set()
+        self._close_window()
         if self._finished and (self._writer is None or self._writer.done()):
             self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
         if self._writer is None or self._writer.done():
+            self._window_may_open()
             return
         try:
             await asyncio.wait_for(asyncio.shield(self._writer), timeout)
@@ -358,6 +361,8 @@ class BatchingJobManager(JobManager):
                 len(self.pending_completion_ids()),
                 timeout,
             )
+        finally:
+            self._window_may_open()
 
     async def register_worker(self) -> int:
         """Procrastinate's registration, then this host's name on the row (migration 0014)."""
@@ -407,16 +412,29 @@ class BatchingJobManager(JobManager):
                 logger.warning("Wrote finished jobs after %d failed attempt(s)", failures)
                 failures = 0
             self._after_batch(batch, rows)
-        self._write_now.clear()  # everything asked for is written
+        self._write_now = False  # everything asked for is written
 
     async def _gather_ends(self) -> None:
         """Let the ends of jobs finishing in the next JOBS_COMPLETION_WINDOW_MS join the batch:
         not when one frees a lock or a slot (its successor waits for this write), nor when
         someone waits for the write (`wait_written`, `flush_finished`)."""
         window = settings.JOBS_COMPLETION_WINDOW_MS / 1000
-        if window and not self._write_now.is_set() and not any(end.frees for end in self._finished):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._write_now.wait(), window)
+        if window and not self._write_now and not any(end.frees for end in self._finished):
+            self._window = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait([self._window], timeout=window)
+            finally:
+                self._window = None
+
+    def _close_window(self) -> None:
+        self._write_now = True
+        if self._window is not None and not self._window.done():
+            self._window.set_result(None)
+
+    def _window_may_open(self) -> None:
+        """After a wait for the write: the next batch waits for more ends again."""
+        if self._writer is None or self._writer.done():
+            self._write_now = False
 
     def _after_batch(self, batch: list[_End], rows: list[dict]) -> None:
         ended = {row["id"] for row in rows}

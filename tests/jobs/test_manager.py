@@ -93,6 +93,7 @@ def _end_three_jobs_a_millisecond_apart(*, lock: str | None = None) -> tuple[lis
                     return await execute(query=query, **arguments)
 
                 manager.connector.execute_query_all_async = counting
+                await manager.flush_finished()  # a flush with nothing to write leaves no trace
                 for job in jobs:
                     manager.finish_job_later(job, Status.SUCCEEDED, worker_id=worker_id, delete_job=False)
                     await asyncio.sleep(0.001)
@@ -106,9 +107,10 @@ def test_ends_a_millisecond_apart_share_one_statement(settings):
     # JOBS_COMPLETION_WINDOW_MS: the batch waits that long for more ends. Without it each end
     # that arrives while no batch is being written starts one (here: three statements).
     settings.JOBS_COMPLETION_WINDOW_MS = 500.0  # far longer than the 2 ms the ends take, on a busy machine too
-    ids, writes = _end_three_jobs_a_millisecond_apart()
-    assert [job_status(job_id) for job_id in ids] == ["succeeded"] * 3
-    assert writes == 1
+    for _ in range(2):  # the app's one manager, in one event loop and then another
+        ids, writes = _end_three_jobs_a_millisecond_apart()
+        assert [job_status(job_id) for job_id in ids] == ["succeeded"] * 3
+        assert writes == 1
 
 
 def test_an_end_that_frees_a_lock_is_written_without_waiting_for_the_window(settings):
