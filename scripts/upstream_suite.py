@@ -156,6 +156,8 @@ def main(argv: list[str]) -> int:
     plugins = []
     if not options.stock:
         env["SECONDBRAIN_ENGINE_REPO"] = str(Path(options.engine).resolve())
+        # Upstream's Django settings with the engine's own added (tests/upstream/).
+        env["DJANGO_SETTINGS_MODULE"] = "secondbrain_upstream_settings"
         plugins = ["-p", "schema_plugin"]
     deselect = [] if options.all else [f"--deselect={test}" for test in NOT_FOR_THE_RELEASE]
     paths = [] if any(arg.startswith("tests") for arg in pytest_args) else ["tests/integration", "tests/acceptance"]

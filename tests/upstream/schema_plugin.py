@@ -19,6 +19,7 @@ settings.configure(
     INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "procrastinate.contrib.django", "jobs"],
     USE_TZ=True,
     PROCRASTINATE_AUTODISCOVER_MODULE_NAME="no_tasks_module",  # jobs/tasks.py needs our settings
+    BASE_DIR=sys.argv[2],  # the boundary check at start-up (jobs/apps.py) looks for our subclasses there
 )
 django.setup()
 from django.core.management import call_command
@@ -44,7 +45,7 @@ def _migrate_engine_schema(dbname: str) -> None:
     repo = os.environ["SECONDBRAIN_ENGINE_REPO"]
     env = {**os.environ, "PYTHONPATH": repo}  # plain Django here: its `jobs` app from the repo
     env.pop("SECONDBRAIN_ENGINE_REPO")
-    subprocess.run([sys.executable, "-c", "import sys\n" + MIGRATE, dbname], env=env, check=True)
+    subprocess.run([sys.executable, "-c", "import sys\n" + MIGRATE, dbname, repo], env=env, check=True)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -25,6 +25,38 @@ def _load_package(repo: Path, name: str) -> None:
     spec.loader.exec_module(module)
 
 
+# Prefixes of our settings that the engine reads (jobs/engine/, jobs/tasking/, core/tracing.py,
+# config/database.py); the rest of config/settings.py stays out of upstream's suite.
+_ENGINE_SETTING_PREFIXES = ("JOBS_", "WORKER_", "TRACING_", "DATABASE_")
+
+
+def engine_settings() -> dict:
+    """Our settings with those prefixes, as config/settings.py sets them with no environment of
+    its own (read from a copy of it, run with a throw-away database URL and secret)."""
+    repo = Path(os.environ["SECONDBRAIN_ENGINE_REPO"])
+    for name in ("config", "core", "jobs"):
+        _load_package(repo, name)
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update({name: value for name, value in saved.items() if not name.startswith(_ENGINE_SETTING_PREFIXES)})
+    os.environ.update(
+        {
+            "DATABASE_URL": "postgres://upstream@127.0.0.1/upstream",
+            "DEBUG": "true",
+            "SECRET_KEY": "upstream-" + "x" * 40,
+        }
+    )
+    try:
+        spec = importlib.util.spec_from_file_location("secondbrain_settings", repo / "config" / "settings.py")
+        assert spec is not None and spec.loader is not None
+        ours = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ours)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return {name: value for name, value in vars(ours).items() if name.startswith(_ENGINE_SETTING_PREFIXES)}
+
+
 def install() -> None:
     repo = Path(os.environ["SECONDBRAIN_ENGINE_REPO"])
     for name in ("config", "core", "jobs"):  # the engine imports config.database and core.tracing
