@@ -181,14 +181,16 @@ class BatchingWorker(Worker):
                     break  # the queue is empty for now: wait for a NOTIFY or the next poll
                 # wait=False stops once the queue is empty, but a running job may hold a lock,
                 # defer a job or be the parent of one: claim again when one of them ends. A job
-                # that ended while this claim was in flight counts too: the claim may have run
-                # before its end was written (the top of the loop writes it).
+                # that ended while this claim was in flight counts too, and so does an end still
+                # waiting to be written: the claim may have run before it was (the top of the
+                # loop writes it). An end can be handed over while the top's write of the ends
+                # before it finishes, and be counted before the claim.
                 if self._running_jobs:
                     await utils.wait_any(
                         asyncio.wait(list(self._running_jobs), return_when=asyncio.FIRST_COMPLETED),
                         self._stop_event.wait(),
                     )
-                elif self._jobs_ended == ended_before_claim:
+                elif self._jobs_ended == ended_before_claim and not manager.pending_completion_ids():
                     break
 
     async def _process_job(self, context: job_context.JobContext) -> None:
