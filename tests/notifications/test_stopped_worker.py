@@ -78,6 +78,9 @@ def test_a_stopped_worker_holding_the_row_lock_is_replaced_and_the_email_goes_on
             timeout=60,
             what="another worker to deliver the notification",
         )
+        # The row says sent once the commit point's COMMIT is in, just before the final dot
+        # leaves: the sink may take a moment more to have the message.
+        wait_for(lambda: smtp.notification_ids(), timeout=10, what="the e-mail at the sink")
         assert smtp.notification_ids() == [str(notification.id)]
         # Resumed, the stopped worker finds its session ended and writes no final dot.
         stopped.send_signal(signal.SIGCONT)
