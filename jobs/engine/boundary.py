@@ -141,8 +141,7 @@ NAMES: tuple[Name, ...] = (
         "async method",
         "overrides",
         "(self, job, status, retry_decision, context, job_result)",
-        called_in="procrastinate.worker",
-    ),
+    ),  # called by our own _process_job, for retries
     _worker("_log_extra", "method", "overrides", "(self, action, context, job_result, **kwargs)"),
     _worker(
         "_resolve_task_middlewares",

@@ -433,12 +433,10 @@ class BatchingWorker(Worker):
         return side_tasks
 
     async def _persist_job_status(self, **kwargs: Any) -> None:
-        """Write a job's end or its retry, waiting for a lost database (up to PERSIST_RETRY_SECONDS,
-        or until the worker stops); a job whose end is never written runs again. An end goes to
-        the next batch of completions, written only if this worker still holds the job then."""
-        if kwargs["retry_decision"] is None:
-            self._finish_later(kwargs["job"], kwargs["status"])
-            return
+        """Write a job's retry (Procrastinate's), waiting for a lost database (up to
+        PERSIST_RETRY_SECONDS, or until the worker stops); a job whose retry is never written runs
+        again. `_process_job` calls it for retries only: an end goes to the next batch of
+        completions (`_finish_later`)."""
         backoff = _Backoff()
         deadline = time.monotonic() + PERSIST_RETRY_SECONDS
         while True:
