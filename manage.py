@@ -11,9 +11,10 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     from django.core.management import execute_from_command_line
 
-    from config.startup import fail_fast_if_database_unreachable
+    from config.startup import fail_fast_if_database_unreachable, use_worker_event_loop
 
     fail_fast_if_database_unreachable(sys.argv)
+    use_worker_event_loop(sys.argv)
     execute_from_command_line(sys.argv)
 
 

@@ -65,7 +65,7 @@ def feature_costs(bench: Bench, *, quick: bool = False) -> list[Figure]:
     for name, (task_name, queue, env) in _variants(total).items():
         bench.reset_jobs()
         queue()
-        runs[name] = figures._drain(
+        runs[name] = figures.drain(
             bench, task_name, total, lambda env=env: bench.project_worker(env=env), timeout=180, stock=False
         )
         bench.stop_children()

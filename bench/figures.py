@@ -132,8 +132,14 @@ def _poll_none_left(conn, task_name: str, timeout: float, interval: float) -> bo
     return False
 
 
-def _drain(
-    bench: Bench, task_name: str, total: int, start_worker, timeout: float, stock: bool, processes: int = 1
+def drain(
+    bench: Bench,
+    task_name: str,
+    total: int,
+    start_worker,
+    timeout: float = 180,
+    stock: bool = False,
+    processes: int = 1,
 ) -> dict:
     """Start `processes` workers on `total` queued jobs and time them as the peers are timed: on
     the client's clock from the moment the last of them is ready (its row in
@@ -202,13 +208,13 @@ def processing(bench: Bench, *, quick: bool = False) -> list[Figure]:
     with stock_app.open():
         for start in range(0, total, 1000):
             stock_noop.batch_defer(*({"i": i} for i in range(start, min(total, start + 1000))))
-    stock = _drain(
+    stock = drain(
         bench, "bench.stock_noop", total, lambda: bench.stock_worker("--concurrency", "10"), timeout=180, stock=True
     )
     bench.stop_children()
 
-    _queue_noops(bench, total)
-    ours = _drain(bench, "bench.noop", total, lambda: bench.project_worker(), timeout=180, stock=False)
+    queue_noop_jobs(bench, total)
+    ours = drain(bench, "bench.noop", total, lambda: bench.project_worker(), timeout=180, stock=False)
     bench.stop_children()
     rate = ours["client_rate"]
     both, stock_both = _sum(ours["worker_us"], ours["postgres_us"]), _sum(stock["worker_us"], stock["postgres_us"])
@@ -264,7 +270,7 @@ def processing(bench: Bench, *, quick: bool = False) -> list[Figure]:
     ]
 
 
-def _queue_noops(bench: Bench, total: int) -> None:
+def queue_noop_jobs(bench: Bench, total: int) -> None:
     from bench.tasks import noop
 
     bench.reset_jobs()
@@ -294,8 +300,8 @@ def workers(bench: Bench, *, quick: bool = False) -> list[Figure]:
     total = 2000 if quick else 20000
     runs = {}
     for processes in WORKER_COUNTS:
-        _queue_noops(bench, total)
-        runs[processes] = _drain(
+        queue_noop_jobs(bench, total)
+        runs[processes] = drain(
             bench, "bench.noop", total, lambda: bench.project_worker(), timeout=180, stock=False, processes=processes
         )
         bench.stop_children()

@@ -48,6 +48,33 @@ def _fresh_database(server_url: str, name: str) -> str:
     return urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
 
 
+def prepare_bench() -> tuple[Bench, bool]:
+    """Fresh bench databases (ours migrated, stock Procrastinate's schema on the other), Django
+    set up in this process; True when it started the embedded PostgreSQL (stop it after)."""
+    server_url, started = (os.environ["DATABASE_URL"], False) if os.environ.get("DATABASE_URL") else devdb.start()
+    bench = Bench(
+        _fresh_database(server_url, "secondbrain_bench"), _fresh_database(server_url, "secondbrain_bench_stock")
+    )
+    os.environ.update(bench.env)
+    # The reference runs on a database of its own with stock Procrastinate's schema and nothing
+    # of ours (no triggers, no functions), on the same server.
+    subprocess.run(
+        [sys.executable, "-m", "procrastinate", "--app=bench.stock_app.app", "schema", "--apply"],
+        check=True,
+        cwd=BASE_DIR,
+        env=bench.env,
+        capture_output=True,
+    )
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    return bench, started
+
+
 def _table(rows: list[Figure]) -> str:
     header = ("figure", "value", "unit", "reference", "ratio", "target", "met")
     body = []
@@ -81,27 +108,7 @@ def main(argv: list[str]) -> int:
     }
     budget = TIME_BUDGET_SECONDS + sum(ON_REQUEST[g][1] for g in groups if g in ON_REQUEST)
 
-    server_url, started = (os.environ["DATABASE_URL"], False) if os.environ.get("DATABASE_URL") else devdb.start()
-    bench = Bench(
-        _fresh_database(server_url, "secondbrain_bench"), _fresh_database(server_url, "secondbrain_bench_stock")
-    )
-    os.environ.update(bench.env)
-    # The reference runs on a database of its own with stock Procrastinate's schema and nothing
-    # of ours (no triggers, no functions), on the same server.
-    subprocess.run(
-        [sys.executable, "-m", "procrastinate", "--app=bench.stock_app.app", "schema", "--apply"],
-        check=True,
-        cwd=BASE_DIR,
-        env=bench.env,
-        capture_output=True,
-    )
-    import django
-
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
+    bench, started = prepare_bench()
 
     def _budget_exceeded(signum, frame):
         raise TimeoutError(f"the benchmark ran past its {budget} s budget")

@@ -454,6 +454,18 @@ JOBS_FAIR_DEFERS_PER_ROUND = env.int("JOBS_FAIR_DEFERS_PER_ROUND", default=1_000
 JOBS_COMPLETION_WINDOW_MS = env.float("JOBS_COMPLETION_WINDOW_MS", default=2.0)
 if not 0 <= JOBS_COMPLETION_WINDOW_MS <= 1000:
     raise ImproperlyConfigured("JOBS_COMPLETION_WINDOW_MS must be between 0 and 1000")
+# The event loop of `manage.py procrastinate ...` (the worker): uvloop, or Python's own
+# ("asyncio", for its debug mode). uvloop takes about a quarter off the worker's CPU per job.
+JOBS_EVENT_LOOP = env.str("JOBS_EVENT_LOOP", default="uvloop")
+if JOBS_EVENT_LOOP not in ("uvloop", "asyncio"):
+    raise ImproperlyConfigured('JOBS_EVENT_LOOP must be "uvloop" or "asyncio"')
+# While a worker's jobs take at most this long (a moving average of their run times), it claims
+# its next jobs while every slot is still busy (jobs/engine/worker.py): the claim's round trip
+# then overlaps the running jobs. A held job waits for the first slot to free; a stop hands the
+# held ones back. 0: a job is only claimed for a free slot.
+JOBS_CLAIM_AHEAD_MS = env.float("JOBS_CLAIM_AHEAD_MS", default=5.0)
+if not 0 <= JOBS_CLAIM_AHEAD_MS <= 1000:
+    raise ImproperlyConfigured("JOBS_CLAIM_AHEAD_MS must be between 0 and 1000")
 # Extra task modules beyond each app's tasks.py (the benchmark's no-op task: bench.tasks).
 PROCRASTINATE_IMPORT_PATHS = env.list("PROCRASTINATE_IMPORT_PATHS", default=[])
 # Installs the job layer into the worker: paused queues, rate limits, time limits, results.

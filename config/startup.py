@@ -1,7 +1,9 @@
-"""Start-up checks that turn a misconfiguration into one clear line instead of a traceback."""
+"""Start-up checks that turn a misconfiguration into one clear line instead of a traceback, and
+the worker's event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import psycopg
@@ -80,3 +82,15 @@ def use_connection_pool() -> None:
     # trying until this timeout: kept short, so a request gets its 503 and Retry-After in
     # seconds rather than hanging for the whole connect timeout (make chaos counts that a hang).
     db["OPTIONS"]["pool"] = {"min_size": 1, "max_size": size, "timeout": settings.DATABASE_POOL_TIMEOUT_SECONDS}
+
+
+def use_worker_event_loop(argv: list[str]) -> None:
+    """`manage.py procrastinate ...` (the worker) runs its loop on settings.JOBS_EVENT_LOOP.
+    Procrastinate's command starts the loop with `asyncio.run`, which takes the policy's loop;
+    the web server picks its own (uvicorn's `loop`), and other commands keep Python's."""
+    from django.conf import settings
+
+    if len(argv) >= 2 and argv[1] == "procrastinate" and settings.JOBS_EVENT_LOOP == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -158,6 +158,7 @@ NAMES: tuple[Name, ...] = (
         "(self, status, context, job_result, job_retry, exc_info=False)",
     ),
     _worker("_periodic_deferrer", "async method", "overrides", "(self)", called_in="procrastinate.worker"),
+    _worker("_shutdown", "async method", "overrides", "(self, side_tasks)", called_in="procrastinate.worker"),
     _worker("_poll_jobs_to_abort", "async method", "calls", "(self)"),
     _worker("_handle_notification", "async method", "calls", "(self, *, channel, notification)"),
     _worker_state("_stop_event", "Event"),

@@ -3,8 +3,13 @@
 Stock Procrastinate fetches one job per query, then waits for that round trip before it can
 fetch the next: with short jobs the worker spends its time waiting on the database. Here a
 fetch takes every free slot at once (`BatchingJobManager.fetch_jobs`), so a worker at
-concurrency 10 makes one claim for up to 10 jobs. It never claims more jobs than it can start
-at once, so a claimed job is never left waiting behind a long one while another worker idles.
+concurrency 10 makes one claim for up to 10 jobs. While its jobs are short (a
+moving average of their run times under JOBS_CLAIM_AHEAD_MS) it also claims its next jobs while
+every slot is still busy, so the claim's round trip overlaps the running jobs instead of
+leaving the worker idle until it answers: those jobs are held `doing` here and start on the
+slots as they free, and a stop hands back the ones that never started. With longer jobs it
+never claims more jobs than it can start at once, so a claimed job is never left waiting
+behind a long one while another worker idles.
 
 It also outlives a database outage (a restart, a failover), where stock Procrastinate stops:
 its fetch loop, heartbeat, NOTIFY listener and periodic deferrer each retry with a short
@@ -26,6 +31,7 @@ import logging
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,6 +54,7 @@ _upstream_logger = logging.getLogger("procrastinate.worker")  # where Worker._lo
 RETRY_FIRST_DELAY = 0.1  # seconds before the first new attempt after a lost database
 RETRY_MAX_DELAY = 1.0  # and never longer than this between attempts
 PERSIST_RETRY_SECONDS = 120.0  # how long a job's retry decision waits for the database
+RUN_TIME_WEIGHT = 0.2  # of the last job in the moving average of run times (claiming ahead)
 
 
 class _Backoff:
@@ -71,6 +78,12 @@ class BatchingWorker(Worker):
         self._jobs_ended = 0  # how many jobs ran to their end in this process (a one-shot run's stop)
         self._register_lock = asyncio.Lock()
         self._task_middlewares: dict[tuple[str, bool], tuple[Any, list]] = {}
+        # Claimed ahead of a free slot (`doing` under this worker, not started): the next ends
+        # start them on their slots; a stop hands back those left (`_hand_back_held`).
+        self._held: deque[procrastinate_jobs.Job] = deque()
+        self._held_emptied = asyncio.Event()  # the last held job started: time to claim ahead
+        self._run_ms: float | None = None  # moving average of the run times of the last jobs
+        self._claim_ahead_off = False  # a claim ahead failed: the next claim is a plain one
 
     async def run(self) -> None:
         # Sync tasks run in the loop's default executor, which Python sizes by CPU count (6
@@ -82,6 +95,7 @@ class BatchingWorker(Worker):
         loop.set_default_executor(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="job"))
         manager = self.app.job_manager
         assert isinstance(manager, BatchingJobManager)
+        self._held.clear()
         # The end of a job with a lock commits after its slot is free, so the claim that followed
         # may have found its successor still blocked: claim again once it has committed.
         unsubscribe = manager.on_lock_released(self._new_job_event.set)
@@ -116,12 +130,21 @@ class BatchingWorker(Worker):
         assert isinstance(manager, BatchingJobManager)
         backoff = _Backoff()
         while not self._stop_event.is_set():
+            if self._may_claim_ahead(manager):
+                if await self._claim_ahead(manager):
+                    continue
+                break  # it took the last waiting jobs: wait for a NOTIFY or the next poll
             acquire = asyncio.create_task(self._job_semaphore.acquire())
-            await utils.wait_any(acquire, self._stop_event.wait())
+            waits = [acquire, self._stop_event.wait()]
+            if self._held:
+                waits.append(self._held_emptied.wait())
+            await utils.wait_any(*waits)
             if not acquire.done() or self._stop_event.is_set():
                 if acquire.done():
                     self._job_semaphore.release()
-                break
+                if self._stop_event.is_set():
+                    break
+                continue  # every held job has started: claim ahead again, or wait for a slot
             await asyncio.sleep(0)  # let jobs finishing right now free their slots too
             if not self.wait:
                 # It stops at the first empty claim: that claim must see the jobs that just ended
@@ -166,6 +189,7 @@ class BatchingWorker(Worker):
                 continue
             backoff.reset()
             self._database_back()
+            self._claim_ahead_off = False
             for job in jobs:
                 self._start(job)
             if self._check_own_jobs and await self._requeue_lost_jobs():
@@ -192,6 +216,80 @@ class BatchingWorker(Worker):
                     )
                 elif self._jobs_ended == ended_before_claim and not manager.pending_completion_ids():
                     break
+
+    def _may_claim_ahead(self, manager: BatchingJobManager) -> bool:
+        """Whether to claim the next jobs now, though no slot is free: every slot is busy,
+        nothing is held yet, and the last jobs were short enough (JOBS_CLAIM_AHEAD_MS) that a
+        held job waits less than a claim's round trip would have left the slots idle. Not for
+        a one-shot worker (it stops on an empty claim), not after a claim found the queue
+        drained (a NOTIFY brings the next jobs), nor while an end that frees a lock or a slot
+        waits to be written (the plain claim after it finds the successor)."""
+        limit_ms = settings.JOBS_CLAIM_AHEAD_MS
+        return (
+            self.wait
+            and limit_ms > 0
+            and self._run_ms is not None
+            and self._run_ms <= limit_ms
+            and not self._held
+            and self._job_semaphore.locked()
+            and not manager.last_claim_drained
+            and not manager.lock_release_pending()
+            and not self._check_own_jobs
+            and not self._claim_ahead_off
+        )
+
+    async def _claim_ahead(self, manager: BatchingJobManager) -> bool:
+        """Claim up to `concurrency` jobs to hold until slots free, and start those whose slot
+        freed while the claim was in flight. False when the claim took the last waiting jobs."""
+        self._new_job_event.clear()  # before the claim: a NOTIFY during it still wakes the worker
+        assert self.worker_id is not None
+        try:
+            jobs = await manager.fetch_jobs(queues=self.queues, worker_id=self.worker_id, limit=self.concurrency)
+        except Exception:
+            # The plain claim, made once a slot is free, meets the same error and deals with it
+            # (an outage's backoff, a worker row to register again).
+            self._claim_ahead_off = True
+            return True
+        self._held.extend(jobs)
+        if self._held:
+            self._held_emptied.clear()
+        while self._held and not self._job_semaphore.locked() and not self._stop_event.is_set():
+            await self._job_semaphore.acquire()  # free: returns at once
+            self._start(self._held.popleft())
+        return bool(jobs) and not manager.last_claim_drained
+
+    async def _shutdown(self, side_tasks: list[asyncio.Task[Any]]) -> None:
+        # Held jobs never start once the worker stops: back to the queue before the running
+        # jobs are waited for, so other workers take them meanwhile.
+        await self._hand_back_held()
+        await super()._shutdown(side_tasks)
+
+    async def _hand_back_held(self) -> None:
+        if not self._held or self.worker_id is None:
+            return
+        manager = self.app.job_manager
+        assert isinstance(manager, BatchingJobManager)
+        held = [job.id for job in self._held]
+        self._held.clear()
+        running = [context.job.id for context in self._running_jobs.values() if context.job.id is not None]
+        try:
+            # Every job `doing` here but neither running nor ending: the held ones (and any a
+            # lost answer left behind).
+            requeued, superseded = await manager.requeue_orphans(
+                self.worker_id, keep=running + manager.pending_completion_ids()
+            )
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            self.logger.warning(
+                "Could not hand back %d job(s) claimed ahead (%s): the stalled-job rescue runs them again",
+                len(held),
+                _reason(exc),
+            )
+            return
+        self.logger.info(
+            "Handed back %d job(s) claimed ahead that had not started: %s", len(requeued) + len(superseded), held
+        )
 
     async def _process_job(self, context: job_context.JobContext) -> None:
         """Run one job and hand its end over (Procrastinate's, without its per-job overhead).
@@ -304,7 +402,14 @@ class BatchingWorker(Worker):
         def on_job_complete(done: asyncio.Task[Any]) -> None:
             del self._running_jobs[done]
             self._jobs_ended += 1
-            self._job_semaphore.release()
+            run_ms = (time.time() - context.start_timestamp) * 1000
+            self._run_ms = run_ms if self._run_ms is None else self._run_ms + RUN_TIME_WEIGHT * (run_ms - self._run_ms)
+            if self._held and not self._stop_event.is_set():
+                self._start(self._held.popleft())  # the slot passes to the next held job
+                if not self._held:
+                    self._held_emptied.set()
+            else:
+                self._job_semaphore.release()
 
         task.add_done_callback(on_job_complete)
 
@@ -324,7 +429,8 @@ class BatchingWorker(Worker):
         manager = self.app.job_manager
         assert isinstance(manager, BatchingJobManager)
         running = [context.job.id for context in self._running_jobs.values() if context.job.id is not None]
-        return running + manager.pending_completion_ids()
+        held = [job.id for job in self._held if job.id is not None]
+        return running + held + manager.pending_completion_ids()
 
     async def _requeue_lost_jobs(self) -> bool:
         """After an outage: jobs `doing` under this worker that it neither runs nor has finished

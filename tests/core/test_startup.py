@@ -89,3 +89,9 @@ def test_the_weekly_digest_runs_on_the_configured_time_zone():
     assert result.returncode == 0, result.stderr
     # 1790000000 is Monday 2026-09-21: the next Friday 02:00 in Paris (summer time) is 00:00 UTC.
     assert result.stdout.split() == ["0", "2", "*", "*", "FRI", "Europe/Paris", "1790294400"]
+
+
+def test_refuses_an_event_loop_it_does_not_know():
+    result = _run("manage.py", "check", DEBUG="true", JOBS_EVENT_LOOP="trio")
+    assert result.returncode == 2, result.stderr
+    assert "JOBS_EVENT_LOOP" in result.stderr

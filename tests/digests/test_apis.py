@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, time, timedelta
 
 import pytest
 from django.utils import timezone
@@ -42,7 +42,10 @@ def test_create_computes_the_next_digest_in_the_recipients_time_zone(api, rita):
 
 
 def test_patch_recomputes_the_next_digest(api, rita):
-    sid = _create(api, rita).json()["id"]
+    # Weekly on the day three days from now (Paris): daily then comes two days sooner, whatever
+    # today is (weekly on Monday failed every Sunday after 08:30, both being tomorrow 08:30).
+    in_three_days = timezone.now().astimezone(__import__("zoneinfo").ZoneInfo("Europe/Paris")) + timedelta(days=3)
+    sid = _create(api, rita, delivery_day=in_three_days.isoweekday()).json()["id"]
     before = RecipientDigestSchedule.objects.get(id=sid).next_digest_scheduled
     response = api.patch(f"/api/digest-schedules/{sid}/", {"frequency": "daily", "delivery_day": None}, format="json")
     assert response.status_code == 200, response.json()

@@ -267,3 +267,9 @@ def limited_flaky(context: JobContext, *, group: str, fail_path: str) -> None:
 @job_task(name="tests.stream_server.later", queue=queues.IMPORTS)
 def later() -> None:
     """Never runs here: its job is scheduled for next year, so its streams stay open."""
+
+
+@job_task(name="tests.event_loop_module", queue=QUEUE_A, result_ttl=60)
+async def event_loop_module() -> dict:
+    """The module of the event loop the worker runs its async jobs on."""
+    return {"loop": type(asyncio.get_running_loop()).__module__}
