@@ -11,7 +11,8 @@
   and the end that frees a slot wakes this worker (and NOTIFYs the queue where the key waits).
 - Completions: a finished job is written with the next batch (one UPDATE for every job that
   finished while the previous batch was being written, or within JOBS_COMPLETION_WINDOW_MS of
-  the first end waiting), not one statement per job. A batch
+  the first end waiting), not one statement per job, with each job's result (the task's
+  returned value, JSON, kept for its `result_ttl`) written in `jobs_job_info`. A batch
   only ends jobs the writing worker still holds (`doing` under its id): a worker declared dead
   and rescued whose old run ends later drops that end (logged), the new run's stays. When an
   ended job had a `lock`, its successor must not wait for a poll: the worker is woken once the
@@ -42,9 +43,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from procrastinate import jobs as procrastinate_jobs
@@ -154,7 +156,8 @@ slot_locks AS (
 finished AS (
     SELECT *
       FROM unnest(%(ids)s::bigint[], %(statuses)s::procrastinate_job_status[], %(worker_ids)s::bigint[],
-                  %(deletes)s::boolean[]) AS f (id, status, worker_id, delete_job)
+                  %(deletes)s::boolean[], %(results)s::jsonb[], %(ttls)s::float8[])
+           AS f (id, status, worker_id, delete_job, result, ttl)
 ),
 -- Each job by its primary key alone: the row test `(status, worker_id) IS NOT DISTINCT FROM`
 -- matches no index and implies no partial index's predicate. Written `status = 'doing' AND
@@ -181,6 +184,16 @@ updated AS (
     RETURNING job.id, job.lock, job.jobs_concurrency_key
 ),
 ended AS (SELECT * FROM deleted UNION ALL SELECT * FROM updated),
+-- The results of the jobs ended here (and kept): in the same statement as the end, so a reader
+-- sees both or neither, and only for a job this worker still held.
+results AS (
+    INSERT INTO jobs_job_info (job_id, result, result_expires_at)
+    SELECT finished.id, finished.result, now() + make_interval(secs => finished.ttl)
+      FROM finished JOIN updated ON updated.id = finished.id
+     WHERE finished.result IS NOT NULL
+    ON CONFLICT (job_id) DO UPDATE SET result = EXCLUDED.result, result_expires_at = EXCLUDED.result_expires_at,
+                                       error = ''
+),
 -- The queues of the jobs that waited for the ended jobs' locks. Looked up from each ended lock
 -- (OFFSET 0 keeps the lookup inside the loop): a join the planner could turn around read every
 -- waiting job on each batch of completions, lock or not, under a queue's stale statistics.
@@ -246,6 +259,8 @@ class _End(NamedTuple):
     lock: str | None
     delete: bool
     concurrency_key: str | None = None  # its end frees one of the key's slots
+    result: Jsonb | None = None  # the task's returned value, kept for `ttl` seconds
+    ttl: float | None = None
 
     @property
     def frees(self) -> bool:
@@ -308,13 +323,25 @@ class BatchingJobManager(JobManager):
         return jobs[0] if jobs else None
 
     def finish_job_later(
-        self, job: procrastinate_jobs.Job, status: procrastinate_jobs.Status, *, worker_id: int, delete_job: bool
+        self,
+        job: procrastinate_jobs.Job,
+        status: procrastinate_jobs.Status,
+        *,
+        worker_id: int,
+        delete_job: bool,
+        result: Any = None,
     ) -> None:
         """A worker's end of a job it ran, written with the next batch if `worker_id` still holds
-        the job then (BatchingWorker calls it; `finish_job` is the direct, unbatched call)."""
+        the job then (BatchingWorker calls it; `finish_job` is the direct, unbatched call), with
+        its result unless that is None."""
         assert job.id is not None
         key = self._keyed.pop(job.id, None)
-        self._finished.append(_End(job.id, status.value, worker_id, job.lock, delete_job, key))
+        stored, ttl = None, None
+        if result is not None:
+            stored = Jsonb(_jsonable(result))
+            ttl = task_options(job.task_name).result_ttl
+            ttl = float(settings.JOBS_RESULT_TTL_SECONDS if ttl is None else ttl)
+        self._finished.append(_End(job.id, status.value, worker_id, job.lock, delete_job, key, stored, ttl))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_finished(), name="write finished jobs")
 
@@ -391,6 +418,8 @@ class BatchingJobManager(JobManager):
                     statuses=[end.status for end in batch],
                     worker_ids=[self._adopted.get(end.job_id, end.worker_id) for end in batch],
                     deletes=[end.delete for end in batch],
+                    results=[end.result for end in batch],
+                    ttls=[end.ttl for end in batch],
                     keys=sorted({end.concurrency_key for end in batch if end.concurrency_key is not None}),
                 )
             except Exception as exc:
@@ -546,6 +575,15 @@ def _superseded(job_id: int, waiting_id: int | None) -> int | None:
             job_id,
         )
     return waiting_id
+
+
+def _jsonable(value: Any) -> Any:
+    """A result as it is stored: itself when JSON can hold it, else its repr."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
 
 
 def _reason(exc: BaseException) -> str:

@@ -7,8 +7,8 @@
    the last attempt a task's `on_time_limit` runs instead, when it has one.
 3. Abort: a sync task cannot be cancelled, so the middleware watches for an abort request
    (an operator's, or the worker's own shutdown after its grace period) and gives up waiting.
-4. The returned value is stored as the job's result (JSON, with a retention time); a failure
-   stores its error message. Both in `jobs_job_info`, next to progress.
+4. A failure stores its error message in `jobs_job_info`, next to progress. (The returned
+   value, the job's result, is written there with the job's end: jobs/engine/manager.py.)
 5. Neither a postponed job (a rate limit, or a snooze: `JobSnooze`, counted against the task's
    `max_snoozes`) nor one aborted by its worker's shutdown spends an attempt, and a
    worker that re-queues a job for later wakes itself when it is due (Procrastinate sends no
@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from datetime import datetime, timedelta
@@ -33,7 +32,6 @@ from django.utils import timezone
 from procrastinate import JobContext
 from procrastinate.exceptions import JobAborted
 from procrastinate.job_context import AbortReason
-from psycopg.types.json import Jsonb
 
 from core.redaction import redact
 from core.tracing import job_span, span_failed, tracer
@@ -47,20 +45,6 @@ logger = logging.getLogger(__name__)
 
 ABORT_POLL_SECONDS = 0.2
 
-# Only while this worker still holds the job: a run that outlived its worker's rescue (the job
-# now runs elsewhere) must not leave its result on the new run (jobs/engine/manager.py drops its end).
-# Not durable, like the job's end written after it (manager.py): a crash that loses the result
-# loses the later end too, and the job runs again. It saves a disk flush per job with a result.
-_STORE_RESULT = """
-WITH commit_mode AS (SELECT set_config('synchronous_commit', 'off', true))
-INSERT INTO jobs_job_info (job_id, result, result_expires_at)
-SELECT %(job_id)s, %(result)s, now() + make_interval(secs => %(ttl)s)
-  FROM commit_mode
- WHERE EXISTS (SELECT 1 FROM procrastinate_jobs
-                WHERE id = %(job_id)s AND status = 'doing' AND worker_id = %(worker_id)s)
-ON CONFLICT (job_id) DO UPDATE SET result = EXCLUDED.result, result_expires_at = EXCLUDED.result_expires_at,
-                                   error = ''
-"""
 _STORE_ERROR = """
 INSERT INTO jobs_job_info (job_id, error) VALUES (%(job_id)s, %(error)s)
 ON CONFLICT (job_id) DO UPDATE SET error = EXCLUDED.error
@@ -182,12 +166,7 @@ async def _job_middleware(call_next, context: JobContext, worker) -> Any:
         await connector.execute_query_async(_STORE_ERROR, job_id=job.id, error=error)
         _wake_at(worker, _retry_at(context, exc))
         raise
-    if result is not None:
-        ttl = options.result_ttl if options.result_ttl is not None else settings.JOBS_RESULT_TTL_SECONDS
-        await connector.execute_query_async(
-            _STORE_RESULT, job_id=job.id, result=Jsonb(_jsonable(result)), ttl=ttl, worker_id=worker.worker_id
-        )
-    elif job.attempts:
+    if result is None and job.attempts:  # a result written with the end clears it too
         await connector.execute_query_async(_CLEAR_ERROR, job_id=job.id)
     return result
 
@@ -213,14 +192,6 @@ def _wake_at(worker, when: datetime | None) -> None:
         return
     delay = max(0.0, (when - timezone.now()).total_seconds()) + 0.05
     asyncio.get_running_loop().call_later(delay, event.set)
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-    return value
 
 
 async def _run(call_next, context: JobContext, options: TaskOptions) -> Any:

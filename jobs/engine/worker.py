@@ -373,7 +373,10 @@ class BatchingWorker(Worker):
                     status=status, context=context, job_result=job_result, job_retry=job_retry, exc_info=exc_info
                 )
             if retry_decision is None:
-                self._finish_later(job, status)  # no await: nothing here can be cancelled half-way
+                # No await: nothing here can be cancelled half-way. The result goes with the end.
+                self._finish_later(
+                    job, status, job_result.result if status == procrastinate_jobs.Status.SUCCEEDED else None
+                )
             else:
                 persist = asyncio.create_task(
                     self._persist_job_status(
@@ -555,7 +558,7 @@ class BatchingWorker(Worker):
                 self._database_lost("recording the end of a job", exc)
             await asyncio.sleep(backoff.next_delay())
 
-    def _finish_later(self, job: procrastinate_jobs.Job, status: procrastinate_jobs.Status) -> None:
+    def _finish_later(self, job: procrastinate_jobs.Job, status: procrastinate_jobs.Status, result: Any = None) -> None:
         manager = self.app.job_manager
         assert isinstance(manager, BatchingJobManager) and job.id is not None and self.worker_id is not None
         delete_job = {
@@ -564,7 +567,7 @@ class BatchingWorker(Worker):
             procrastinate_jobs.DeleteJobCondition.SUCCESSFUL: status == procrastinate_jobs.Status.SUCCEEDED,
         }[self.delete_jobs]
         # Its current id, not the job's: a worker that registered again took its jobs along.
-        manager.finish_job_later(job, status, worker_id=self.worker_id, delete_job=delete_job)
+        manager.finish_job_later(job, status, worker_id=self.worker_id, delete_job=delete_job, result=result)
         self._job_ids_to_abort.pop(job.id, None)
 
 

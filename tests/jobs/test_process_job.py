@@ -51,3 +51,27 @@ def test_with_info_off_a_job_formats_no_log_line_and_a_final_failure_is_still_lo
     assert [job_id for job_id in rendered if job_id in (*ok, failed)] == [failed]  # the line that is logged
     [error] = [r for r in caplog.records if r.levelno == logging.ERROR and "ended with status" in r.getMessage()]
     assert "fail_permanently" in error.getMessage() and error.exc_info is not None
+
+
+def test_a_result_is_written_with_the_jobs_end_not_by_a_statement_of_its_own(monkeypatch):
+    # One round trip per job with a result (an e-mail returns "sent") was a tenth of the worker's
+    # time: the result now goes in the batch of completions that ends the job.
+    from procrastinate.psycopg_connector import PsycopgConnector
+
+    from jobs.models import JobInfo
+
+    statements: list[str] = []
+    for name in ("execute_query_async", "execute_query_one_async", "execute_query_all_async"):
+
+        async def spied(self, query, _upstream=getattr(PsycopgConnector, name), **arguments):
+            statements.append(query)
+            return await _upstream(self, query, **arguments)
+
+        monkeypatch.setattr(PsycopgConnector, name, spied)
+    jobs = [job_defer(tasks.echo, value=n) for n in range(3)]
+
+    _run_worker_until_idle()
+
+    assert [JobInfo.objects.get(job_id=job_id).result for job_id in jobs] == [{"echo": n} for n in range(3)]
+    writes = [query for query in statements if "INSERT INTO jobs_job_info" in query]
+    assert writes and all("finished AS" in query for query in writes), writes
