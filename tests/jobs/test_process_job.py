@@ -61,13 +61,16 @@ def test_a_result_is_written_with_the_jobs_end_not_by_a_statement_of_its_own(mon
     from jobs.models import JobInfo
 
     statements: list[str] = []
-    for name in ("execute_query_async", "execute_query_one_async", "execute_query_all_async"):
 
-        async def spied(self, query, _upstream=getattr(PsycopgConnector, name), **arguments):
+    def spy(upstream):
+        async def spied(self, query, **arguments):
             statements.append(query)
-            return await _upstream(self, query, **arguments)
+            return await upstream(self, query, **arguments)
 
-        monkeypatch.setattr(PsycopgConnector, name, spied)
+        return spied
+
+    for name in ("execute_query_async", "execute_query_one_async", "execute_query_all_async"):
+        monkeypatch.setattr(PsycopgConnector, name, spy(getattr(PsycopgConnector, name)))
     jobs = [job_defer(tasks.echo, value=n) for n in range(3)]
 
     _run_worker_until_idle()
