@@ -321,6 +321,8 @@ def test_a_batch_of_completions_reads_none_of_the_waiting_jobs_when_no_ended_job
             "statuses": ["succeeded"] * len(jobs),
             "worker_ids": [worker_id] * len(jobs),
             "deletes": [False] * len(jobs),
+            "results": [None] * len(jobs),
+            "ttls": [None] * len(jobs),
             "keys": [],
         }
 
@@ -364,6 +366,8 @@ def test_a_batch_of_completions_of_jobs_with_info_rows_reads_only_the_watched_on
                 statuses=["succeeded"] * len(jobs),
                 worker_ids=[worker_id] * len(jobs),
                 deletes=[False] * len(jobs),
+                results=[None] * len(jobs),
+                ttls=[None] * len(jobs),
                 keys=[],
             )
         # A known read of every row, so that the counts below are known to include the batches'.
