@@ -411,6 +411,7 @@ class BatchingJobManager(JobManager):
             await self._gather_ends()
             batch, self._finished = self._finished, []
             self._writing = batch
+            with_results = any(end.result is not None for end in batch)
             try:
                 rows = await self.connector.execute_query_all_async(
                     query=FINISH_JOBS,
@@ -418,8 +419,10 @@ class BatchingJobManager(JobManager):
                     statuses=[end.status for end in batch],
                     worker_ids=[self._adopted.get(end.job_id, end.worker_id) for end in batch],
                     deletes=[end.delete for end in batch],
-                    results=[end.result for end in batch],
-                    ttls=[end.ttl for end in batch],
+                    # NULL when no job of the batch has a result (no-op jobs): unnest pads a NULL
+                    # array with NULLs, and psycopg need not scan a list of None for its type.
+                    results=[end.result for end in batch] if with_results else None,
+                    ttls=[end.ttl for end in batch] if with_results else None,
                     keys=sorted({end.concurrency_key for end in batch if end.concurrency_key is not None}),
                 )
             except Exception as exc:
