@@ -450,3 +450,36 @@ def test_a_claim_the_database_cancels_for_a_deadlock_is_made_again(monkeypatch):
     run_worker(queues=[tasks.QUEUE_A])
     assert job_status(job_id) == "succeeded"
     assert len(calls) >= 2, calls
+
+
+def _any_queue_notifies_when_one_of(claimed: int) -> int:
+    """Claim `claimed` jobs of key group:a (limit N, more waiting), end one through the batch of
+    completions, and count the NOTIFYs to every worker that the end's commit sent."""
+    waiting = [job_defer(tasks.limited_slots, group="a") for _ in range(N + 2)]
+    assert len(waiting) > claimed
+    listener = psycopg.connect(database_url(), autocommit=True)
+    listener.execute("LISTEN procrastinate_any_queue_v1")
+
+    async def end_one(manager):
+        from procrastinate.jobs import Status
+
+        worker_id = await manager.register_worker()
+        jobs = await manager.fetch_jobs(queues=None, worker_id=worker_id, limit=claimed)
+        assert len(jobs) == claimed
+        manager.finish_job_later(jobs[0], Status.SUCCEEDED, worker_id=worker_id, delete_job=False)
+        await manager.wait_written()
+
+    try:
+        asyncio.run(on_worker_pool(end_one))
+        return len(list(listener.notifies(timeout=0.5)))
+    finally:
+        listener.close()
+
+
+def test_an_end_wakes_the_other_workers_only_when_its_key_had_every_slot_taken():
+    # Below the limit no job of the key waits for a slot (a claim takes them while one is free),
+    # so the end looks up nothing and wakes nobody: in the feature costs' run (limit 1,000, ten
+    # keys) those lookups were most of a keyed job's PostgreSQL time.
+    assert _any_queue_notifies_when_one_of(claimed=1) == 0
+    query("TRUNCATE procrastinate_jobs, jobs_concurrency_slots RESTART IDENTITY CASCADE")
+    assert _any_queue_notifies_when_one_of(claimed=N) == 1  # full: its waiting jobs may run now
