@@ -156,7 +156,7 @@ slot_locks AS (
 finished AS (
     SELECT *
       FROM unnest(%(ids)s::bigint[], %(statuses)s::procrastinate_job_status[], %(worker_ids)s::bigint[],
-                  %(deletes)s::boolean[], %(results)s::jsonb[], %(ttls)s::float8[])
+                  %(deletes)s::boolean[], %(results)s::text[], %(ttls)s::float8[])
            AS f (id, status, worker_id, delete_job, result, ttl)
 ),
 -- Each job by its primary key alone: the row test `(status, worker_id) IS NOT DISTINCT FROM`
@@ -188,7 +188,7 @@ ended AS (SELECT * FROM deleted UNION ALL SELECT * FROM updated),
 -- sees both or neither, and only for a job this worker still held.
 results AS (
     INSERT INTO jobs_job_info (job_id, result, result_expires_at)
-    SELECT finished.id, finished.result, now() + make_interval(secs => finished.ttl)
+    SELECT finished.id, finished.result::jsonb, now() + make_interval(secs => finished.ttl)
       FROM finished JOIN updated ON updated.id = finished.id
      WHERE finished.result IS NOT NULL
     ON CONFLICT (job_id) DO UPDATE SET result = EXCLUDED.result, result_expires_at = EXCLUDED.result_expires_at,
@@ -259,7 +259,7 @@ class _End(NamedTuple):
     lock: str | None
     delete: bool
     concurrency_key: str | None = None  # its end frees one of the key's slots
-    result: Jsonb | None = None  # the task's returned value, kept for `ttl` seconds
+    result: str | None = None  # the task's returned value as JSON text, kept for `ttl` seconds
     ttl: float | None = None
 
     @property
@@ -338,7 +338,7 @@ class BatchingJobManager(JobManager):
         key = self._keyed.pop(job.id, None)
         stored, ttl = None, None
         if result is not None:
-            stored = Jsonb(_jsonable(result))
+            stored = _json_text(result)
             ttl = task_options(job.task_name).result_ttl
             ttl = float(settings.JOBS_RESULT_TTL_SECONDS if ttl is None else ttl)
         self._finished.append(_End(job.id, status.value, worker_id, job.lock, delete_job, key, stored, ttl))
@@ -580,13 +580,15 @@ def _superseded(job_id: int, waiting_id: int | None) -> int | None:
     return waiting_id
 
 
-def _jsonable(value: Any) -> Any:
-    """A result as it is stored: itself when JSON can hold it, else its repr."""
+def _json_text(value: Any) -> str:
+    """A result as it is stored: its JSON, or its repr's when JSON cannot hold it (NaN included:
+    PostgreSQL's jsonb refuses it, and one bad value would fail its whole batch of ends). Text,
+    not a driver's JSON wrapper, so that any connector sends it (Procrastinate's own suite runs
+    this manager on aiopg too)."""
     try:
-        json.dumps(value)
+        return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
-        return repr(value)
-    return value
+        return json.dumps(repr(value))
 
 
 def _reason(exc: BaseException) -> str:

@@ -83,7 +83,9 @@ class BatchingWorker(Worker):
         self._held: deque[procrastinate_jobs.Job] = deque()
         self._held_emptied = asyncio.Event()  # the last held job started: time to claim ahead
         self._run_ms: float | None = None  # moving average of the run times of the last jobs
-        self._claim_ahead_off = False  # a claim ahead failed: the next claim is a plain one
+        # The next claim is a plain one, made once a slot frees: a claim ahead failed, or found
+        # the queue drained (a running job's retry, say, is found by that claim, as without one).
+        self._claim_ahead_off = False
 
     async def run(self) -> None:
         # Sync tasks run in the loop's default executor, which Python sizes by CPU count (6
@@ -131,9 +133,8 @@ class BatchingWorker(Worker):
         backoff = _Backoff()
         while not self._stop_event.is_set():
             if self._may_claim_ahead(manager):
-                if await self._claim_ahead(manager):
-                    continue
-                break  # it took the last waiting jobs: wait for a NOTIFY or the next poll
+                await self._claim_ahead(manager)
+                continue
             acquire = asyncio.create_task(self._job_semaphore.acquire())
             waits = [acquire, self._stop_event.wait()]
             if self._held:
@@ -222,8 +223,8 @@ class BatchingWorker(Worker):
         nothing is held yet, and the last jobs were short enough (JOBS_CLAIM_AHEAD_MS) that a
         held job waits less than a claim's round trip would have left the slots idle. Not for
         a one-shot worker (it stops on an empty claim), not after a claim found the queue
-        drained (a NOTIFY brings the next jobs), nor while an end that frees a lock or a slot
-        waits to be written (the plain claim after it finds the successor)."""
+        drained or failed (the plain claim comes next), nor while an end that frees a lock or a
+        slot waits to be written (the plain claim after it finds the successor)."""
         limit_ms = settings.JOBS_CLAIM_AHEAD_MS
         return (
             self.wait
@@ -238,25 +239,27 @@ class BatchingWorker(Worker):
             and not self._claim_ahead_off
         )
 
-    async def _claim_ahead(self, manager: BatchingJobManager) -> bool:
+    async def _claim_ahead(self, manager: BatchingJobManager) -> None:
         """Claim up to `concurrency` jobs to hold until slots free, and start those whose slot
-        freed while the claim was in flight. False when the claim took the last waiting jobs."""
+        freed while the claim was in flight. It never replaces the plain claim: when it took the
+        last waiting jobs (or failed), the next claim is the plain one once a slot frees, as it
+        would have been without it."""
         self._new_job_event.clear()  # before the claim: a NOTIFY during it still wakes the worker
         assert self.worker_id is not None
         try:
             jobs = await manager.fetch_jobs(queues=self.queues, worker_id=self.worker_id, limit=self.concurrency)
         except Exception:
-            # The plain claim, made once a slot is free, meets the same error and deals with it
-            # (an outage's backoff, a worker row to register again).
+            # The plain claim meets the same error and deals with it (an outage's backoff, a
+            # worker row to register again).
             self._claim_ahead_off = True
-            return True
+            return
+        self._claim_ahead_off = not jobs or manager.last_claim_drained
         self._held.extend(jobs)
         if self._held:
             self._held_emptied.clear()
         while self._held and not self._job_semaphore.locked() and not self._stop_event.is_set():
             await self._job_semaphore.acquire()  # free: returns at once
             self._start(self._held.popleft())
-        return bool(jobs) and not manager.last_claim_drained
 
     async def _shutdown(self, side_tasks: list[asyncio.Task[Any]]) -> None:
         # Held jobs never start once the worker stops: back to the queue before the running

@@ -273,3 +273,17 @@ def later() -> None:
 async def event_loop_module() -> dict:
     """The module of the event loop the worker runs its async jobs on."""
     return {"loop": type(asyncio.get_running_loop()).__module__}
+
+
+@job_task(name="tests.returns_nan", queue=QUEUE_A, result_ttl=60)
+def returns_nan() -> dict:
+    """A result Python's json writes but PostgreSQL's jsonb refuses."""
+    return {"ratio": float("nan")}
+
+
+@job_task(name="tests.fails_once", queue=QUEUE_A, pass_context=True, retries=1, retry_base_seconds=0)
+def fails_once(context: JobContext) -> str:
+    """Fails its first attempt (retried at once), succeeds the next."""
+    if context.job.attempts == 0:
+        raise ProviderError("first attempt fails", permanent=False)
+    return "second attempt"

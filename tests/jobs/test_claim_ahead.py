@@ -47,8 +47,9 @@ def _spy_claims(monkeypatch) -> tuple[list[BatchingWorker], list[tuple[int, int,
     return workers, claims
 
 
-def _run_worker(until, *, concurrency: int) -> None:
-    """A listening worker on QUEUE_A until `until(worker)` (a coroutine function) returns."""
+def _run_worker(until, *, concurrency: int, poll: float = 0.5) -> None:
+    """A listening worker on QUEUE_A (polling every `poll` s) until `until(worker)` (a coroutine
+    function) returns."""
 
     async def scenario() -> None:
         with app.replace_connector(app.connector.get_worker_connector()) as worker_app:
@@ -60,7 +61,7 @@ def _run_worker(until, *, concurrency: int) -> None:
                         wait=True,
                         install_signal_handlers=False,
                         listen_notify=True,
-                        fetch_job_polling_interval=0.5,
+                        fetch_job_polling_interval=poll,
                     )
                 )
                 try:
@@ -143,3 +144,22 @@ def test_a_stop_hands_back_the_held_jobs_that_never_started(monkeypatch, setting
     settings.JOBS_CLAIM_AHEAD_MS = 0.0
     _run_worker(lambda worker: _until(lambda: job_status(held) == "succeeded"), concurrency=1)
     assert _processed(held) == 3
+
+
+def test_a_claim_ahead_that_finds_nothing_still_leaves_the_plain_claim_when_a_slot_frees(monkeypatch, settings):
+    # Procrastinate's worker finds a retried job with the claim it makes once the slot frees (a
+    # retry sends no NOTIFY). A claim ahead that came back empty while the job ran must not
+    # make the worker wait for a NOTIFY or its poll instead: without the middleware's own wake-up
+    # (as in Procrastinate's own suite), the retry then waited for the poll.
+    from jobs.engine import middleware
+
+    settings.JOBS_CLAIM_AHEAD_MS = 1000.0
+    monkeypatch.setattr(middleware, "_wake_at", lambda worker, when: None)
+    _, claims = _spy_claims(monkeypatch)
+    short = job_defer(tasks.stamp_a, n=1)  # its end gives the moving average a value
+    flaky = job_defer(tasks.fails_once)
+
+    _run_worker(lambda worker: _until(lambda: job_status(flaky) == "succeeded", timeout=15), concurrency=1, poll=60)
+
+    assert job_status(short) == "succeeded"
+    assert any(running == 1 and not got for _, running, got in claims), claims  # the empty claim ahead

@@ -78,3 +78,18 @@ def test_a_result_is_written_with_the_jobs_end_not_by_a_statement_of_its_own(mon
     assert [JobInfo.objects.get(job_id=job_id).result for job_id in jobs] == [{"echo": n} for n in range(3)]
     writes = [query for query in statements if "INSERT INTO jobs_job_info" in query]
     assert writes and all("finished AS" in query for query in writes), writes
+
+
+def test_a_result_json_cannot_hold_is_stored_as_its_repr_and_its_batch_still_ends():
+    # NaN is valid to Python's json but not to PostgreSQL's jsonb: one such result must not fail
+    # the statement that writes its batch's ends (the jobs would stay `doing` and run again).
+    from jobs.models import JobInfo
+
+    odd = job_defer(tasks.returns_nan)
+    plain = job_defer(tasks.echo, value=1)
+
+    _run_worker_until_idle()
+
+    assert [job_status(odd), job_status(plain)] == ["succeeded", "succeeded"]
+    assert JobInfo.objects.get(job_id=odd).result == repr({"ratio": float("nan")})
+    assert JobInfo.objects.get(job_id=plain).result == {"echo": 1}
