@@ -51,7 +51,10 @@ def _finished(task_name: str, count: int) -> bool:
 def test_a_task_limit_holds_across_two_worker_processes_and_limited_jobs_wait_without_failing():
     """30 jobs of a task limited to 10/s (burst 1), two workers with 4 slots each. Every limited
     job is postponed (JOBS_RATE_LIMIT_INLINE_WAIT_SECONDS=0) rather than waiting in place."""
-    env = {"JOBS_RATE_LIMIT_INLINE_WAIT_SECONDS": "0"}
+    # No claim ahead: a postponement ends a job in a millisecond, so a worker would claim ahead
+    # and could take every job before the other claims one (1 run in 4), and the test needs both
+    # processes taking tokens to show the limit is shared (test_claim_ahead.py has that feature).
+    env = {"JOBS_RATE_LIMIT_INLINE_WAIT_SECONDS": "0", "JOBS_CLAIM_AHEAD_MS": "0"}
     workers = [start_test_worker("--queues", tasks.QUEUE_A, "--concurrency", "4", env=env) for _ in range(2)]
     try:
         wait_for_workers(2)
