@@ -97,7 +97,6 @@ class BatchingWorker(Worker):
         loop.set_default_executor(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="job"))
         manager = self.app.job_manager
         assert isinstance(manager, BatchingJobManager)
-        self._held.clear()
         # The end of a job with a lock commits after its slot is free, so the claim that followed
         # may have found its successor still blocked: claim again once it has committed.
         unsubscribe = manager.on_lock_released(self._new_job_event.set)
@@ -274,13 +273,10 @@ class BatchingWorker(Worker):
         assert isinstance(manager, BatchingJobManager)
         held = [job.id for job in self._held]
         self._held.clear()
-        running = [context.job.id for context in self._running_jobs.values() if context.job.id is not None]
         try:
-            # Every job `doing` here but neither running nor ending: the held ones (and any a
-            # lost answer left behind).
-            requeued, superseded = await manager.requeue_orphans(
-                self.worker_id, keep=running + manager.pending_completion_ids()
-            )
+            # Every job `doing` here that it no longer knows of (running or ending): the held
+            # ones, and any a lost answer left behind.
+            requeued, superseded = await manager.requeue_orphans(self.worker_id, keep=self._known_job_ids())
         except Exception as exc:
             if not is_connection_error(exc):
                 raise
