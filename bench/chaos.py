@@ -183,7 +183,7 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, client: ApiClient, proce
     job_states = dict(
         sql(
             url,
-            "SELECT status::text, count(*) FROM procrastinate_jobs WHERE task_name = 'notifications.deliver'"
+            "SELECT status::text, count(*) FROM procrastinate_jobs WHERE task_name LIKE 'notifications.deliver%%'"
             " GROUP BY status",
         )
     )
@@ -194,7 +194,7 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, client: ApiClient, proce
           FROM (SELECT j.id, count(*) FILTER (WHERE e.type = 'started') AS starts,
                        count(*) FILTER (WHERE e.type = 'deferred_for_retry') AS retries
                   FROM procrastinate_jobs j JOIN procrastinate_events e ON e.job_id = j.id
-                 WHERE j.task_name = 'notifications.deliver' GROUP BY j.id) AS per_job
+                 WHERE j.task_name LIKE 'notifications.deliver%' GROUP BY j.id) AS per_job
         """,
     )
     outcomes = dict(sql(url, "SELECT outcome, count(*) FROM notification_delivery_logs GROUP BY outcome"))

@@ -266,8 +266,8 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, clients: list[ApiClient]
     job_states = dict(
         sql(
             url,
-            "SELECT status::text, count(*) FROM procrastinate_jobs WHERE task_name IN"
-            " ('notifications.deliver', 'notes.enrich') GROUP BY status",
+            "SELECT status::text, count(*) FROM procrastinate_jobs"
+            " WHERE task_name LIKE 'notifications.deliver%%' OR task_name = 'notes.enrich' GROUP BY status",
         )
     )
     note_status = dict(sql(url, "SELECT id, enrichment_status FROM notes WHERE id = ANY(%s)", [notes.log.acknowledged]))
@@ -349,7 +349,7 @@ def _report(run: Run, url: str, sink: CountingSmtpSink, clients: list[ApiClient]
         ("notes acknowledged but missing or not enriched", f"{len(notes_missing) + len(notes_not_done)}", "0"),
         (
             "jobs started more than once (deliveries / enrichments)",
-            f"{reruns['notifications.deliver']:,} / {reruns['notes.enrich']:,}",
+            f"{reruns['notifications.deliver'] + reruns['notifications.deliver_many']:,} / {reruns['notes.enrich']:,}",
             "",
         ),
         (

@@ -255,8 +255,8 @@ class ApiClient(threading.Thread):
 
 # --- What the database looks like, once a second --------------------------------------------
 SAMPLE = """
-SELECT (SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'notifications.deliver' AND status = 'todo'),
-       (SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'notifications.deliver' AND status = 'doing'),
+SELECT (SELECT count(*) FROM procrastinate_jobs WHERE task_name LIKE 'notifications.deliver%' AND status = 'todo'),
+       (SELECT count(*) FROM procrastinate_jobs WHERE task_name LIKE 'notifications.deliver%' AND status = 'doing'),
        (SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing' AND worker_id IS NULL),
        (SELECT count(*) FROM procrastinate_workers),
        (SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat < now() - interval '4 seconds'),
@@ -324,11 +324,12 @@ def unfinished(url: str, ids: list[int] | None = None) -> int | None:
         return None
 
 
-def jobs_waiting(url: str, task_name: str = "notifications.deliver") -> int | None:
+def jobs_waiting(url: str, task_name: str = "notifications.deliver%") -> int | None:
+    """Jobs of the task (a LIKE pattern: by default both e-mail tasks) not ended yet."""
     try:
         return sql(
             url,
-            "SELECT count(*) FROM procrastinate_jobs WHERE task_name = %s AND status IN ('todo', 'doing')",
+            "SELECT count(*) FROM procrastinate_jobs WHERE task_name LIKE %s AND status IN ('todo', 'doing')",
             [task_name],
         )[0][0]
     except psycopg.Error:

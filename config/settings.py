@@ -396,6 +396,9 @@ DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="secondbrain <noreply
 NOTIFICATIONS_RATE_PER_SECOND = env.float("NOTIFICATIONS_RATE_PER_SECOND", default=50.0)
 NOTIFICATIONS_BREAKER_THRESHOLD = env.int("NOTIFICATIONS_BREAKER_THRESHOLD", default=5)
 NOTIFICATIONS_BREAKER_COOLDOWN_SECONDS = env.float("NOTIFICATIONS_BREAKER_COOLDOWN_SECONDS", default=30.0)
+# A bulk send's e-mails of one owner go in jobs of up to this many (notifications.deliver_many):
+# a job costs the queue a claim and an end whatever it sends. 1: one job per e-mail.
+NOTIFICATIONS_BATCH_SIZE = env.int("NOTIFICATIONS_BATCH_SIZE", default=20)
 NOTIFICATIONS_MAX_BULK_RECIPIENTS = env.int("NOTIFICATIONS_MAX_BULK_RECIPIENTS", default=5000)
 NOTIFICATIONS_MAX_BODY_BYTES = env.int("NOTIFICATIONS_MAX_BODY_BYTES", default=100_000)
 # Health warns above this failure rate (over the last 15 minutes) or backlog of due jobs.

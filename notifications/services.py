@@ -225,11 +225,13 @@ def notifications_queue(
     scheduled_for: datetime | None = None,
     staff: bool = False,
 ) -> list[int]:
-    """Queue many e-mails, each its own notification and job, in three statements whatever their
-    number. Call inside the caller's transaction (the rows and their jobs commit together), after
-    counting them against their owners' quotas (email_quota_take). `staff`: sent by a staff
-    member, whose urgent and high e-mails go ahead of every user's (notifications.models)."""
-    from notifications.tasks import notification_deliver  # tasks import services
+    """Queue many e-mails, each its own notification, in at most four statements whatever their
+    number. Each owner's e-mails go in runs of up to NOTIFICATIONS_BATCH_SIZE, one
+    notifications.deliver_many job per run (a notifications.deliver job for a run of one). Call
+    inside the caller's transaction (the rows and their jobs commit together), after counting them
+    against their owners' quotas (email_quota_take). `staff`: sent by a staff member, whose urgent
+    and high e-mails go ahead of every user's (notifications.models)."""
+    from notifications.tasks import notification_deliver, notifications_deliver_many  # tasks import services
 
     notifications = NotificationJob.objects.bulk_create(
         [
@@ -246,20 +248,41 @@ def notifications_queue(
         ]
     )
     ids = [n.id for n in notifications]
-    job_ids = job_defer_bulk(
-        notification_deliver,
-        [{"notification_id": i} for i in ids],
-        owner_id=[email.owner_id for email in emails],
-        priority=job_priority(priority, staff=staff),
-        schedule_at=scheduled_for,
-    )
+    job_of: dict[int, int] = {}
+    singles, runs = _delivery_runs(ids, [email.owner_id for email in emails])
+    for task, group, kwargs in (
+        (notification_deliver, singles, lambda run: {"notification_id": run[0]}),
+        (notifications_deliver_many, runs, lambda run: {"notification_ids": run}),
+    ):
+        if not group:
+            continue
+        job_ids = job_defer_bulk(
+            task,
+            [kwargs(run) for _, run in group],
+            owner_id=[owner_id for owner_id, _ in group],
+            priority=job_priority(priority, staff=staff),
+            schedule_at=scheduled_for,
+        )
+        for (_, run), job_id in zip(group, job_ids, strict=True):
+            job_of |= dict.fromkeys(run, job_id)
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE notification_jobs n SET procrastinate_job_id = v.job_id"
             " FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, job_id) WHERE n.id = v.id",
-            [ids, job_ids],
+            [ids, [job_of[i] for i in ids]],
         )
     return ids
+
+
+def _delivery_runs(ids: list[int], owner_ids: list[int]) -> tuple[list[tuple[int, list[int]]], ...]:
+    """Each owner's notifications in runs of up to NOTIFICATIONS_BATCH_SIZE, in their order (fair
+    claims take turns by owner, so a run never mixes owners): (runs of one, longer runs)."""
+    size = max(1, settings.NOTIFICATIONS_BATCH_SIZE)
+    by_owner: dict[int, list[int]] = {}
+    for notification_id, owner_id in zip(ids, owner_ids, strict=True):
+        by_owner.setdefault(owner_id, []).append(notification_id)
+    runs = [(owner, mine[i : i + size]) for owner, mine in by_owner.items() for i in range(0, len(mine), size)]
+    return [r for r in runs if len(r[1]) == 1], [r for r in runs if len(r[1]) > 1]
 
 
 @transaction.atomic
@@ -272,7 +295,9 @@ def notification_cancel(*, notification: NotificationJob) -> NotificationJob:
             status_code=http.HTTP_409_CONFLICT,
         )
     job_id = notification.procrastinate_job_id
-    if job_id is not None and not app.job_manager.cancel_job_by_id(job_id):
+    # A job delivering many goes on with the others and skips this one: its claim wants the row
+    # pending, and waits for the row lock taken above to see it cancelled.
+    if job_id is not None and not _delivers_many(job_id) and not app.job_manager.cancel_job_by_id(job_id):
         job_status = app.job_manager.get_job_status(job_id)
         if job_status.value == "doing":
             raise ApplicationError(
@@ -284,6 +309,12 @@ def notification_cancel(*, notification: NotificationJob) -> NotificationJob:
     notification.processed_at = timezone.now()
     notification.save(update_fields=["status", "error", "processed_at"])
     return notification
+
+
+def _delivers_many(job_id: int) -> bool:
+    from notifications.tasks import notifications_deliver_many  # tasks import services
+
+    return any(job.task_name == notifications_deliver_many.name for job in app.job_manager.list_jobs(id=job_id))
 
 
 @transaction.atomic
@@ -425,6 +456,28 @@ def _not_claimed(*, notification_id: int, attempt: int) -> str:
         )
         delivery_log_write(notification_id, attempt, DeliveryLog.Outcome.CANCELLED, error=reason)
     return Status.CANCELLED
+
+
+@transaction.atomic
+def notification_hand_over(*, notification_id: int, error: str, attempts: int, retry_at: datetime) -> None:
+    """A notification of a job delivering many failed transiently: its next attempt is a job of
+    its own at `retry_at`, counting its attempts on from `attempts` (so it gets no more than a
+    notification queued alone)."""
+    from notifications.tasks import notification_deliver  # tasks import services
+
+    notification_attempt_failed(notification_id=notification_id, error=error, final=False)
+    notification = NotificationJob.objects.select_related("owner").filter(id=notification_id).first()
+    if notification is None or notification.status != Status.PENDING:
+        return  # erased, or cancelled meanwhile
+    job_id = job_defer(
+        notification_deliver,
+        priority=job_priority(notification.priority, staff=notification.owner.is_staff),
+        schedule_at=retry_at,
+        owner_id=notification.owner_id,
+        attempts=attempts,
+        notification_id=notification.id,
+    )
+    NotificationJob.objects.filter(id=notification.id).update(procrastinate_job_id=job_id)
 
 
 def notification_attempt_failed(*, notification_id: int, error: str, final: bool) -> None:

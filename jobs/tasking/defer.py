@@ -31,12 +31,12 @@ _DEFER = f"""
 WITH job AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args, scheduled_at,
                                     jobs_parents_waiting, jobs_batch_id, owner_id, trace_context, fair_round,
-                                    jobs_concurrency_key, jobs_concurrency_limit)
+                                    jobs_concurrency_key, jobs_concurrency_limit, attempts)
     VALUES (%(queue)s::varchar, %(task)s::varchar, %(priority)s::integer, %(lock)s::text, %(queueing_lock)s::text,
             %(args)s::jsonb, %(scheduled_at)s::timestamptz, %(parents_waiting)s::integer, %(batch_id)s::bigint,
             %(owner_id)s::bigint, %(trace_context)s::jsonb,
             {first_round_sql(queue=_QUEUE, owner="%(owner_id)s::bigint", priority=_PRIORITY)},
-            %(concurrency_key)s::text, %(concurrency_limit)s::integer)
+            %(concurrency_key)s::text, %(concurrency_limit)s::integer, %(attempts)s::integer)
     ON CONFLICT (queueing_lock) WHERE status = 'todo' DO NOTHING
     RETURNING id
 ), info AS (
@@ -100,6 +100,7 @@ def job_defer(
     after: Sequence[int] = (),
     on_parent_failure: str = "cancel",
     batch_id: int | None = None,
+    attempts: int = 0,
     **task_kwargs: Any,
 ) -> int | None:
     """Defer `task` on the current database connection, so inside the caller's transaction.
@@ -119,11 +120,16 @@ def job_defer(
       fails for good or is cancelled cancels it (`on_parent_failure="cancel"`, the default) or
       lets it run anyway (`"run"`); see jobs/tasking/workflows.py.
     - `batch_id`: the open batch the job joins (inside `with job_batch(...)`, that batch).
+    - `attempts`: attempts the work has had already, in another job that handed it over (a
+      job of many items handing one failed item to a job of its own): the task's retry
+      strategy counts on from there, so the item gets no more attempts than it would alone.
 
     A task declared with `concurrency=` gets its key and limit here (registry.py).
     """
     if dedup_key and not (dedup_seconds and dedup_seconds > 0):
         raise ValueError("dedup_key needs a positive dedup_seconds (the deduplication window)")
+    if attempts < 0:
+        raise ValueError("attempts counts attempts already made: 0 or more")
     if callback_url:
         webhook_callback_check(callback_url, owner_id=owner_id)
     options = {"queueing_lock": queueing_lock, "lock": lock, "priority": priority, "schedule_at": schedule_at}
@@ -139,6 +145,7 @@ def job_defer(
         "dedup_seconds": dedup_seconds or 0,
         "callback_url": callback_url or "",
         "with_info": owner_id is not None or bool(dedup_key) or bool(callback_url),
+        "attempts": attempts,
     }
     batch_id = workflows.batch_in_use(batch_id)
     if not dedup_key and not after and batch_id is None:

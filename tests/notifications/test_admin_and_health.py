@@ -131,7 +131,10 @@ def test_bulk_send_costs_the_same_queries_for_ten_or_two_thousand_recipients(dja
     with django_assert_max_num_queries(len(small.captured_queries)):
         assert post(many).status_code == 202
     assert NotificationJob.objects.count() == 2010
-    assert len(jobs("notifications.deliver")) == 2010
+    # In jobs of NOTIFICATIONS_BATCH_SIZE (20): one for the ten, a hundred for the two thousand.
+    runs = [job["args"]["notification_ids"] for job in jobs("notifications.deliver_many")]
+    assert sorted(len(run) for run in runs) == [10] + [20] * 100
+    assert sorted(i for run in runs for i in run) == sorted(NotificationJob.objects.values_list("id", flat=True))
 
 
 def _bulk_recipients(owner, n):

@@ -130,10 +130,10 @@ def test_send_bulk_writes_all_rows_and_jobs_in_one_go(api, user):
     assert response.status_code == 202
     ids = response.json()["notification_ids"]
     assert len(ids) == 5 and response.json()["job_ids"] == ids  # the deprecated alias, same value
-    deferred = {j["args"]["notification_id"]: j["id"] for j in jobs("notifications.deliver")}
-    assert set(deferred) == set(ids)
-    for notification in NotificationJob.objects.filter(id__in=ids):
-        assert notification.procrastinate_job_id == deferred[notification.id]
+    # One job delivers them all (up to NOTIFICATIONS_BATCH_SIZE in one), and each row links it.
+    (job,) = jobs("notifications.deliver_many")
+    assert job["args"]["notification_ids"] == ids and jobs("notifications.deliver") == []
+    assert {n.procrastinate_job_id for n in NotificationJob.objects.filter(id__in=ids)} == {job["id"]}
 
 
 def test_send_bulk_with_one_unknown_recipient_writes_nothing(api, user, other_user):
