@@ -48,34 +48,13 @@ def defers_per_round() -> int:
     return settings.JOBS_FAIR_DEFERS_PER_ROUND
 
 
-# The clock: the job id sequence's last value, read without a lock (never rolled back, so it
-# only moves forward), in rounds.
-_CLOCK = "(SELECT last_value FROM procrastinate_jobs_id_seq) / %(defers_per_round)s"
-
-# The last round waiting in a line: one step down migration 0009's lane index.
-LANE_LAST_RANK = """(
-    SELECT lane.fair_round FROM procrastinate_jobs AS lane
-     WHERE lane.status = 'todo' AND lane.fair_round IS NOT NULL
-       AND lane.queue_name = {queue} AND COALESCE(lane.owner_id, 0) = COALESCE({owner}, 0)
-       AND lane.priority = {priority}
-     ORDER BY lane.fair_round DESC LIMIT 1
-)"""
-
-
-# The queue's head: the lowest round waiting there (one step into migration 0009's head index).
-# Jobs put back for later (a retry, a schedule) are left out: an old round waiting for its time
-# would hold every new line back to it.
-QUEUE_HEAD_RANK = """(
-    SELECT head.fair_round FROM procrastinate_jobs AS head
-     WHERE head.status = 'todo' AND head.fair_round IS NOT NULL AND head.scheduled_at IS NULL
-       AND head.queue_name = {queue}
-     ORDER BY head.fair_round LIMIT 1
-)"""
-
-
+# The round of a line's next job (migration 0018's function, planned without sorts): the
+# greatest of the clock (the job id sequence's last value, read without a lock: never rolled
+# back, so it only moves forward, in rounds), the queue's head (the lowest round waiting there,
+# one step into migration 0009's head index; jobs put back for later, a retry or a schedule, are
+# left out: an old round waiting for its time would hold every new line back to it) and the
+# line's last round waiting plus one (one step down the lane index).
 def first_round_sql(*, queue: str, owner: str, priority: str) -> str:
     """SQL for the round of the next job of a line (its later jobs of one statement take the
     rounds after it); the statement's parameters include `defers_per_round`."""
-    last = LANE_LAST_RANK.format(queue=queue, owner=owner, priority=priority)
-    head = QUEUE_HEAD_RANK.format(queue=queue)
-    return f"GREATEST({_CLOCK}, {head}, {last} + 1)"
+    return f"jobs_fair_first_round({queue}, {owner}, {priority}, %(defers_per_round)s::bigint)"
