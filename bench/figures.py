@@ -30,28 +30,29 @@ def enqueue(bench: Bench, *, quick: bool = False) -> list[Figure]:
     one_by_one = 500 if quick else 3000
     bulk_total, batch = (5000, 1000) if quick else (40000, 1000)
     bench.reset_jobs()
-    floor = _single_row_commits(bench, one_by_one)
+    floor, floor_cpu = _single_row_commits(bench, one_by_one)
 
     with stock_app.open():
-        begun = time.perf_counter()
-        for i in range(one_by_one):
-            stock_noop.defer(i=i)
-        stock_single = _rate(one_by_one, time.perf_counter() - begun)
+        stock_single, stock_cpu = _timed(bench, one_by_one, lambda: [stock_noop.defer(i=i) for i in range(one_by_one)])
         begun = time.perf_counter()
         for start in range(0, bulk_total, batch):
             stock_noop.batch_defer(*({"i": i} for i in range(start, start + batch)))
         stock_bulk = _rate(bulk_total, time.perf_counter() - begun)
 
-    begun = time.perf_counter()
-    for i in range(one_by_one):
-        job_defer(noop, i=i)  # each in its own transaction, as a request would
-    project_single = _rate(one_by_one, time.perf_counter() - begun)
-    begun = time.perf_counter()
-    for start in range(0, bulk_total, batch):
-        with transaction.atomic():
-            job_defer_bulk(noop, [{"i": i} for i in range(start, start + batch)])
-    project_bulk = _rate(bulk_total, time.perf_counter() - begun)
+    # Each in its own transaction, as a request would.
+    project_single, project_cpu = _timed(bench, one_by_one, lambda: [job_defer(noop, i=i) for i in range(one_by_one)])
+
+    def bulk() -> None:
+        for start in range(0, bulk_total, batch):
+            with transaction.atomic():
+                job_defer_bulk(noop, [{"i": i} for i in range(start, start + batch)])
+
+    project_bulk, bulk_cpu = _timed(bench, bulk_total, bulk)
     bench.reset_jobs()
+    cpu_rows = [
+        (f"CPU per job, enqueue one by one: {who}", project_cpu[n], stock_cpu[n], floor_cpu[n])
+        for n, who in enumerate(("client (Django, psycopg)", "PostgreSQL"))
+    ]
     return [
         Figure(
             "enqueue one by one",
@@ -62,6 +63,18 @@ def enqueue(bench: Bench, *, quick: bool = False) -> list[Figure]:
             ">= 3,000",
             project_single >= 3000,
             notes=f"{one_by_one} jobs, jobs.job_defer, one transaction each",
+        ),
+        *(
+            Figure(
+                name,
+                ours,
+                "us",
+                "stock defer()",
+                stock,
+                notes=f"from /proc; the floor's INSERT transaction: {floor_us:,.1f} us (the one client is serial:"
+                " its CPU, PostgreSQL's and the commit's flush add up to each job's time)",
+            )
+            for name, ours, stock, floor_us in cpu_rows
         ),
         Figure(
             "PostgreSQL alone: single-row INSERT commits, 1 client",
@@ -81,18 +94,33 @@ def enqueue(bench: Bench, *, quick: bool = False) -> list[Figure]:
             project_bulk >= 60000,
             notes=f"{bulk_total} jobs in batches of {batch}, jobs.job_defer_bulk",
         ),
+        Figure(
+            "CPU per job, enqueue in bulk: client / PostgreSQL",
+            bulk_cpu[0] + bulk_cpu[1],
+            "us",
+            notes=f"{bulk_cpu[0]:,.1f} us of the client, {bulk_cpu[1]:,.1f} us of PostgreSQL",
+        ),
     ]
 
 
-def _single_row_commits(bench: Bench, count: int) -> float:
-    """What the server and its disk allow one client: one-row INSERT transactions per second."""
+def _timed(bench: Bench, count: int, run) -> tuple[float, tuple[float, float]]:
+    """`run()`'s rate for `count` jobs, and the CPU per job of this process and of PostgreSQL."""
+    meter = CpuMeter(postgres=bench.postmaster_pid()).start()
+    client, begun = time.process_time(), time.perf_counter()
+    run()
+    elapsed, client = time.perf_counter() - begun, time.process_time() - client
+    postgres = meter.stop().get("postgres", 0.0)
+    return _rate(count, elapsed), (client * 1e6 / count, postgres * 1e6 / count)
+
+
+def _single_row_commits(bench: Bench, count: int) -> tuple[float, tuple[float, float]]:
+    """What the server and its disk allow one client: one-row INSERT transactions per second,
+    and their CPU per transaction (this process, PostgreSQL)."""
     with psycopg.connect(bench.url, autocommit=True) as conn:
         conn.execute("CREATE TABLE bench_floor (n integer)")  # logged: each commit waits for the WAL flush
         try:
-            begun = time.perf_counter()
-            for n in range(count):
-                conn.execute("INSERT INTO bench_floor VALUES (%s)", [n])
-            return _rate(count, time.perf_counter() - begun)
+            insert = "INSERT INTO bench_floor VALUES (%s)"
+            return _timed(bench, count, lambda: [conn.execute(insert, [n]) for n in range(count)])
         finally:
             conn.execute("DROP TABLE bench_floor")
 
@@ -417,6 +445,7 @@ def latency(bench: Bench, *, quick: bool = False) -> list[Figure]:
         count,
         stock=False,
     )
+    floor = _trickle_floor(bench, count)
     p50, p99 = percentile(ours["handler"], 50), percentile(ours["handler"], 99)
     events = ", ".join(
         f"{who} {percentile(run['events'], 50) or 0:.1f} / {percentile(run['events'], 99) or 0:.1f} ms"
@@ -485,7 +514,44 @@ def latency(bench: Bench, *, quick: bool = False) -> list[Figure]:
             percentile(stock["defer_call"], 50),
             notes="job_defer in its own transaction, with its synchronous commit (the disk's fdatasync)",
         ),
+        Figure(
+            "PostgreSQL alone at 50/s: a one-row INSERT commit, p50 / p99",
+            floor["insert"][0],
+            "ms",
+            notes=f"p99 {floor['insert'][1]:.2f} ms; a SELECT 1 round trip at 50/s: p50 / p99"
+            f" {floor['select'][0]:.2f} / {floor['select'][1]:.2f} ms (back to back: {floor['select_busy']:.2f} ms)."
+            " The floor under the defer call of a trickle: between two jobs the client, its server process and"
+            " the worker fall idle, and each wakes up for every hop",
+        ),
     ]
+
+
+def _trickle_floor(bench: Bench, count: int) -> dict[str, tuple[float, float] | float]:
+    """What the machine gives a trickle at 50/s, timed as the defers are: a one-row INSERT commit
+    into an unindexed table (as `_single_row_commits`) and a SELECT 1 round trip, p50 and p99."""
+    timings: dict[str, list[float]] = {"insert": [], "select": []}
+    with psycopg.connect(bench.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_trickle_floor (n integer)")
+        try:
+            for name, statement in (("insert", "INSERT INTO bench_trickle_floor VALUES (%s)"), ("select", "SELECT %s")):
+
+                def timed(i: int, _sent_at: float, statement=statement, name=name) -> None:
+                    begun = time.perf_counter()
+                    conn.execute(statement, [i])
+                    timings[name].append((time.perf_counter() - begun) * 1000)
+
+                _trickle(bench, timed, count, 50)
+            begun = time.perf_counter()
+            for i in range(count):
+                conn.execute("SELECT %s", [i])
+            busy = (time.perf_counter() - begun) * 1000 / count
+        finally:
+            conn.execute("DROP TABLE bench_trickle_floor")
+    out: dict[str, tuple[float, float] | float] = {
+        name: (percentile(sorted(values), 50), percentile(sorted(values), 99)) for name, values in timings.items()
+    }
+    out["select_busy"] = busy
+    return out
 
 
 # --- 4. HTTP under load --------------------------------------------------------------------
