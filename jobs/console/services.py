@@ -261,7 +261,8 @@ def _queue_check(queue: str) -> None:
 
 
 # Finished jobs whose last event is older than their queue's retention, oldest first, skipping
-# rows another purge holds. Deleting a job deletes its events and info row (ON DELETE CASCADE).
+# rows another purge holds. Deleting a job deletes its events (a statement trigger, migration
+# 0019) and its info row (ON DELETE CASCADE).
 # The candidates come from the finishing events by time (migration 0015's index), from the oldest
 # up to the class's shortest retention: the walk ends there, never reading waiting jobs.
 _PURGE = """

@@ -18,7 +18,7 @@ from django.db import connection
 _CANCEL_WAITING = """
 UPDATE procrastinate_jobs SET status = 'cancelled' WHERE lock = %(lock)s AND status = 'todo'
 """
-# procrastinate_events go by ON DELETE CASCADE, jobs_job_info by its foreign key (migration 0002).
+# procrastinate_events go by a statement trigger (migration 0019), jobs_job_info by its foreign key (migration 0002).
 _ERASE_OWNER = """
 WITH theirs AS (SELECT job_id AS id FROM jobs_job_info WHERE owner_id = %(owner_id)s),
 webhooks AS (

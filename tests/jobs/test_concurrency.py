@@ -481,5 +481,5 @@ def test_an_end_wakes_the_other_workers_only_when_its_key_had_every_slot_taken()
     # so the end looks up nothing and wakes nobody: in the feature costs' run (limit 1,000, ten
     # keys) those lookups were most of a keyed job's PostgreSQL time.
     assert _any_queue_notifies_when_one_of(claimed=1) == 0
-    query("TRUNCATE procrastinate_jobs, jobs_concurrency_slots RESTART IDENTITY CASCADE")
+    query("TRUNCATE procrastinate_events, procrastinate_jobs, jobs_concurrency_slots RESTART IDENTITY CASCADE")
     assert _any_queue_notifies_when_one_of(claimed=N) == 1  # full: its waiting jobs may run now
