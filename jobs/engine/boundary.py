@@ -477,7 +477,17 @@ OUR_TRIGGERS = (
     "jobs_workflow_after_jobs_updated",
     "jobs_concurrency_after_jobs_updated",  # migration 0012
     "jobs_concurrency_after_jobs_deleted",
+    "jobs_events_after_jobs_deleted",  # migration 0019, in place of DROPPED_CONSTRAINTS' cascade
 )
+# The constraints of Procrastinate's tables our migrations drop (pg_get_constraintdef, as its
+# migrations leave them), each with the migration that does its work instead.
+MIGRATION_EVENTS_TRIGGER = "jobs/migrations/0019_events_deleted_by_statement.py"
+DROPPED_CONSTRAINTS: dict[tuple[str, str], tuple[str, str]] = {
+    ("procrastinate_events", "procrastinate_events_job_id_fkey"): (
+        "FOREIGN KEY (job_id) REFERENCES procrastinate_jobs(id) ON DELETE CASCADE",
+        MIGRATION_EVENTS_TRIGGER,
+    ),
+}
 # sha256 of inspect.getsource() of the upstream methods whose logic the engine copies or
 # replaces wholesale (a change there is a change our copy does not have).
 UPSTREAM_SOURCES: dict[str, tuple[str, str]] = {

@@ -140,6 +140,26 @@ def test_the_triggers_on_procrastinate_jobs_are_as_checked(upstream):
     assert _trigger_mismatches(_triggers(upstream.cursor())) == []
 
 
+def _constraints(cursor, table: str) -> dict[str, str]:
+    cursor.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass", [table]
+    )
+    return dict(cursor.fetchall())
+
+
+def test_the_constraints_our_migrations_drop_are_as_checked(upstream):
+    for (table, name), (definition, revisit) in boundary.DROPPED_CONSTRAINTS.items():
+        found = _constraints(upstream.cursor(), table).get(name)
+        assert found == definition, f"{table}.{name} changed upstream ({found}): revisit {revisit}"
+
+
+@pytest.mark.django_db
+def test_our_migrations_drop_exactly_the_listed_constraints():
+    with connection.cursor() as cursor:
+        for table, name in boundary.DROPPED_CONSTRAINTS:
+            assert name not in _constraints(cursor.cursor, table)
+
+
 def test_the_methods_the_engine_replaces_are_as_checked():
     assert _source_mismatches() == []
 
