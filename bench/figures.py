@@ -573,7 +573,7 @@ def http_load(bench: Bench, *, quick: bool = False) -> list[Figure]:
         recipient = Recipient.objects.create(owner=user, name="Load", email=f"load{n}@example.com")
         clients.append(({"Authorization": f"Token {token}", "Content-Type": "application/json"}, recipient.id))
     port = free_port()
-    bench.spawn(*server_args(port))
+    server = bench.spawn(*server_args(port))
     if not wait_until(lambda: port_open(port), 30):
         raise TimeoutError("gunicorn did not start")
     endpoints = {
@@ -591,9 +591,19 @@ def http_load(bench: Bench, *, quick: bool = False) -> list[Figure]:
         path = name.split(" ", 1)[1]
         requests = [(json.dumps(make_body(recipient_id)).encode(), headers) for headers, recipient_id in clients]
         run_load(port=port, path=path, requests=requests, rate=rate, seconds=3)  # warm up every gunicorn worker
+        meter = CpuMeter(web=server.pid, postgres=bench.postmaster_pid()).start()
         result = run_load(port=port, path=path, requests=requests, rate=rate, seconds=seconds)
+        cpu = meter.stop()
         p50, p95, p99 = (percentile(result.latencies_ms, q) for q in (50, 95, 99))
+        web, postgres = (cpu.get(who, 0.0) * 1e6 / max(result.sent, 1) for who in ("web", "postgres"))
         figures_out += [
+            Figure(
+                f"{name} CPU per request: web + PostgreSQL",
+                web + postgres,
+                "us",
+                notes=f"{web:,.0f} us of gunicorn's processes, {postgres:,.0f} us of PostgreSQL's, from /proc;"
+                f" at {rate}/s they keep {(web + postgres) * rate / 1e6:.2f} of the 2 cores busy",
+            ),
             Figure(
                 f"{name} p50", p50, "ms", notes=f"{result.sent} requests at {rate}/s for {seconds} s, {users} users"
             ),
