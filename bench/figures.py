@@ -687,29 +687,36 @@ def email(bench: Bench, *, quick: bool = False) -> list[Figure]:
     return figures_out
 
 
+def _queue_emails(owner, count: int, *, subject: str, prefix: str) -> None:
+    """`count` recipients of `owner` and one bulk-sent e-mail to each, in sends of 1,000."""
+    from notifications.models import Recipient
+    from notifications.services import notification_send_bulk
+
+    recipients = Recipient.objects.bulk_create(
+        [Recipient(owner=owner, name=f"{prefix.upper()}{i}", email=f"{prefix}{i}@example.com") for i in range(count)]
+    )
+    for start in range(0, count, 1000):
+        notification_send_bulk(
+            owner=owner,
+            recipients=recipients[start : start + 1000],
+            subject=subject,
+            body="Hello",
+            notification_type="system",
+            priority="normal",
+        )
+
+
 def _email_run(bench: Bench, *, count: int, processes: int, postfix, batch_size: int | None = None) -> Figure:
     from django.test import override_settings
 
     from bench.peers import CountingSmtpSink, PostfixSmtpSink
-    from notifications.models import DeliveryLog, Recipient
-    from notifications.services import notification_send_bulk
+    from notifications.models import DeliveryLog
     from tests.factories import make_user
 
     bench.reset_jobs()
     owner = make_user(f"bench-mail-{time.time_ns()}")
-    recipients = Recipient.objects.bulk_create(
-        [Recipient(owner=owner, name=f"R{i}", email=f"r{i}@example.com") for i in range(count)]
-    )
     with override_settings(**({} if batch_size is None else {"NOTIFICATIONS_BATCH_SIZE": batch_size})):
-        for start in range(0, count, 1000):
-            notification_send_bulk(
-                owner=owner,
-                recipients=recipients[start : start + 1000],
-                subject="Bench",
-                body="Hello",
-                notification_type="system",
-                priority="normal",
-            )
+        _queue_emails(owner, count, subject="Bench", prefix="r")
     sink = (PostfixSmtpSink(postfix) if postfix else CountingSmtpSink()).start()
     try:
         env = {"EMAIL_URL": f"smtp://127.0.0.1:{sink.port}", "NOTIFICATIONS_RATE_PER_SECOND": "100000"}
@@ -790,24 +797,13 @@ def fairness(bench: Bench, *, quick: bool = False) -> list[Figure]:
 def _fairness_run(bench: Bench, *, backlog: int, fair: bool) -> dict:
     from bench.peers import CountingSmtpSink
     from notifications.models import Recipient
-    from notifications.services import notification_send_bulk, notification_send_email
+    from notifications.services import notification_send_email
     from tests.factories import make_user
 
     bench.reset_jobs()
     stamp = time.time_ns()
     user_a, user_b = make_user(f"bench-fair-a-{stamp}"), make_user(f"bench-fair-b-{stamp}")
-    recipients = Recipient.objects.bulk_create(
-        [Recipient(owner=user_a, name=f"A{i}", email=f"a{i}@example.com") for i in range(backlog)]
-    )
-    for start in range(0, backlog, 1000):
-        notification_send_bulk(
-            owner=user_a,
-            recipients=recipients[start : start + 1000],
-            subject="Newsletter",
-            body="Hello",
-            notification_type="system",
-            priority="normal",
-        )
+    _queue_emails(user_a, backlog, subject="Newsletter", prefix="a")
     recipient_b = Recipient.objects.create(owner=user_b, name="B", email="b@example.com")
     sink = CountingSmtpSink().start()
     sends = 25
