@@ -320,8 +320,6 @@ def _delivers_many(job_id: int) -> bool:
 @transaction.atomic
 def notification_retry(*, notification: NotificationJob) -> NotificationJob:
     """Re-queue a failed notification with a fresh job (and a fresh set of attempts)."""
-    from notifications.tasks import notification_deliver  # tasks import services
-
     notification = NotificationJob.objects.select_for_update().get(id=notification.id)
     if notification.status != Status.FAILED:
         raise ApplicationError(
@@ -331,12 +329,7 @@ def notification_retry(*, notification: NotificationJob) -> NotificationJob:
     email_quota_take(owner_id=notification.owner_id)  # a retry sends again
     notification.status = Status.PENDING
     notification.error = ""
-    notification.procrastinate_job_id = job_defer(
-        notification_deliver,
-        priority=job_priority(notification.priority, staff=notification.owner.is_staff),
-        owner_id=notification.owner_id,
-        notification_id=notification.id,
-    )
+    notification.procrastinate_job_id = _delivery_job(notification)
     notification.save(update_fields=["status", "error", "procrastinate_job_id"])
     return notification
 
@@ -344,17 +337,26 @@ def notification_retry(*, notification: NotificationJob) -> NotificationJob:
 # --- Delivery (called by the task) ----------------------------------------------------------
 
 
-def _postpone(notification: NotificationJob, *, until: datetime, attempt: int) -> None:
+def _delivery_job(
+    notification: NotificationJob, *, schedule_at: datetime | None = None, attempts: int = 0
+) -> int | None:
+    """A notifications.deliver job for a notification already written (a retry, a postponement,
+    a hand-over from a job delivering many); returns its id."""
     from notifications.tasks import notification_deliver  # tasks import services
 
+    return job_defer(
+        notification_deliver,
+        priority=job_priority(notification.priority, staff=notification.owner.is_staff),
+        schedule_at=schedule_at,
+        owner_id=notification.owner_id,
+        attempts=attempts,
+        notification_id=notification.id,
+    )
+
+
+def _postpone(notification: NotificationJob, *, until: datetime, attempt: int) -> None:
     with transaction.atomic():
-        job_id = job_defer(
-            notification_deliver,
-            priority=job_priority(notification.priority, staff=notification.owner.is_staff),
-            schedule_at=until,
-            owner_id=notification.owner_id,
-            notification_id=notification.id,
-        )
+        job_id = _delivery_job(notification, schedule_at=until)
         NotificationJob.objects.filter(id=notification.id).update(procrastinate_job_id=job_id)
         delivery_log_write(
             notification.id, attempt, DeliveryLog.Outcome.POSTPONED, error="mail server circuit breaker is open"
@@ -463,20 +465,11 @@ def notification_hand_over(*, notification_id: int, error: str, attempts: int, r
     """A notification of a job delivering many failed transiently: its next attempt is a job of
     its own at `retry_at`, counting its attempts on from `attempts` (so it gets no more than a
     notification queued alone)."""
-    from notifications.tasks import notification_deliver  # tasks import services
-
     notification_attempt_failed(notification_id=notification_id, error=error, final=False)
     notification = NotificationJob.objects.select_related("owner").filter(id=notification_id).first()
     if notification is None or notification.status != Status.PENDING:
         return  # erased, or cancelled meanwhile
-    job_id = job_defer(
-        notification_deliver,
-        priority=job_priority(notification.priority, staff=notification.owner.is_staff),
-        schedule_at=retry_at,
-        owner_id=notification.owner_id,
-        attempts=attempts,
-        notification_id=notification.id,
-    )
+    job_id = _delivery_job(notification, schedule_at=retry_at, attempts=attempts)
     NotificationJob.objects.filter(id=notification.id).update(procrastinate_job_id=job_id)
 
 

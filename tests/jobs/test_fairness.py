@@ -5,11 +5,14 @@ tests run real worker processes."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
+from django.db import connection
 
 from jobs import SERVICE_PRIORITY
+from jobs.engine.connector import PREPARE_THRESHOLD
 from jobs.tasking.defer import job_defer, job_defer_bulk
 from notifications.services import notification_send_email
 from tests.factories import make_recipient, make_user
@@ -204,10 +207,6 @@ def test_the_clock_is_the_sequence_of_procrastinates_job_ids():
 def _shared_buffers_of_each_statement(defer, times: int) -> list[int]:
     """Run `defer` `times` times, each of its statements under EXPLAIN (ANALYZE, BUFFERS) in its
     place: the shared buffers each touched, the functions it called included."""
-    import json
-
-    from django.db import connection
-
     touched = []
 
     def explain(execute, sql, params, many, context):
@@ -229,8 +228,6 @@ def test_a_defer_after_an_empty_queue_reads_a_few_index_entries_for_its_round(bu
     waiting job through another partial index and a sort: each defer read the whole backlog,
     quadratic in a burst (`bench`: 1.5 ms a defer at its start, 6.4 ms at 14,000 jobs waiting).
     Both defers, custom plans and then the prepared one, must stay a few index steps."""
-    from jobs.engine.connector import PREPARE_THRESHOLD
-
     # A queue that drained: its jobs ran and were deleted, and ANALYZE saw none left (no row per
     # page, where a table that never had rows would be estimated from its size).
     burst = (
