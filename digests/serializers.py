@@ -4,6 +4,7 @@ from drf_spectacular.utils import extend_schema_field, extend_schema_serializer
 from rest_framework import serializers
 
 from core.fields import TimeZoneField
+from core.serializers import ModelSerializer
 from digests.models import Frequency, RecipientDigestSchedule, WeeklyDigest
 from notes.models import NoteType
 from notifications.models import Recipient
@@ -17,7 +18,7 @@ class WallClockTimeField(serializers.TimeField):
 
 # The schema keeps the components' names of before the models' rename, for generated clients.
 @extend_schema_serializer(component_name="DigestSchedule")
-class RecipientDigestScheduleSerializer(serializers.ModelSerializer):
+class RecipientDigestScheduleSerializer(ModelSerializer):
     recipient_id = serializers.IntegerField(min_value=1)
     delivery_time = WallClockTimeField(format="%H:%M:%S", input_formats=["%H:%M:%S", "%H:%M"])
     delivery_day = serializers.IntegerField(min_value=1, max_value=31, required=False, allow_null=True)
@@ -70,7 +71,7 @@ class RecipientDigestScheduleSerializer(serializers.ModelSerializer):
 
 
 @extend_schema_serializer(component_name="Digest")
-class WeeklyDigestSerializer(serializers.ModelSerializer):
+class WeeklyDigestSerializer(ModelSerializer):
     class Meta:
         model = WeeklyDigest
         fields = [

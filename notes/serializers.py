@@ -9,6 +9,7 @@ from rest_framework import serializers
 
 from core.errors import ApplicationError
 from core.fields import StrictCharField
+from core.serializers import ModelSerializer
 from jobs import webhook_url_check
 from notes import import_formats
 from notes.models import IMPORT_ENRICHED, ImportFormat, ImportStatus, Note, NoteImport, NoteType
@@ -29,7 +30,7 @@ class NoteInputSerializer(serializers.Serializer):
         return value
 
 
-class NoteOutputSerializer(serializers.ModelSerializer):
+class NoteOutputSerializer(ModelSerializer):
     # Declared so the schema says it may be blank (a read-only model field loses allow_blank).
     ai_type = serializers.ChoiceField(
         choices=NoteType.choices, allow_blank=True, read_only=True, help_text="Claude's type; empty until enriched."
@@ -120,7 +121,7 @@ class _Enrichment(serializers.Serializer):
     cancelled = serializers.IntegerField()
 
 
-class NoteImportOutputSerializer(serializers.ModelSerializer):
+class NoteImportOutputSerializer(ModelSerializer):
     processed = serializers.IntegerField(source="rows_done")
     errors = serializers.SerializerMethodField()
     status = serializers.SerializerMethodField()

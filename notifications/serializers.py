@@ -6,11 +6,12 @@ from drf_spectacular.utils import extend_schema_serializer
 from rest_framework import serializers
 
 from core.fields import StrictCharField, TimeZoneField
+from core.serializers import ModelSerializer
 from jobs import webhook_url_problem
 from notifications.models import DeliveryLog, DeliveryMethod, NotificationJob, NotificationType, Priority, Recipient
 
 
-class RecipientSerializer(serializers.ModelSerializer):
+class RecipientSerializer(ModelSerializer):
     name = StrictCharField(max_length=200)
     relationship = StrictCharField(max_length=50, required=False, allow_blank=True)
     timezone = TimeZoneField(required=False)
@@ -105,13 +106,13 @@ class SendBulkSerializer(_SendBase):
         return [found[i] for i in unique]
 
 
-class DeliveryLogSerializer(serializers.ModelSerializer):
+class DeliveryLogSerializer(ModelSerializer):
     class Meta:
         model = DeliveryLog
         fields = ["attempt", "outcome", "error", "provider_response", "duration_ms", "created_at"]
 
 
-class NotificationJobSerializer(serializers.ModelSerializer):
+class NotificationJobSerializer(ModelSerializer):
     class Meta:
         model = NotificationJob
         fields = [
