@@ -14,7 +14,10 @@ middleware, view and response all run there), and asgiref starts that thread for
 another one to join it when the request ends: two thread starts per request. Here each request
 borrows an idle single-thread executor through asgiref's public `ThreadSensitiveContext(executor=)`
 and gives it back when it ends, so one request still runs in one thread, and a thread serves one
-request at a time.
+request at a time. And there are at most WEB_REQUEST_THREADS of them per process: a burst used to
+start a thread per request in flight (25-30 in each process at 200 requests/s), which then took
+turns at the one interpreter lock, each switch paid in CPU time; now the requests beyond the
+limit wait on the event loop, which costs nothing.
 
 `load_middleware` and `_middleware_chain` are Django's internals, listed in the engine's
 boundary (jobs/engine/boundary.py) and checked at start-up.
@@ -22,40 +25,58 @@ boundary (jobs/engine/boundary.py) and checked at start-up.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
-
-# Idle request threads kept per process; more requests at once start threads of their own, which
-# end with their request.
-IDLE_REQUEST_THREADS = 32
 
 
 class RequestThreads:
-    """Single-thread executors lent to one request at a time. Lent and given back on the event
-    loop's thread only, so the list needs no lock."""
+    """At most `limit` single-thread executors, each lent to one request at a time; a request
+    that finds them all lent waits on the event loop for one. Lent and given back on the event
+    loop's thread only, so nothing here needs a lock."""
 
-    def __init__(self, keep: int = IDLE_REQUEST_THREADS) -> None:
-        self.keep = keep
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.started = 0
         self.idle: list[ThreadPoolExecutor] = []
+        self.waiting: collections.deque[asyncio.Future[ThreadPoolExecutor]] = collections.deque()
 
-    def lend(self) -> ThreadPoolExecutor:
+    async def lend(self) -> ThreadPoolExecutor:
         if self.idle:
             return self.idle.pop()
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
+        if self.started < self.limit:
+            self.started += 1
+            return ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiting.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed one just as it was cancelled
+                self.give_back(waiter.result())
+            raise
 
     def give_back(self, executor: ThreadPoolExecutor) -> None:
-        if len(self.idle) < self.keep:
-            self.idle.append(executor)
-        else:
-            executor.shutdown(wait=False)
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(executor)
+                return
+        self.idle.append(executor)
+
+    def discard(self, executor: ThreadPoolExecutor) -> None:
+        executor.shutdown(wait=False)
+        self.started -= 1
 
 
 class SyncChainASGIHandler(ASGIHandler):
     def __init__(self) -> None:
         super().__init__()
-        self.request_threads = RequestThreads()
+        self.request_threads = RequestThreads(limit=settings.WEB_REQUEST_THREADS)
 
     def load_middleware(self, is_async: bool = False) -> None:
         super().load_middleware(is_async=False)
@@ -65,13 +86,13 @@ class SyncChainASGIHandler(ASGIHandler):
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await super().__call__(scope, receive, send)  # Django's own refusal
-        executor = self.request_threads.lend()
+        executor = await self.request_threads.lend()
         try:
             # Django's handle() awaits every call it sends to the request's thread before it
             # returns; after an error the thread is not trusted again.
             async with ThreadSensitiveContext(executor=executor):
                 await self.handle(scope, receive, send)
         except BaseException:
-            executor.shutdown(wait=False)
+            self.request_threads.discard(executor)
             raise
         self.request_threads.give_back(executor)

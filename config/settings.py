@@ -104,6 +104,13 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # kept per thread would be a new connection per request: there each process shares a pool of
 # this many connections instead (DATABASE_CONN_MAX_AGE then does not apply). "0" turns it off.
 DATABASE_POOL_MAX_SIZE = env.int("DATABASE_POOL_MAX_SIZE", default=8)
+# Threads per web process that run requests' sync code (middleware and views), each one request
+# at a time; more requests at once wait on the event loop for one (config/handler.py). Python
+# runs one thread at a time per process, so more threads do not serve more requests; they only
+# switch more. Job streams (SSE) do not take one.
+WEB_REQUEST_THREADS = env.int("WEB_REQUEST_THREADS", default=4)
+if WEB_REQUEST_THREADS < 1:
+    raise ImproperlyConfigured("WEB_REQUEST_THREADS must be at least 1")
 # How long a request waits for a pooled connection (all busy, or the database away) before 503.
 DATABASE_POOL_TIMEOUT_SECONDS = env.float("DATABASE_POOL_TIMEOUT_SECONDS", default=2.0)
 if DATABASE_POOL_TIMEOUT_SECONDS <= 0:

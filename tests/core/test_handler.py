@@ -18,18 +18,8 @@ from config.handler import RequestThreads, SyncChainASGIHandler
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _request(handler, path: str, *, times: int = 1) -> tuple[int, int]:
-    """The status of GET `path` through `handler` (`times` in turn, on one event loop), and how
-    many sync_to_async hops it took."""
-    hops = 0
-    upstream_call = sync.SyncToAsync.__call__
-
-    async def counting(self, *args, **kwargs):
-        nonlocal hops
-        hops += 1
-        return await upstream_call(self, *args, **kwargs)
-
-    scope = {
+def _scope(path: str) -> dict:
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -43,15 +33,31 @@ def _request(handler, path: str, *, times: int = 1) -> tuple[int, int]:
         "server": ("127.0.0.1", 8000),
     }
 
+
+async def _get(handler, path: str) -> int:
+    """The status of GET `path`, once the request has ended (its response closed)."""
+    communicator = ApplicationCommunicator(handler, _scope(path))
+    await communicator.send_input({"type": "http.request", "body": b""})
+    start = await communicator.receive_output(10)
+    while (await communicator.receive_output(10)).get("more_body"):
+        pass
+    await communicator.wait(10)
+    return start["status"]
+
+
+def _request(handler, path: str, *, times: int = 1) -> tuple[int, int]:
+    """The status of GET `path` through `handler` (`times` in turn, on one event loop), and how
+    many sync_to_async hops it took."""
+    hops = 0
+    upstream_call = sync.SyncToAsync.__call__
+
+    async def counting(self, *args, **kwargs):
+        nonlocal hops
+        hops += 1
+        return await upstream_call(self, *args, **kwargs)
+
     async def run() -> int:
-        for _ in range(times):
-            communicator = ApplicationCommunicator(handler, scope)
-            await communicator.send_input({"type": "http.request", "body": b""})
-            start = await communicator.receive_output(10)
-            while (await communicator.receive_output(10)).get("more_body"):
-                pass
-            await communicator.wait(10)  # the request's end (its response closed)
-        return start["status"]
+        return [await _get(handler, path) for _ in range(times)][-1]
 
     sync.SyncToAsync.__call__ = counting
     try:
@@ -97,13 +103,44 @@ def test_requests_borrow_one_thread_in_turn_and_each_runs_wholly_in_its_thread()
     assert len(handler.request_threads.idle) == 1
 
 
-def test_more_idle_request_threads_than_kept_are_shut_down():
-    threads = RequestThreads(keep=1)
-    first, second = threads.lend(), threads.lend()
-    assert first is not second
-    threads.give_back(first)
-    threads.give_back(second)
-    assert threads.idle == [first]
-    with pytest.raises(RuntimeError):  # shut down: it takes no more work
-        second.submit(print)
-    assert threads.lend() is first
+def test_a_request_waits_for_a_thread_when_all_are_lent_and_gets_the_one_given_back():
+    async def run():
+        threads = RequestThreads(limit=2)
+        first, second = await threads.lend(), await threads.lend()
+        assert first is not second and threads.started == 2
+        third = asyncio.ensure_future(threads.lend())
+        cancelled = asyncio.ensure_future(threads.lend())
+        await asyncio.sleep(0)
+        assert not third.done()
+        cancelled.cancel()  # a request gone while it waited takes nothing
+        threads.give_back(second)
+        assert await third is second
+        threads.give_back(first)
+        assert threads.idle == [first] and threads.started == 2
+        threads.discard(second)  # after an error: shut down, and a new one may start
+        with pytest.raises(RuntimeError):
+            second.submit(print)
+        assert threads.started == 1
+        assert await threads.lend() is first
+        assert (await threads.lend()) not in (first, second)
+
+    asyncio.run(run())
+
+
+def test_concurrent_requests_share_at_most_the_limit_of_threads(settings):
+    settings.WEB_REQUEST_THREADS = 2
+    handler = SyncChainASGIHandler()
+    threads: set[threading.Thread] = set()
+
+    def started(**kwargs):
+        threads.add(threading.current_thread())
+
+    async def run() -> list[int]:
+        return await asyncio.gather(*(_get(handler, "/api/notes/") for _ in range(8)))
+
+    signals.request_started.connect(started)
+    try:
+        assert asyncio.run(run()) == [401] * 8
+    finally:
+        signals.request_started.disconnect(started)
+    assert len(threads) == 2
