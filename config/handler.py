@@ -17,7 +17,8 @@ and gives it back when it ends, so one request still runs in one thread, and a t
 request at a time. And there are at most WEB_REQUEST_THREADS of them per process: a burst used to
 start a thread per request in flight (25-30 in each process at 200 requests/s), which then took
 turns at the one interpreter lock, each switch paid in CPU time; now the requests beyond the
-limit wait on the event loop, which costs nothing.
+limit wait on the event loop, which costs nothing, for at most DATABASE_POOL_TIMEOUT_SECONDS
+(what a request waits for a database connection), then get a 503 with Retry-After.
 
 `load_middleware` and `_middleware_chain` are Django's internals, listed in the engine's
 boundary (jobs/engine/boundary.py) and checked at start-up.
@@ -32,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
+from django.http import JsonResponse
 
 
 class RequestThreads:
@@ -73,6 +75,15 @@ class RequestThreads:
         self.started -= 1
 
 
+def server_busy_response() -> JsonResponse:
+    seconds = settings.DATABASE_RETRY_AFTER_SECONDS
+    response = JsonResponse(
+        {"detail": f"The server is busy; retry in {seconds} seconds.", "retry_after": seconds}, status=503
+    )
+    response["Retry-After"] = str(seconds)
+    return response
+
+
 class SyncChainASGIHandler(ASGIHandler):
     def __init__(self) -> None:
         super().__init__()
@@ -86,7 +97,12 @@ class SyncChainASGIHandler(ASGIHandler):
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await super().__call__(scope, receive, send)  # Django's own refusal
-        executor = await self.request_threads.lend()
+        try:
+            executor = await asyncio.wait_for(self.request_threads.lend(), settings.DATABASE_POOL_TIMEOUT_SECONDS)
+        except TimeoutError:
+            # Every thread is held (most likely by requests waiting for the database): the same
+            # quick 503 as a request that waits that long for a connection, never a hang.
+            return await self.send_response(server_busy_response(), send)
         try:
             # Django's handle() awaits every call it sends to the request's thread before it
             # returns; after an error the thread is not trusted again.

@@ -4,6 +4,7 @@ one hop to its thread, not one hop per middleware hook."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import pytest
@@ -144,3 +145,25 @@ def test_concurrent_requests_share_at_most_the_limit_of_threads(settings):
     finally:
         signals.request_started.disconnect(started)
     assert len(threads) == 2
+
+
+def test_a_request_that_waits_too_long_for_a_thread_gets_a_quick_503(settings):
+    settings.WEB_REQUEST_THREADS = 1
+    settings.DATABASE_POOL_TIMEOUT_SECONDS = 0.2
+    handler = SyncChainASGIHandler()
+
+    async def run() -> tuple[dict, bytes, int]:
+        held = await handler.request_threads.lend()  # a request stuck on the database, say
+        communicator = ApplicationCommunicator(handler, _scope("/api/notes/"))
+        await communicator.send_input({"type": "http.request", "body": b""})
+        start = await communicator.receive_output(5)
+        body = await communicator.receive_output(5)
+        await communicator.wait(5)
+        handler.request_threads.give_back(held)
+        return start, body["body"], await _get(handler, "/api/notes/")
+
+    start, body, after = asyncio.run(run())
+    assert start["status"] == 503
+    assert (b"Retry-After", str(settings.DATABASE_RETRY_AFTER_SECONDS).encode()) in start["headers"]
+    assert json.loads(body)["detail"].startswith("The server is busy")
+    assert after == 401  # the thread given back serves the next request
