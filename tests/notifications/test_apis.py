@@ -253,3 +253,18 @@ def test_metrics(api, user, rita):
     assert api.get("/api/notifications/metrics/?hours=48").json()["total"] == 6
     assert api.get("/api/notifications/metrics/?hours=abc").status_code == 400
     assert api.get("/api/notifications/metrics/?hours=0").status_code == 400
+
+
+def test_send_email_takes_six_statements_and_looks_the_recipient_up_unsorted(api, rita):
+    """The request's statements, a guard on its cost (issue 14's HTTP figures): the token, the
+    recipient, the quota, the notification, its job, the job's id on it (and the throttle's,
+    off in the tests)."""
+    from django.test.utils import CaptureQueriesContext
+
+    _send(api, rita)  # the throttle's and the quota's rows exist
+    with CaptureQueriesContext(connection) as queries:
+        assert _send(api, rita).status_code == 202
+    statements = [q["sql"] for q in queries.captured_queries if not q["sql"].startswith(("SAVEPOINT", "RELEASE"))]
+    lookups = [sql for sql in statements if 'FROM "notification_recipients"' in sql]
+    assert len(lookups) == 1 and "ORDER BY" not in lookups[0]
+    assert len(statements) == 6, "\n".join(sql.strip()[:60] for sql in statements)
