@@ -5,7 +5,7 @@ Every view but the job streams is sync. In async mode (how Django's ASGI handler
 middleware) Django runs each middleware that can do both on the event loop and hops to the
 request's thread for each of its hooks (process_request, process_response...), and once more
 for the view: about fifteen thread hops a request, which cost more CPU time than the view itself
-(docs/performance.md, "HTTP requests"). Loaded in sync mode, the middleware and the view run in
+(docs/performance.md, the levers of 2026-12-04 and 2026-12-08). Loaded in sync mode, the middleware and the view run in
 one hop to the request's thread; the streams' async views keep Django's own handler and its
 async chain (config/asgi.py, jobs/console/stream.py).
 
