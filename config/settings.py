@@ -355,6 +355,8 @@ SPECTACULAR_SETTINGS = {
     # Request bodies get their own components (no read-only fields; files as binary), so a
     # client or fuzzer generating from the schema sends what the API reads.
     "COMPONENT_SPLIT_REQUEST": True,
+    # Descriptions from the serializers' own docstrings, never from our bases' (core/schema.py).
+    "GET_LIB_DOC_EXCLUDES": "core.schema.lib_doc_excludes",
     # /api/docs/ serves Swagger UI from drf-spectacular-sidecar's static files, not a CDN.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

@@ -118,3 +118,14 @@ class AutoSchema(SpectacularAutoSchema):
         if code in ("429", "503"):
             response["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}
         return response
+
+
+def lib_doc_excludes() -> list[type]:
+    """Where a schema component's description stops looking through a serializer's base classes
+    for a docstring: drf-spectacular's own list, and our serializer bases, whose docstrings are
+    written for this code's readers, not for the API's."""
+    from drf_spectacular.plumbing import get_lib_doc_excludes
+
+    from core.serializers import ModelSerializer, SharedFields
+
+    return [*get_lib_doc_excludes(), ModelSerializer, SharedFields]

@@ -9,7 +9,7 @@ from rest_framework import serializers
 
 from core.errors import ApplicationError
 from core.fields import StrictCharField
-from core.serializers import ModelSerializer
+from core.serializers import ModelSerializer, SharedFields
 from jobs import webhook_url_check
 from notes import import_formats
 from notes.models import IMPORT_ENRICHED, ImportFormat, ImportStatus, Note, NoteImport, NoteType
@@ -30,7 +30,7 @@ class NoteInputSerializer(serializers.Serializer):
         return value
 
 
-class NoteOutputSerializer(ModelSerializer):
+class NoteOutputSerializer(SharedFields, ModelSerializer):
     # Declared so the schema says it may be blank (a read-only model field loses allow_blank).
     ai_type = serializers.ChoiceField(
         choices=NoteType.choices, allow_blank=True, read_only=True, help_text="Claude's type; empty until enriched."

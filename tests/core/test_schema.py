@@ -52,3 +52,16 @@ def test_the_old_names_of_the_notification_ids_are_marked_deprecated(tmp_path):
     assert components["Queued"]["properties"]["job_id"]["deprecated"] is True
     assert components["BulkQueued"]["properties"]["job_ids"]["deprecated"] is True
     assert "deprecated" not in components["Queued"]["properties"]["notification_id"]
+
+
+def test_components_are_not_described_by_our_serializer_bases(tmp_path):
+    from core.serializers import ModelSerializer, SharedFields
+
+    target = tmp_path / "schema.yaml"
+    call_command("spectacular", "--file", str(target))
+    descriptions = [
+        c.get("description", "") for c in yaml.safe_load(target.read_text())["components"]["schemas"].values()
+    ]
+    for base in (ModelSerializer, SharedFields):
+        first_line = base.__doc__.strip().splitlines()[0]
+        assert not [d for d in descriptions if first_line in d], f"{base.__name__}'s docstring describes components"
