@@ -39,6 +39,9 @@ def _validate_size(value: str, limit: int) -> str:
     return value
 
 
+_OWNED_RECIPIENTS = f"SELECT * FROM {Recipient._meta.db_table} WHERE owner_id = %s AND id = ANY(%s)"
+
+
 class _SendBase(serializers.Serializer):
     subject = StrictCharField(max_length=998)
     body = StrictCharField(trim_whitespace=False)
@@ -66,8 +69,9 @@ class _SendBase(serializers.Serializer):
 
     def _owned_recipients(self, ids: list[int]) -> dict[int, Recipient]:
         owner = self.context["request"].user
-        # A dict: the model's ordering would only cost an ORDER BY to compile and to sort.
-        return {r.id: r for r in Recipient.objects.filter(owner=owner, id__in=ids).order_by()}
+        # Django's raw(), not filter(): the ORM's compiling of the query cost 676 µs of CPU, the
+        # raw query's 224 (docs/performance.md, levers of 2026-12-08). Unsorted: a dict.
+        return {r.id: r for r in Recipient.objects.raw(_OWNED_RECIPIENTS, [owner.pk, ids])}
 
 
 class SendEmailSerializer(_SendBase):
