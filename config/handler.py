@@ -5,9 +5,9 @@ Every view but the job streams is sync. In async mode (how Django's ASGI handler
 middleware) Django runs each middleware that can do both on the event loop and hops to the
 request's thread for each of its hooks (process_request, process_response...), and once more
 for the view: about fifteen thread hops a request, which cost more CPU time than the view itself
-(docs/performance.md, the levers of 2026-12-04 and 2026-12-08). Loaded in sync mode, the middleware and the view run in
-one hop to the request's thread; the streams' async views keep Django's own handler and its
-async chain (config/asgi.py, jobs/console/stream.py).
+(docs/performance.md, the levers of 2026-12-04 and 2026-12-08). Loaded in sync mode, the
+middleware and the view run in one hop to the request's thread; the streams' async views keep
+Django's own handler and its async chain (config/asgi.py, jobs/console/stream.py).
 
 Django gives each request a thread of its own (asgiref's `ThreadSensitiveContext`: its signals,
 middleware, view and response all run there), and asgiref starts that thread for the request and
