@@ -80,8 +80,9 @@ def stamp_b(context: JobContext, *, n: int = 0, sleep: float = 0) -> None:
     pass_context=True,
     rate_limits=[RateLimit(rate=10, per=1, burst=1)],
 )
-def limited_global(context: JobContext, *, n: int) -> None:
+def limited_global(context: JobContext, *, n: int, sleep: float = 0) -> None:
     job_progress(context, processed=n)
+    time.sleep(sleep)
 
 
 @job_task(

@@ -54,11 +54,15 @@ def test_a_task_limit_holds_across_two_worker_processes_and_limited_jobs_wait_wi
     # No claim ahead: a postponement ends a job in a millisecond, so a worker would claim ahead
     # and could take every job before the other claims one (1 run in 4), and the test needs both
     # processes taking tokens to show the limit is shared (test_claim_ahead.py has that feature).
+    # And each run holds its slot 0.45 s: one worker's 4 slots then run at most 8.9 jobs/s, under
+    # the limit's 10, so the other worker takes jobs too even when a loaded machine starts it
+    # late (one worker ran all 30 in a full suite on a loaded machine); a limit per process
+    # would still let two run about 18 a second, which the spread and windows below catch.
     env = {"JOBS_RATE_LIMIT_INLINE_WAIT_SECONDS": "0", "JOBS_CLAIM_AHEAD_MS": "0"}
     workers = [start_test_worker("--queues", tasks.QUEUE_A, "--concurrency", "4", env=env) for _ in range(2)]
     try:
         wait_for_workers(2)
-        job_ids = job_defer_bulk(tasks.limited_global, [{"n": n} for n in range(30)])
+        job_ids = job_defer_bulk(tasks.limited_global, [{"n": n, "sleep": 0.45} for n in range(30)])
         wait_for(lambda: _finished("tests.limited_global", 30), timeout=30, what="the 30 limited jobs")
         ran_on = query(
             "SELECT count(DISTINCT worker_id) FROM procrastinate_jobs WHERE task_name = 'tests.limited_global'"
