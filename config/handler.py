@@ -33,7 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
-from django.http import JsonResponse
+
+from core.middleware import retry_later_response
 
 
 class RequestThreads:
@@ -47,12 +48,20 @@ class RequestThreads:
         self.idle: list[ThreadPoolExecutor] = []
         self.waiting: collections.deque[asyncio.Future[ThreadPoolExecutor]] = collections.deque()
 
-    async def lend(self) -> ThreadPoolExecutor:
+    def lend_now(self) -> ThreadPoolExecutor | None:
+        """An idle executor, or a new one under the limit; None when all are lent."""
         if self.idle:
             return self.idle.pop()
         if self.started < self.limit:
             self.started += 1
             return ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
+        return None
+
+    async def lend(self) -> ThreadPoolExecutor:
+        """An executor, waiting for one given back when all are lent."""
+        executor = self.lend_now()
+        if executor is not None:
+            return executor
         waiter = asyncio.get_running_loop().create_future()
         self.waiting.append(waiter)
         try:
@@ -75,15 +84,6 @@ class RequestThreads:
         self.started -= 1
 
 
-def server_busy_response() -> JsonResponse:
-    seconds = settings.DATABASE_RETRY_AFTER_SECONDS
-    response = JsonResponse(
-        {"detail": f"The server is busy; retry in {seconds} seconds.", "retry_after": seconds}, status=503
-    )
-    response["Retry-After"] = str(seconds)
-    return response
-
-
 class SyncChainASGIHandler(ASGIHandler):
     def __init__(self) -> None:
         super().__init__()
@@ -97,12 +97,15 @@ class SyncChainASGIHandler(ASGIHandler):
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await super().__call__(scope, receive, send)  # Django's own refusal
-        try:
-            executor = await asyncio.wait_for(self.request_threads.lend(), settings.DATABASE_POOL_TIMEOUT_SECONDS)
-        except TimeoutError:
-            # Every thread is held (most likely by requests waiting for the database): the same
-            # quick 503 as a request that waits that long for a connection, never a hang.
-            return await self.send_response(server_busy_response(), send)
+        # Without a task and a timer for the wait when a thread is free (nearly every request).
+        executor = self.request_threads.lend_now()
+        if executor is None:
+            try:
+                executor = await asyncio.wait_for(self.request_threads.lend(), settings.DATABASE_POOL_TIMEOUT_SECONDS)
+            except TimeoutError:
+                # Every thread is held (most likely by requests waiting for the database): the
+                # same quick 503 as a request that waits that long for a connection, never a hang.
+                return await self.send_response(retry_later_response("The server is busy"), send)
         try:
             # Django's handle() awaits every call it sends to the request's thread before it
             # returns; after an error the thread is not trusted again.

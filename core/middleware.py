@@ -29,12 +29,10 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 logger = logging.getLogger(__name__)
 
 
-def database_unavailable_response() -> JsonResponse:
+def retry_later_response(reason: str) -> JsonResponse:
+    """503 with Retry-After (DATABASE_RETRY_AFTER_SECONDS): "<reason>; retry in N seconds."."""
     seconds = settings.DATABASE_RETRY_AFTER_SECONDS
-    response = JsonResponse(
-        {"detail": f"The database is temporarily unavailable; retry in {seconds} seconds.", "retry_after": seconds},
-        status=503,
-    )
+    response = JsonResponse({"detail": f"{reason}; retry in {seconds} seconds.", "retry_after": seconds}, status=503)
     response["Retry-After"] = str(seconds)
     return response
 
@@ -55,4 +53,4 @@ class DatabaseUnavailableMiddleware:
         cause = exception.__cause__ or exception
         first_line = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
         logger.warning("Database unavailable for %s %s: %s", request.method, request.path, first_line)
-        return database_unavailable_response()
+        return retry_later_response("The database is temporarily unavailable")

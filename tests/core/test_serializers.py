@@ -14,18 +14,23 @@ from core.serializers import ModelSerializer, SharedFields
 from notes.serializers import NoteOutputSerializer
 
 
+def _subclasses(base: type) -> list[type]:
+    """Every subclass of `base` defined outside core.serializers and the tests, at any depth."""
+    found, todo = [], [base]
+    while todo:
+        for subclass in todo.pop().__subclasses__():
+            todo.append(subclass)
+            found.append(subclass)
+    return [cls for cls in found if cls.__module__.split(".")[0] != "tests" and cls.__module__ != "core.serializers"]
+
+
 def _model_serializers() -> list[type]:
     """The model serializers of our own apps (not installed packages)."""
     ours = {config.name for config in apps.get_app_configs() if "site-packages" not in config.path}
     for config in apps.get_app_configs():  # every app's serializers module, loaded
         with contextlib.suppress(ModuleNotFoundError):
             importlib.import_module(f"{config.name}.serializers")
-    found, todo = [], [serializers.ModelSerializer]
-    while todo:
-        for subclass in todo.pop().__subclasses__():
-            todo.append(subclass)
-            found.append(subclass)
-    return [cls for cls in found if cls.__module__.split(".")[0] in ours and cls is not ModelSerializer]
+    return [cls for cls in _subclasses(serializers.ModelSerializer) if cls.__module__.split(".")[0] in ours]
 
 
 class _NoteCopied(ModelSerializer):
@@ -55,15 +60,6 @@ def test_a_model_serializer_builds_its_fields_once_per_class(monkeypatch):
 @pytest.mark.parametrize("serializer", _model_serializers(), ids=lambda cls: f"{cls.__module__}.{cls.__name__}")
 def test_every_model_serializer_of_ours_derives_from_the_base(serializer):
     assert issubclass(serializer, ModelSerializer)
-
-
-def _ours(base: type) -> list[type]:
-    found, todo = [], [base]
-    while todo:
-        for subclass in todo.pop().__subclasses__():
-            todo.append(subclass)
-            found.append(subclass)
-    return [cls for cls in found if not cls.__module__.startswith("tests.")]
 
 
 @pytest.mark.django_db
@@ -102,6 +98,6 @@ def test_a_field_that_could_read_the_context_or_parent_is_refused(declared):
         answer().fields  # noqa: B018
 
 
-@pytest.mark.parametrize("serializer", _ours(SharedFields), ids=lambda cls: f"{cls.__module__}.{cls.__name__}")
+@pytest.mark.parametrize("serializer", _subclasses(SharedFields), ids=lambda cls: f"{cls.__module__}.{cls.__name__}")
 def test_every_answer_of_ours_that_shares_its_fields_may(serializer):
     assert serializer().fields

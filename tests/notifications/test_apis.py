@@ -4,6 +4,7 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from notifications.models import DeliveryLog, NotificationJob, Recipient
@@ -259,8 +260,6 @@ def test_send_email_takes_six_statements_and_looks_the_recipient_up_unsorted(api
     """The request's statements, a guard on its cost (issue 14's HTTP figures): the token, the
     recipient, the quota, the notification, its job, the job's id on it (and the throttle's,
     off in the tests)."""
-    from django.test.utils import CaptureQueriesContext
-
     _send(api, rita)  # the throttle's and the quota's rows exist
     with CaptureQueriesContext(connection) as queries:
         assert _send(api, rita).status_code == 202
